@@ -1,0 +1,156 @@
+"""Data set registry: digits (embedded), synthetic, cifar10/cifar100 and ImageNet-style folders.
+
+`check_data` does the cheap checks (paths exist and hold images) so that a bad path fails before
+Ray starts; `build_datasets` loads. Sharding across workers is the training loop's job (a seeded
+DistributedSampler), so every data set here is a plain map-style `Dataset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from prelora_ray.config import DataSettings
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DIGITS_SPLIT_SEED = 0  # fixed: the digits train/val split never changes with the run seed
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetBundle:
+    """Train and validation sets with the shape the model must take."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    image_size: int
+    num_channels: int
+
+
+def default_image_size(settings: DataSettings) -> int:
+    """The image side the model gets when data.image_size is not set."""
+    if settings.image_size is not None:
+        return settings.image_size
+    return {"digits": 8, "cifar10": 32, "cifar100": 32}.get(settings.name, 224)
+
+
+def num_channels(settings: DataSettings) -> int:
+    """Input channels: 1 for digits, 3 for the others."""
+    return 1 if settings.name == "digits" else 3
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
+
+
+def check_data(settings: DataSettings) -> None:
+    """Fail fast with a one-line ValueError naming data.root when the data cannot be there."""
+    if settings.name in ("digits", "synthetic"):
+        return
+    root = Path(settings.root).expanduser()
+    if settings.name in ("cifar10", "cifar100"):
+        folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[settings.name]
+        if not settings.download and not (root / folder).is_dir():
+            raise ValueError(
+                f"data.root={settings.root!r} has no {folder}/ folder: point it at the extracted "
+                f"{settings.name} data or set data.download=true"
+            )
+        return
+    for split in ("train", "val"):
+        sub = root / split
+        if not sub.is_dir():
+            raise ValueError(f"data.root={settings.root!r} has no {split}/ folder: imagefolder needs root/train/<class>/*.png and root/val/<class>/*.png")
+        if not _has_images(sub):
+            raise ValueError(f"data.root={settings.root!r}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def _digits(settings: DataSettings) -> DatasetBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        list(range(len(labels))), test_size=0.2, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+    )
+    train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx)
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    size = default_image_size(settings)
+    if size != 8:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return DatasetBundle(
+        train=TensorDataset(images[train_idx], labels[train_idx]),
+        val=TensorDataset(images[val_idx], labels[val_idx]),
+        num_classes=10,
+        image_size=size,
+        num_channels=1,
+    )
+
+
+def _synthetic(settings: DataSettings) -> DatasetBundle:
+    """Class prototypes plus noise: learnable, shape-configurable, no files."""
+    size = default_image_size(settings)
+    gen = torch.Generator().manual_seed(1234)
+    protos = torch.randn(settings.synthetic_classes, 3, size, size, generator=gen)
+
+    def make(n: int) -> TensorDataset:
+        labels = torch.randint(0, settings.synthetic_classes, (n,), generator=gen)
+        images = protos[labels] + 0.8 * torch.randn(n, 3, size, size, generator=gen)
+        return TensorDataset(images, labels)
+
+    return DatasetBundle(
+        train=make(settings.synthetic_samples),
+        val=make(max(1, settings.synthetic_samples // 4)),
+        num_classes=settings.synthetic_classes,
+        image_size=size,
+        num_channels=3,
+    )
+
+
+def image_transforms(settings: DataSettings, *, train: bool, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+    """The usual ViT recipe: RandomResizedCrop + flip + RandAugment to train, resize + center crop to validate."""
+    from torchvision import transforms as T
+
+    size = default_image_size(settings)
+    if train:
+        steps = [T.RandomResizedCrop(size, scale=(0.35 if size <= 64 else 0.08, 1.0)), T.RandomHorizontalFlip()]
+        if settings.randaugment:
+            steps.append(T.RandAugment(num_ops=2, magnitude=9))
+    else:
+        steps = [T.Resize(int(round(size / 0.875))), T.CenterCrop(size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _torchvision(settings: DataSettings) -> DatasetBundle:
+    from torchvision import datasets
+
+    root = str(Path(settings.root).expanduser())
+    if settings.name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if settings.name == "cifar10" else datasets.CIFAR100
+        train = cls(root, train=True, download=settings.download, transform=image_transforms(settings, train=True))
+        val = cls(root, train=False, download=settings.download, transform=image_transforms(settings, train=False))
+        num_classes = 10 if settings.name == "cifar10" else 100
+    else:
+        train = datasets.ImageFolder(str(Path(root) / "train"), transform=image_transforms(settings, train=True))
+        val = datasets.ImageFolder(str(Path(root) / "val"), transform=image_transforms(settings, train=False))
+        if train.classes != val.classes:
+            raise ValueError(f"data.root={settings.root!r}: train/ and val/ have different class folders")
+        num_classes = len(train.classes)
+    return DatasetBundle(train=train, val=val, num_classes=num_classes, image_size=default_image_size(settings), num_channels=3)
+
+
+def build_datasets(settings: DataSettings) -> DatasetBundle:
+    """Load the data set named by settings.name (after check_data)."""
+    check_data(settings)
+    if settings.name == "digits":
+        return _digits(settings)
+    if settings.name == "synthetic":
+        return _synthetic(settings)
+    return _torchvision(settings)

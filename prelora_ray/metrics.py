@@ -1,0 +1,28 @@
+"""Metric and event names, defined once (MLflow, Ray reports and analysis/ all use these)."""
+
+# per epoch
+EPOCH = "epoch"
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+VAL_ACC = "val_acc"
+EPOCH_TIME_S = "epoch_time_s"  # training only, validation excluded
+THROUGHPUT = "throughput_img_s"  # all workers' training images / epoch_time_s
+PHASE = "phase"  # "full" | "warmup" | "lora" (string, in Ray reports)
+PHASE_INDEX = "phase_index"  # 0 | 1 | 2 (numeric, for MLflow)
+TRAINABLE_PARAMS = "trainable_params"
+TRAINABLE_FRACTION = "trainable_fraction"  # trainable / parameters of the plain ViT
+PEAK_MEM_MB = "peak_mem_mb"  # CUDA max allocated in the epoch on GPU; process peak RSS on CPU
+LR = "lr"
+NORM_PREFIX = "norm/"  # norm/<family>: mean weight norm of the family's layers at epoch end
+LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
+
+# events (also repeated in each report once they happened; -1 before)
+SWITCH_EPOCH = "switch_epoch"
+FREEZE_EPOCH = "freeze_epoch"
+RANKS = "ranks"  # {family: [rank per layer]}
+
+# run summary
+MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time per epoch"
+FINAL_VAL_ACC = "final_val_acc"
+BEST_VAL_ACC = "best_val_acc"
+TOTAL_TRAIN_TIME_S = "total_train_time_s"

@@ -1,0 +1,107 @@
+"""Measurements for Algorithm 1 and 2: per-layer weight norms and the sliding windows over them.
+
+Torch only (no Ray, no PEFT). A layer's norm is the Frobenius norm of its effective weight: the
+plain weight before the switch, W + s·B·A after it (found by duck typing on PEFT's LoRA layers, so
+this module need not import PEFT).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from prelora_ray.algorithms import assign_ranks, partial_convergence_test, percent_change
+
+
+@torch.no_grad()
+def effective_weight_norm(module: nn.Module) -> float:
+    """Frobenius norm of a linear's weight (bias excluded), with any active LoRA delta added."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return float(torch.linalg.vector_norm(module.weight.detach().float()))
+    weight = base.weight.detach().float()
+    for adapter in getattr(module, "active_adapters", []):
+        if adapter in getattr(module, "lora_A", {}):
+            weight = weight + module.get_delta_weight(adapter).float()
+    return float(torch.linalg.vector_norm(weight))
+
+
+def layer_norms(model: nn.Module, names: Mapping[str, list[str]]) -> dict[str, list[float]]:
+    """Family -> per-layer norms, for the module names of `models.family_module_names`.
+
+    `model` is the unwrapped model: the plain ViT, or the PEFT model (whose names carry a
+    `base_model.model.` prefix, resolved here).
+    """
+    root = model.base_model.model if hasattr(model, "peft_config") else model
+    return {family: [effective_weight_norm(root.get_submodule(n)) for n in layer_names] for family, layer_names in names.items()}
+
+
+class ConvergenceMonitor:
+    """The last k·m snapshots (one per window unit) and Algorithm 1/2 over them.
+
+    A snapshot is (per-layer norms per family, the all-worker mean training loss of the unit). The
+    test runs at window boundaries (every m snapshots) once k complete windows exist, over the last
+    k·m snapshots (sliding).
+    """
+
+    def __init__(self, *, k: int, m: int, window_stat: str = "mean") -> None:
+        self.k, self.m, self.window_stat = k, m, window_stat
+        self.snapshots: deque[tuple[dict[str, list[float]], float]] = deque(maxlen=k * m)
+        self.units = 0
+
+    def record(self, norms: dict[str, list[float]], loss: float) -> None:
+        """Add the snapshot of one window unit (epoch or optimizer step)."""
+        self.snapshots.append((norms, float(loss)))
+        self.units += 1
+
+    def at_boundary(self) -> bool:
+        """True at a window boundary with k complete windows recorded."""
+        return self.units >= self.k * self.m and self.units % self.m == 0
+
+    def _reduce(self, values: list[float]) -> float:
+        return values[-1] if self.window_stat == "last" else sum(values) / len(values)
+
+    def windows(self) -> tuple[dict[str, list[list[float]]], list[float]]:
+        """Per-layer window values (family -> window -> layer) and the window losses L_1..L_k."""
+        snaps = list(self.snapshots)
+        chunks = [snaps[i * self.m : (i + 1) * self.m] for i in range(self.k)]
+        families = list(snaps[0][0])
+        per_layer = {
+            fam: [[self._reduce([s[0][fam][layer] for s in chunk]) for layer in range(len(snaps[0][0][fam]))] for chunk in chunks]
+            for fam in families
+        }
+        losses = [self._reduce([s[1] for s in chunk]) for chunk in chunks]
+        return per_layer, losses
+
+    def family_windows(self) -> tuple[dict[str, list[float]], list[float]]:
+        """W_t^a (mean over the family's layers) for t = 1..k, and the losses: Algorithm 1's input."""
+        per_layer, losses = self.windows()
+        return {fam: [sum(w) / len(w) for w in wins] for fam, wins in per_layer.items()}, losses
+
+    def passed(self, tau: float, zeta: float) -> bool:
+        """Algorithm 1 over the last k windows (False before k windows exist)."""
+        if len(self.snapshots) < self.k * self.m:
+            return False
+        norms, losses = self.family_windows()
+        return partial_convergence_test(norms, losses, tau, zeta)
+
+    def layer_changes(self) -> dict[str, list[float]]:
+        """ΔW_k per layer: % change of each layer's norm between the last two windows."""
+        per_layer, _ = self.windows()
+        return {fam: [percent_change(prev, cur) for prev, cur in zip(wins[-2], wins[-1])] for fam, wins in per_layer.items()}
+
+    def ranks(self, r_min: int, r_max: int, **options: object) -> dict[str, list[int]]:
+        """Algorithm 2 over the last two windows."""
+        return assign_ranks(self.layer_changes(), r_min, r_max, **options)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume the test exactly."""
+        return {"snapshots": list(self.snapshots), "units": self.units}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of state_dict."""
+        self.snapshots = deque(state["snapshots"], maxlen=self.k * self.m)
+        self.units = state["units"]

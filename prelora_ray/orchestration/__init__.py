@@ -1,0 +1,1 @@
+"""Ray (Train and Tune) and Optuna live here and only here."""

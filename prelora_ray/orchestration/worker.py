@@ -1,0 +1,123 @@
+"""The Ray Train worker: a `Runtime` over ray.train and torch.distributed, and the per-worker entry point."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prelora_ray.config import TrainSettings
+from prelora_ray.trainer import TrainingLoop
+
+CHECKPOINT_FILE = "state.pt"
+log = logging.getLogger("prelora_ray")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read."""
+
+
+def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder written by RayRuntime.report; a clear error naming a bad file."""
+    file = Path(path) / CHECKPOINT_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {file} is missing or corrupt ({type(exc).__name__}: {exc})") from exc
+
+
+class RayRuntime:
+    """One Ray Train worker: rank and device from Ray, collectives from torch.distributed."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Device placement, and DDP when there is more than one worker."""
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over workers (on the device for NCCL, back on the CPU after)."""
+        if self.world_size == 1:
+            return values
+        t = values.to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's object everywhere."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every worker's object in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Every worker reports; rank 0 attaches the checkpoint (weights are the same everywhere)."""
+        if self.rank == 0 and state is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The last reported checkpoint (after a worker restart, or a re-run with the same name)."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as folder:
+            return load_checkpoint_dir(folder)
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
+    cfg = TrainSettings.from_dict(config["settings"])
+    if not log.handlers:  # our progress lines only; Ray's own INFO chatter stays off
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
+    torch.set_num_threads(threads)
+    runtime = RayRuntime()
+    sink = None
+    if config.get("mlflow_run_id") and runtime.rank == 0:
+        from prelora_ray.tracking import MlflowSink
+
+        sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"])
+    loop = TrainingLoop(cfg, runtime, sink)
+    summary = loop.run()
+    summary["history"] = loop.state.history
+    summary["decisions"] = loop.state.decisions
+    summary["worker_rank"] = runtime.rank
+    if sink is not None:
+        summary["unsent_metrics"] = len(sink.flush())
+    if runtime.rank == 0 and config.get("export_dir"):
+        summary["merged_model_path"] = str(loop.export_merged(config["export_dir"]))
+    if runtime.world_size > 1:
+        # every worker's view of the switch, so the driver can check they agree
+        summary["all_workers"] = runtime.all_gather_object(
+            {"rank": runtime.rank, "switch_epoch": loop.state.switch_epoch, "freeze_epoch": loop.state.freeze_epoch, "ranks": loop.state.ranks}
+        )
+    return summary

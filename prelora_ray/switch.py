@@ -1,0 +1,125 @@
+"""Applying the switch to a model: the only module that imports PEFT.
+
+inject (LoRA with per-layer ranks, output unchanged), set which parameters train in each phase,
+and merge the adapters back into a plain ViT.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import warnings
+
+from torch import nn
+
+from prelora_ray.config import PreLoRASettings
+from prelora_ray.models import family_module_names
+
+
+class Phase(str, enum.Enum):
+    """Training phases, in order."""
+
+    FULL = "full"
+    WARMUP = "warmup"
+    LORA = "lora"
+
+    @property
+    def index(self) -> int:
+        """0, 1, 2: the phase as a number (for MLflow metrics)."""
+        return list(Phase).index(self)
+
+
+ADAPTER = "default"
+
+
+def rank_by_module(model: nn.Module, ranks: dict[str, list[int]]) -> dict[str, int]:
+    """Full module name (unwrapped model, no `module.` prefix) -> rank, for ranks > 0 only."""
+    names = family_module_names(model, list(ranks))
+    out: dict[str, int] = {}
+    for family, family_ranks in ranks.items():
+        if len(family_ranks) != len(names[family]):
+            raise ValueError(f"family {family!r}: {len(family_ranks)} ranks for {len(names[family])} layers")
+        for name, rank in zip(names[family], family_ranks):
+            if rank > 0:
+                out[name] = int(rank)
+    return out
+
+
+def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRASettings) -> nn.Module:
+    """Wrap the plain ViT with LoRA adapters of the given per-layer ranks; returns the PEFT model.
+
+    Keys of rank_pattern/alpha_pattern are whole, escaped module names: PEFT matches them as
+    `(.*\\.)?KEY$`, so `vit\\.layers\\.1\\.attention\\.q_proj` cannot match layer 11. Each module
+    is checked afterwards to carry its rank and alpha (a key that matches nothing is silently ignored
+    by PEFT). B starts at zero, so the model's output is unchanged.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model already has LoRA adapters")
+    targets = rank_by_module(model, ranks)
+    if not targets:
+        raise ValueError("every layer got rank 0: nothing to inject (lower prelora.zero_rank_below)")
+    first = next(iter(targets.values()))
+    config = LoraConfig(
+        r=first,
+        lora_alpha=settings.alpha_scale * first,
+        target_modules=list(targets),
+        rank_pattern={re.escape(name): r for name, r in targets.items()},
+        alpha_pattern={re.escape(name): settings.alpha_scale * r for name, r in targets.items()},
+        lora_dropout=settings.lora_dropout,
+        bias="none",
+    )
+    with warnings.catch_warnings():  # transformers' own deprecation notice, raised inside PEFT
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    root = peft_model.base_model.model
+    for name, rank in targets.items():
+        module = root.get_submodule(name)
+        got_r = getattr(module, "r", {}).get(ADAPTER)
+        got_scale = getattr(module, "scaling", {}).get(ADAPTER)
+        assert got_r == rank, f"{name}: PEFT gave rank {got_r}, assigned {rank}"
+        assert abs(got_scale - settings.alpha_scale) < 1e-9, f"{name}: LoRA scale {got_scale}, expected {settings.alpha_scale}"
+    injected = {n for n, mod in root.named_modules() if hasattr(mod, "lora_A")}
+    assert injected == set(targets), f"LoRA on {sorted(injected ^ set(targets))} differs from the assignment"
+    return peft_model
+
+
+def injected_ranks(model: nn.Module) -> dict[str, int]:
+    """Module name -> LoRA rank actually present in a PEFT model (for checks and reports)."""
+    root = model.base_model.model if hasattr(model, "peft_config") else model
+    return {n: mod.r[ADAPTER] for n, mod in root.named_modules() if hasattr(mod, "lora_A") and ADAPTER in mod.r}
+
+
+def _extra_group(name: str, group: str) -> bool:
+    """Whether a base parameter belongs to a `trainable_after_freeze` group."""
+    if group == "head":
+        return ".classifier." in f".{name}"
+    if group == "norms":
+        return "layernorm" in name
+    if group == "embeddings":
+        return ".embeddings." in f".{name}"
+    if group == "biases":
+        return name.endswith(".bias")
+    raise ValueError(f"unknown trainable group {group!r}")
+
+
+def set_trainable(model: nn.Module, phase: Phase, settings: PreLoRASettings) -> None:
+    """requires_grad for a phase: all (FULL), base and LoRA (WARMUP), LoRA plus chosen groups (LORA)."""
+    for name, param in model.named_parameters():
+        if phase is not Phase.LORA or "lora_" in name:
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(any(_extra_group(name, g) for g in settings.trainable_after_freeze))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights: a plain ViT with no adapter overhead."""
+    if not hasattr(model, "peft_config"):
+        return model
+    return model.merge_and_unload()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model

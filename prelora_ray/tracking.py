@@ -1,0 +1,166 @@
+"""MLflow: the only module that imports mlflow (lazily).
+
+The driver creates (or, on resume, finds) the run and logs params, tags and artifacts; rank 0 of
+the workers logs per-epoch metrics through `MlflowSink`, which keeps metrics it could not send
+and sends them with the next batch, so an MLflow outage mid-run loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("prelora_ray")
+
+RUN_KEY_TAG = "prelora.run_name"  # a run's deterministic name: how a resumed run finds its MLflow run
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: given, or an absolute sqlite file in the working directory.
+
+    Absolute because Ray Tune trials and Train workers run in other working directories.
+    """
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        return uri
+    return "sqlite:///" + str((Path.cwd() / "mlflow.db").resolve())
+
+
+def client(uri: str):
+    """An MlflowClient for the URI (import deferred: a run without tracking never imports mlflow)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, created if needed; a clear error when the store cannot be reached.
+
+    Uses MlflowClient, never mlflow.set_experiment (which sets MLFLOW_EXPERIMENT_ID in the
+    environment and sends Ray's integration runs to the wrong experiment).
+    """
+    try:
+        c = client(uri)
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return c.create_experiment(name)
+    except Exception as exc:  # any backend failure: unreachable server, bad path, locked db
+        if "already exists" in str(exc):
+            return client(uri).get_experiment_by_name(name).experiment_id
+        raise ValueError(f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+def find_run(uri: str, experiment_id: str, run_name: str, extra_filter: str = "") -> str | None:
+    """The id of the newest run tagged with this run name (for resume), or None."""
+    flt = f"tags.`{RUN_KEY_TAG}` = '{run_name}'" + (f" and {extra_filter}" if extra_filter else "")
+    runs = client(uri).search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(uri: str, experiment_id: str, run_name: str, *, params: dict[str, Any], tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """Create a run (or reopen the one with this name) and log params and tags; returns its id."""
+    c = client(uri)
+    run_id = find_run(uri, experiment_id, run_name)
+    all_tags = {RUN_KEY_TAG: run_name, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if run_id is None:
+        run_id = c.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        log_params(uri, run_id, params)
+    else:
+        c.update_run(run_id, status="RUNNING")
+        for k, v in all_tags.items():
+            c.set_tag(run_id, k, v)
+    return run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches (MLflow caps a batch at 100)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    c = client(uri)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log numeric metrics at one step (non-numbers skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    c = client(uri)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    """A text artifact (JSON, YAML, CSV) at the run's artifact root."""
+    client(uri).log_text(run_id, text, name)
+
+
+def log_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """A file artifact."""
+    client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """Mark the run FINISHED / FAILED / KILLED (with the error as a tag)."""
+    c = client(uri)
+    if error:
+        c.set_tag(run_id, "error", error[:5000])
+    c.set_terminated(run_id, status=status)
+
+
+class MlflowSink:
+    """Per-epoch metrics to one MLflow run; metrics that fail to send are kept and retried.
+
+    `pending` holds what could not be sent yet; `flush()` at the end of a run tries once more and
+    returns what is still pending (the driver reports it, nothing is silently dropped).
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.pending: list[tuple[dict[str, float], int]] = []
+        self._warned = False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue and try to send."""
+        self.pending.append((metrics, step))
+        self.flush()
+
+    def flush(self) -> list[tuple[dict[str, float], int]]:
+        """Send everything pending; keep it on failure."""
+        while self.pending:
+            metrics, step = self.pending[0]
+            try:
+                log_metrics(self.uri, self.run_id, metrics, step)
+            except Exception as exc:  # store down: keep the metrics for the next try
+                if not self._warned:
+                    log.warning("MLflow unreachable (%s); keeping metrics locally and retrying", type(exc).__name__)
+                    self._warned = True
+                break
+            self.pending.pop(0)
+            self._warned = False
+        return self.pending
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        """A JSON artifact (failures are logged, not raised: training goes on)."""
+        try:
+            log_text(self.uri, self.run_id, json.dumps(data, indent=2), name)
+        except Exception as exc:
+            log.warning("could not log %s to MLflow: %s", name, exc)
+
+
+def write_temp(text: str, name: str) -> Path:
+    """Write text to a fresh temporary folder under its name (for log_file)."""
+    path = Path(tempfile.mkdtemp(prefix="prelora-")) / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,408 @@
+"""The training loop: FULL -> (test passes) -> WARMUP for w epochs -> LORA, or FULL throughout.
+
+Reads top to bottom: for each epoch, train, evaluate, record norms, maybe switch or freeze,
+report with a checkpoint. Ray-free: the surroundings come in as a `Runtime` and a `MetricsSink`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from prelora_ray import metrics as M
+from prelora_ray.config import TrainSettings
+from prelora_ray.data import DatasetBundle, build_datasets
+from prelora_ray.models import build_model, family_module_names
+from prelora_ray.monitor import ConvergenceMonitor, layer_norms
+from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
+from prelora_ray.switch import Phase, inject_lora, merge_lora, set_trainable, unwrap
+
+log = logging.getLogger("prelora_ray")
+
+
+@dataclass(kw_only=True)
+class LoopState:
+    """Everything about the run's progress that a checkpoint must restore."""
+
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimizer steps taken
+    phase: Phase = Phase.FULL
+    switch_epoch: int = -1  # epoch at whose end (or during which, step windows) LoRA went in
+    freeze_epoch: int = -1  # epoch at whose end the base froze
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # per-worker switch decisions
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at an optimizer step: linear warmup, then the schedule."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; optionally make torch deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states (for an exact resume)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of rng_state."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated since the last reset on GPU; the process's peak RSS on CPU (Linux KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TrainingLoop:
+    """One PreLoRA (or full) training run on one worker."""
+
+    def __init__(self, cfg: TrainSettings, runtime: Runtime, sink: MetricsSink | None = None, *, data: DatasetBundle | None = None) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.sink = sink if sink is not None and runtime.rank == 0 else NullSink()
+        self.device = runtime.device
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.data = data or build_datasets(cfg.data)
+        self.model: nn.Module = build_model(
+            cfg.model, num_classes=self.data.num_classes, image_size=self.data.image_size, num_channels=self.data.num_channels
+        )
+        self.plain_params = sum(p.numel() for p in self.model.parameters())
+        self.family_names = family_module_names(self.model, cfg.prelora.modules)
+        self.state = LoopState()
+        p = cfg.prelora
+        self.monitor = ConvergenceMonitor(k=p.k, m=p.m, window_stat=p.window_stat)
+        self.train_loader, self.sampler = self._train_loader()
+        self.val_loader = self._val_loader()
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.wrapped: nn.Module = self.model
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.autocast = self.device.type == "cuda" and cfg.amp
+
+    # -- data ------------------------------------------------------------------------------------
+    def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
+        sampler = DistributedSampler(
+            self.data.train, num_replicas=self.runtime.world_size, rank=self.runtime.rank, shuffle=True, seed=self.cfg.seed
+        )
+        loader = DataLoader(
+            self.data.train,
+            batch_size=self.cfg.data.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.data.loader_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+        return loader, sampler
+
+    def _val_loader(self) -> DataLoader:
+        # every validation image exactly once over all workers (no sampler padding)
+        shard = Subset(self.data.val, list(range(self.runtime.rank, len(self.data.val), self.runtime.world_size)))
+        return DataLoader(shard, batch_size=max(self.cfg.data.batch_size, 256), num_workers=self.cfg.data.loader_workers)
+
+    # -- model, optimizer --------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict[str, Any]]:
+        o = self.cfg.optim
+        decay, no_decay, lora = [], [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_" in name:
+                lora.append(param)
+            elif param.ndim >= 2:
+                decay.append(param)
+            else:
+                no_decay.append(param)
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay, "peak_lr": o.lr},
+            {"params": no_decay, "weight_decay": 0.0, "peak_lr": o.lr},
+            {"params": lora, "weight_decay": o.weight_decay, "peak_lr": o.lora_lr or o.lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def _rebuild(self) -> None:
+        """New DDP wrapper and optimizer after requires_grad changed (DDP would fail otherwise).
+
+        With carry_optimizer_state, AdamW moments of parameters that keep training survive; those of
+        frozen parameters are dropped (freed) with the old optimizer.
+        """
+        old = self.optimizer
+        self.wrapped = self.runtime.prepare_model(self.model)
+        self.model = unwrap(self.wrapped)
+        o = self.cfg.optim
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None)
+        if old is not None and o.carry_optimizer_state:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p in old.state:
+                        self.optimizer.state[p] = old.state[p]
+        del old
+
+    def _set_lr(self) -> float:
+        o = self.cfg.optim
+        factor = lr_factor(
+            self.state.step,
+            total_steps=self.total_steps,
+            warmup_steps=int(o.lr_warmup_epochs * self.steps_per_epoch),
+            schedule=o.schedule,
+            min_ratio=o.min_lr_ratio,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+        return o.lr * factor
+
+    # -- the switch --------------------------------------------------------------------------------
+    def _norms(self) -> dict[str, list[float]]:
+        return layer_norms(self.model, self.family_names)
+
+    def _decide(self) -> tuple[bool, dict[str, list[int]]]:
+        """Algorithm 1 (and 2 if it passes) at a window boundary; every worker gets rank 0's answer.
+
+        Weights are synchronized and losses all-reduced, so each worker's own decision should agree;
+        the local decisions are gathered and kept as a check, and rank 0's is used.
+        """
+        p = self.cfg.prelora
+        passed = self.monitor.passed(p.tau, p.zeta)
+        ranks = self.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below) if passed else {}
+        local = {"passed": passed, "ranks": ranks}
+        if self.runtime.world_size > 1:
+            gathered = self.runtime.all_gather_object(local)
+            if passed or any(d["passed"] for d in gathered):
+                self.state.decisions.append({"epoch": self.state.epoch, "workers": gathered})
+                if any(d != gathered[0] for d in gathered):
+                    log.warning("workers disagreed on the switch decision; using rank 0's: %s", gathered)
+            local = gathered[0]
+        elif passed:
+            self.state.decisions.append({"epoch": self.state.epoch, "workers": [local]})
+        return local["passed"], local["ranks"]
+
+    def _switch(self, ranks: dict[str, list[int]]) -> None:
+        """Inject LoRA with the assigned ranks; base and LoRA train together (WARMUP)."""
+        self.model = inject_lora(unwrap(self.wrapped), ranks, self.cfg.prelora)
+        set_trainable(self.model, Phase.WARMUP, self.cfg.prelora)
+        self.state.phase, self.state.ranks, self.state.switch_epoch = Phase.WARMUP, ranks, self.state.epoch
+        self._rebuild()
+        if self.runtime.rank == 0:
+            log.info("epoch %d: partial convergence test passed; LoRA injected with ranks %s", self.state.epoch, ranks)
+        self.sink.log_dict({"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json")
+
+    def _freeze(self) -> None:
+        """Freeze the base: only LoRA (and the configured groups) train from here (LORA)."""
+        set_trainable(self.model, Phase.LORA, self.cfg.prelora)
+        self.state.phase, self.state.freeze_epoch = Phase.LORA, self.state.epoch
+        self._rebuild()
+        if self.runtime.rank == 0:
+            log.info("epoch %d: base frozen; %s", self.state.epoch, self._trainable_text())
+
+    def _after_unit(self, loss: float) -> None:
+        """Record one window unit; at a boundary in the FULL phase, maybe switch."""
+        if self.state.phase is not Phase.FULL or self.cfg.strategy != "prelora":
+            return
+        self.monitor.record(self._norms(), loss)
+        if self.monitor.at_boundary() and self.state.epoch >= self.cfg.prelora.min_switch_epoch:
+            passed, ranks = self._decide()
+            if passed:
+                self._switch(ranks)
+
+    # -- epochs ------------------------------------------------------------------------------------
+    def train_one_epoch(self) -> dict[str, float]:
+        """One pass over this worker's shard; returns the all-worker mean loss and the timing."""
+        self.wrapped.train()
+        self.sampler.set_epoch(self.state.epoch)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        per_step = self.cfg.prelora.window_unit == "step"
+        loss_sum, count = torch.zeros((), dtype=torch.float64), 0
+        start = time.perf_counter()
+        for images, labels in self.train_loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            lr = self._set_lr()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.loss_fn(self.wrapped(pixel_values=images).logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.state.step += 1
+            batch_loss = loss.detach().double() * labels.numel()
+            loss_sum += batch_loss.cpu()
+            count += labels.numel()
+            if per_step:
+                step_sum = self.runtime.all_reduce_sum(torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)]))
+                self._after_unit(float(step_sum[0] / step_sum[1]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        epoch_time = time.perf_counter() - start
+        total = self.runtime.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
+        train_loss = float(total[0] / total[1])
+        if not per_step:
+            self._after_unit(train_loss)
+        return {M.TRAIN_LOSS: train_loss, M.EPOCH_TIME_S: epoch_time, M.THROUGHPUT: float(total[1]) / epoch_time, M.LR: lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 accuracy and loss over the whole validation set (all workers' shards)."""
+        self.wrapped.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for images, labels in self.val_loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.wrapped(pixel_values=images).logits.float()
+            sums += torch.tensor(
+                [float(nn.functional.cross_entropy(logits, labels, reduction="sum")), float((logits.argmax(-1) == labels).sum()), labels.numel()],
+                dtype=torch.float64,
+            )
+        sums = self.runtime.all_reduce_sum(sums)
+        return {M.VAL_LOSS: float(sums[0] / sums[2]), M.VAL_ACC: float(sums[1] / sums[2])}
+
+    def _trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def _trainable_text(self) -> str:
+        n = self._trainable()
+        return f"{n:,} trainable parameters ({100 * n / self.plain_params:.2f}% of {self.plain_params:,})"
+
+    def _epoch_metrics(self, epoch: int, phase: Phase, trainable: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
+        norms = self._norms()
+        out: dict[str, Any] = {M.EPOCH: epoch, M.PHASE: phase.value, M.PHASE_INDEX: phase.index, **train, **val}
+        out[M.TRAINABLE_PARAMS] = trainable
+        out[M.TRAINABLE_FRACTION] = trainable / self.plain_params
+        out[M.PEAK_MEM_MB] = peak_memory_mb(self.device)
+        out[M.SWITCH_EPOCH] = self.state.switch_epoch
+        out[M.FREEZE_EPOCH] = self.state.freeze_epoch
+        for family, values in norms.items():
+            out[f"{M.NORM_PREFIX}{family}"] = sum(values) / len(values)
+            for layer, value in enumerate(values):
+                out[f"{M.LAYER_NORM_PREFIX}{family}/{layer}"] = value
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Run summary over the history: mean epoch time, final and best accuracy, total time."""
+        h = self.state.history
+        times = [e[M.EPOCH_TIME_S] for e in h]
+        return {
+            M.MEAN_EPOCH_TIME_S: sum(times) / len(times) if times else float("nan"),
+            M.FINAL_VAL_ACC: h[-1][M.VAL_ACC] if h else float("nan"),
+            M.BEST_VAL_ACC: max(e[M.VAL_ACC] for e in h) if h else float("nan"),
+            M.TOTAL_TRAIN_TIME_S: sum(times),
+            M.SWITCH_EPOCH: self.state.switch_epoch,
+            M.FREEZE_EPOCH: self.state.freeze_epoch,
+            M.RANKS: self.state.ranks,
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint: weights (PEFT keys after the switch), optimizer, progress, norms, RNG."""
+        s = self.state
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "loop": {**s.__dict__, "phase": s.phase.value},
+            "monitor": self.monitor.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Restore a checkpoint: re-inject LoRA with its ranks first when it was taken after the switch."""
+        loop = dict(ckpt["loop"])
+        loop["phase"] = Phase(loop["phase"])
+        self.state = LoopState(**loop)
+        if self.state.phase is not Phase.FULL:
+            self.model = inject_lora(unwrap(self.wrapped), self.state.ranks, self.cfg.prelora)
+        set_trainable(self.model, self.state.phase, self.cfg.prelora)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer = None
+        self._rebuild()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.monitor.load_state_dict(ckpt["monitor"])
+        set_rng_state(ckpt["rng"])
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train from the last checkpoint (or from scratch) to cfg.epochs; returns the summary."""
+        ckpt = self.runtime.latest_checkpoint()
+        if ckpt is not None:
+            self.load_state_dict(ckpt)
+            if self.runtime.rank == 0:
+                log.info("resumed at epoch %d (phase %s)", self.state.epoch, self.state.phase.value)
+        else:
+            set_trainable(self.model, Phase.FULL, self.cfg.prelora)
+            self._rebuild()
+        for epoch in range(self.state.epoch, self.cfg.epochs):
+            phase, trainable = self.state.phase, self._trainable()
+            train = self.train_one_epoch()  # may switch mid-epoch with step windows
+            val = self.evaluate()
+            if not math.isfinite(train[M.TRAIN_LOSS]):
+                raise FloatingPointError(f"epoch {epoch}: training loss is {train[M.TRAIN_LOSS]} (lower optim.lr?)")
+            if self.state.phase is Phase.WARMUP and epoch >= self.state.switch_epoch + self.cfg.prelora.warmup:
+                self._freeze()
+            metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
+            self.state.history.append({k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)})
+            self.state.epoch = epoch + 1
+            self.sink.log_metrics({k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH)}, step=epoch)
+            if self.runtime.rank == 0:
+                log.info(
+                    "epoch %3d | %-6s | loss %.4f | val_loss %.4f | val_acc %.4f | %.2fs | trainable %.2f%%",
+                    epoch, phase.value, train[M.TRAIN_LOSS], val[M.VAL_LOSS], val[M.VAL_ACC], train[M.EPOCH_TIME_S], 100 * metrics[M.TRAINABLE_FRACTION],
+                )
+            report = {k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}
+            report.update({k: v for k, v in self.summary().items() if k != M.RANKS})
+            self.runtime.report(report, self.state_dict())
+        return self.summary()
+
+    def export_merged(self, path: str | Path) -> Path:
+        """Save the model with LoRA folded in as a plain ViT (`save_pretrained`, loadable by transformers)."""
+        path = Path(path)
+        merged = merge_lora(unwrap(self.wrapped))
+        merged.save_pretrained(path)
+        self.model = self.wrapped = merged
+        return path
+
+
+def train(cfg: TrainSettings, runtime: Runtime | None = None, sink: MetricsSink | None = None, *, export_to: str | Path | None = None) -> dict[str, Any]:
+    """Run one training job in this process (no Ray): the function a user can call from a notebook."""
+    runtime = runtime or LocalRuntime()
+    loop = TrainingLoop(cfg, runtime, sink)
+    summary = loop.run()
+    if export_to is not None and runtime.rank == 0:
+        summary["merged_model_path"] = str(loop.export_merged(export_to))
+    return summary
