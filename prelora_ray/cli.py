@@ -70,33 +70,79 @@ def _summary_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="a sweep: Ray Tune + Optuna over PreLoRA's hyperparameters, every trial in MLflow")
+    p.add_argument("search_space", help="search-space YAML (see search_spaces/)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto")
+    p.add_argument("--num-samples", type=int, help="trials (default: the file's num_samples)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: the file's max_concurrent)")
+    p.add_argument("--name", help="sweep name (default: the file's name); same name + --resume continues it")
+    p.add_argument("--experiment", help="MLflow experiment (default: the file's, else tracking.experiment)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
+    p.add_argument("--storage", help="Ray results folder (default: the base config's cluster.storage_path)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Load and validate the space, then run or resume the sweep and print the front."""
+    from prelora_ray.search_space import load_search_space
+
+    space = load_search_space(args.search_space)
+    for flag in ("num_samples", "max_concurrent"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: an integer >= 1")
+    from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
+
+    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment)
+    log.info("sweep %s: %d trials of %s (+ baseline), MLflow %s", sweep.name, args.num_samples or space.num_samples, space.path, sweep.tracking_uri)
+    table = run_sweep(sweep, address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent, resume=args.resume)
+    print("\nPareto front (and the full-training baseline):")
+    print(format_front(table))
+    print(f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r}, parent run {sweep.parent_run_id}")
+    print(f"open it: mlflow ui --backend-store-uri {sweep.tracking_uri}")
+    return 0
+
+
+def _best_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("best", help="write a train config from a sweep's chosen Pareto trial")
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
+    p.add_argument("--sweep", help="sweep name (default: the newest sweep in the experiment)")
+    p.add_argument("--pick", default="knee", help="knee (default), max-acc, min-time or fastest-within=POINTS")
+    p.add_argument("--out", default="best.yaml", help="where to write the config (default best.yaml)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    """Export the picked trial's config."""
+    from prelora_ray import tracking
+    from prelora_ray.orchestration.tune import SWITCH_PARAMS, export_best
+
+    row, cfg = export_best(tracking.resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.pick, args.out)
+    flat = cfg.flat()
+    print(f"{args.out}: trial {row['run_name']} ({args.pick}): " + ", ".join(f"{k.split('.')[-1]}={flat[k]}" for k in SWITCH_PARAMS))
+    print(f"final run: prelora-ray train --config {args.out} --set epochs=300")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = argparse.ArgumentParser(prog="prelora-ray", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    for register in _extra_verbs():
-        register(sub)
+    _tune_parser(sub)
+    _best_parser(sub)
+    try:  # the pareto verb lives in analysis/, which depends only on metric names
+        from analysis.cli import register
+    except ImportError:
+        pass
+    else:
+        register(sub, COMMANDS)
     return parser
-
-
-def _extra_verbs() -> list:
-    """Verbs defined in other modules (tune, best, pareto), registered when present."""
-    verbs = []
-    try:
-        from prelora_ray.orchestration.cli_tune import register as tune_register
-
-        verbs.append(tune_register)
-    except ImportError:
-        pass
-    try:
-        from analysis.cli import register as pareto_register
-
-        verbs.append(pareto_register)
-    except ImportError:
-        pass
-    return verbs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except ValueError as exc:
         print(f"prelora-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -97,7 +97,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from prelora_ray.orchestration.worker import train_worker
+    from prelora_ray.orchestration.worker import fault_from_env, train_worker
 
     cfg = run.cfg
     callbacks = []
@@ -112,6 +112,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
             "mlflow_uri": run.tracking_uri,
             "mlflow_run_id": run.mlflow_run_id,
             "export_dir": str(Path(cfg.output_dir) / run.name / "merged"),
+            "fault": fault_from_env(),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,

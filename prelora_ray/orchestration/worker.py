@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
 class RayRuntime:
     """One Ray Train worker: rank and device from Ray, collectives from torch.distributed."""
 
-    def __init__(self) -> None:
+    def __init__(self, fault: dict[str, str] | None = None) -> None:
+        self.fault = fault or {}
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -79,6 +81,7 @@ class RayRuntime:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
+        maybe_inject_fault(int(metrics.get("epoch", -1)), self.rank, self.fault)
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The last reported checkpoint (after a worker restart, or a re-run with the same name)."""
@@ -87,6 +90,32 @@ class RayRuntime:
             return None
         with ckpt.as_directory() as folder:
             return load_checkpoint_dir(folder)
+
+
+FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
+FAULT_MARKER_ENV = "PRELORA_FAULT_MARKER"
+FAULT_MODE_ENV = "PRELORA_FAULT_MODE"
+
+
+def fault_from_env() -> dict[str, str]:
+    """The driver's PRELORA_FAULT_* variables (forwarded to the workers in the loop config)."""
+    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV)}
+
+
+def maybe_inject_fault(epoch: int, rank: int, fault: dict[str, str]) -> None:
+    """Fault injection for the reliability tests, off unless PRELORA_FAULT_EPOCH was set on the driver.
+
+    After reporting epoch PRELORA_FAULT_EPOCH, rank 0 dies once (`exit`: os._exit(1), as a killed
+    process; `raise`: an exception). The marker file PRELORA_FAULT_MARKER makes it fire only once, so
+    the restarted or re-run worker goes on.
+    """
+    target, marker = fault.get(FAULT_EPOCH_ENV), fault.get(FAULT_MARKER_ENV)
+    if target is None or rank != 0 or epoch != int(target) or not marker or Path(marker).exists():
+        return
+    Path(marker).write_text(f"fault injected after epoch {epoch}\n")
+    if fault.get(FAULT_MODE_ENV, "exit") == "raise":
+        raise RuntimeError(f"injected fault after epoch {epoch}")
+    os._exit(1)
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +129,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.propagate = False
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
-    runtime = RayRuntime()
+    runtime = RayRuntime(config.get("fault"))
     sink = None
     if config.get("mlflow_run_id") and runtime.rank == 0:
         from prelora_ray.tracking import MlflowSink

@@ -1,0 +1,388 @@
+"""Sweeps: Ray Tune + Optuna over PreLoRA's hyperparameters, one TorchTrainer per trial, MLflow runs.
+
+One parent MLflow run per sweep; one child per trial and one for the `full` baseline. The Optuna
+study lives in sqlite beside the MLflow store, so `--resume` continues a sweep (Tuner.restore)
+without repeating finished trials: a restored trial reuses its deterministic name, hence its Ray
+Train checkpoints and its MLflow run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from prelora_ray import metrics as M
+from prelora_ray import tracking
+from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
+from prelora_ray.search_space import SearchSpace
+
+log = logging.getLogger("prelora_ray")
+
+ROLE_TAG = "prelora.role"  # parent | trial | baseline
+SWEEP_TAG = "prelora.sweep"
+PARETO_TAG = "pareto"
+SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")
+
+
+@dataclass(kw_only=True)
+class Sweep:
+    """Where a sweep lives: its space, names, storage and MLflow parent run."""
+
+    space: SearchSpace
+    name: str
+    experiment: str
+    tracking_uri: str
+    storage_path: str
+    parent_run_id: str = ""
+    experiment_id: str = ""
+
+    @property
+    def optuna_url(self) -> str:
+        """sqlite file beside the MLflow store (or in the storage path for a server store)."""
+        uri = self.tracking_uri
+        folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(self.storage_path)
+        return f"sqlite:///{folder / 'optuna.db'}"
+
+    def run_config(self, cfg: TrainSettings, run_name: str) -> TrainSettings:
+        """A trial's config pointed at this sweep's experiment, store and storage."""
+        return cfg.replace(
+            **{
+                "name": run_name,
+                "tracking.enabled": True,
+                "tracking.uri": self.tracking_uri,
+                "tracking.experiment": self.experiment,
+                "tracking.run_name": run_name,
+                "cluster.storage_path": str(Path(self.storage_path) / self.name / "train"),
+                "output_dir": str(Path(self.storage_path) / self.name / "models"),
+            }
+        )
+
+
+def make_sweep(space: SearchSpace, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None) -> Sweep:
+    """Validate everything cheap (data path, model shape, MLflow store) before Ray starts."""
+    preflight(space.base)
+    uri = tracking.resolve_uri(tracking_uri or space.base.tracking.uri)
+    sweep = Sweep(
+        space=space,
+        name=name or space.name,
+        experiment=experiment or space.experiment or space.base.tracking.experiment,
+        tracking_uri=uri,
+        storage_path=str(Path(storage_path or space.base.cluster.storage_path).expanduser().resolve()),
+    )
+    sweep.experiment_id = tracking.ensure_experiment(uri, sweep.experiment)
+    return sweep
+
+
+def _optuna_sampler(space: SearchSpace):
+    import optuna
+
+    seed = space.seed
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+    }[space.sampler]()
+
+
+class DefineByRun:
+    """Optuna define-by-run space: exact distributions (int steps, log scales) as declared.
+
+    A module-level class, not a closure, because Tune pickles the searcher into its experiment
+    checkpoint (that is what --resume restores).
+    """
+
+    def __init__(self, parameters: list) -> None:
+        self.parameters = list(parameters)
+
+    def __call__(self, trial: Any) -> None:
+        """Suggest every parameter on an Optuna trial."""
+        for p in self.parameters:
+            if p.kind == "uniform":
+                trial.suggest_float(p.key, p.low, p.high)
+            elif p.kind == "loguniform":
+                trial.suggest_float(p.key, p.low, p.high, log=True)
+            elif p.kind == "int":
+                trial.suggest_int(p.key, p.low, p.high, step=p.step)
+            else:
+                trial.suggest_categorical(p.key, list(p.values))
+
+
+def _run_one(sweep: Sweep, cfg: TrainSettings, run_name: str, role: str, extra_tags: dict[str, str], tune_callback: bool) -> dict[str, Any]:
+    run = prepare_run(
+        sweep.run_config(cfg, run_name),
+        parent_run_id=sweep.parent_run_id,
+        extra_tags={ROLE_TAG: role, SWEEP_TAG: sweep.name, **extra_tags},
+    )
+    return fit_run(run, tune_callback=tune_callback)
+
+
+def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
+    """The Tune trainable of one trial (the "driver"): builds and fits one TorchTrainer."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    sampled = {k: v for k, v in config.items() if k in {p.key for p in sweep.space.parameters}}
+    cfg = sweep.space.trial_config(sampled)
+    repaired = {k: v for k, v in cfg.flat().items() if k in sampled and sampled[k] != v}
+    tags = {"trial_id": trial_id, "sampled": json.dumps(sampled)}
+    if repaired:
+        tags["repaired"] = json.dumps(repaired)
+    _run_one(sweep, cfg, f"{sweep.name}_{trial_id}", "trial", tags, tune_callback=True)
+
+
+def _baseline_done(sweep: Sweep) -> bool:
+    run_id = tracking.find_run(sweep.tracking_uri, sweep.experiment_id, f"{sweep.name}_baseline", "attributes.status = 'FINISHED'")
+    return run_id is not None
+
+
+def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None, resume: bool = False) -> pd.DataFrame:
+    """Run (or resume) the sweep; returns the table of trials with the Pareto flag."""
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = sweep.space
+    exp_path = Path(sweep.storage_path) / sweep.name
+    if resume and not (exp_path / "tuner.pkl").exists():
+        raise ValueError(f"--resume: no sweep named {sweep.name!r} under {sweep.storage_path} (no tuner.pkl in {exp_path})")
+    if not resume and (exp_path / "tuner.pkl").exists():
+        raise ValueError(f"a sweep named {sweep.name!r} already exists under {sweep.storage_path}: add --resume to continue it, or --name NEW")
+    sweep.parent_run_id = _parent_run(sweep, num_samples or space.num_samples)
+    init_ray(address)
+    baseline_ref = None
+    if space.baseline and not _baseline_done(sweep):
+        remote = ray.remote(num_cpus=0)(_run_one)
+        baseline_ref = remote.remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), {"cpu": 0, "memory": 1})
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        searcher = OptunaSearch(
+            space=DefineByRun(space.parameters),
+            metric=[o.metric for o in space.objectives],
+            mode=[o.mode for o in space.objectives],
+            sampler=_optuna_sampler(space),
+            study_name=sweep.name,
+            storage=_optuna_storage(sweep),
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or space.max_concurrent),
+                num_samples=num_samples or space.num_samples,
+                trial_dirname_creator=lambda t: f"{sweep.name}_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.name,
+                storage_path=sweep.storage_path,
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                verbose=1,
+            ),
+        )
+    started = time.perf_counter()
+    tuner.fit()
+    if baseline_ref is not None:
+        try:
+            ray.get(baseline_ref)
+        except Exception as exc:  # the baseline failed: the sweep's trials still count
+            log.warning("the full-training baseline failed: %s", exc)
+    table = finish_sweep(sweep)
+    tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"sweep_wall_time_s": time.perf_counter() - started})
+    tracking.end_run(sweep.tracking_uri, sweep.parent_run_id, "FINISHED")
+    return table
+
+
+def _optuna_storage(sweep: Sweep):
+    import optuna
+
+    return optuna.storages.RDBStorage(sweep.optuna_url)
+
+
+def _parent_run(sweep: Sweep, num_samples: int) -> str:
+    space = sweep.space
+    params = {
+        "search_space": space.path,
+        "sampler": space.sampler,
+        "sampler_seed": space.seed,
+        "num_samples": num_samples,
+        "objectives": json.dumps([[o.metric, o.mode] for o in space.objectives]),
+        "parameters": json.dumps([p.key for p in space.parameters]),
+        "optuna_storage": sweep.optuna_url,
+    }
+    run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, sweep.name, params=params, tags={ROLE_TAG: "parent", SWEEP_TAG: sweep.name})
+    tracking.log_text(sweep.tracking_uri, run_id, space.raw_text, Path(space.path).name)
+    return run_id
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """The sweep's child runs (trials and baseline) as a DataFrame, one row each."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # sets no experiment (unlike set_experiment, see stack.md)
+    return mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="pandas", max_results=10000
+    )
+
+
+def _num(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def front_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """One row per run with the switch parameters, objectives, speed-up and the Pareto flag.
+
+    The front is computed over FINISHED trials (the baseline is shown but not on the front).
+    """
+    from analysis.pareto import pareto_mask
+
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    for _, r in runs.iterrows():
+        row = {
+            "run_id": r["run_id"],
+            "run_name": r.get("tags.mlflow.runName"),
+            "role": r.get(f"tags.{ROLE_TAG}"),
+            "status": r.get("status"),
+        }
+        for key in SWITCH_PARAMS + ("strategy",):
+            value = r.get(f"params.{key}")
+            row[key] = _num(value) if key != "strategy" else value
+        for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S):
+            row[key] = r.get(f"metrics.{key}")
+        for metric, _ in objectives:
+            row.setdefault(metric, r.get(f"metrics.{metric}"))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    base = table[(table["role"] == "baseline") & (table["status"] == "FINISHED")]
+    base_time = float(base[M.MEAN_EPOCH_TIME_S].iloc[0]) if len(base) else float("nan")
+    table["speedup"] = base_time / table[M.MEAN_EPOCH_TIME_S]
+    table[PARETO_TAG] = False
+    ok = (table["role"] == "trial") & (table["status"] == "FINISHED")
+    if ok.any():
+        values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
+        table.loc[ok, PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
+    return table.sort_values([PARETO_TAG, objectives[0][0]], ascending=[False, objectives[0][1] == "min"]).reset_index(drop=True)
+
+
+def finish_sweep(sweep: Sweep) -> pd.DataFrame:
+    """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
+    runs = child_runs(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)
+    table = front_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives])
+    c = tracking.client(sweep.tracking_uri)
+    for _, row in table.iterrows():
+        if row["role"] == "trial":
+            c.set_tag(row["run_id"], PARETO_TAG, str(bool(row[PARETO_TAG])).lower())
+    buf = io.StringIO()
+    table.to_csv(buf, index=False)
+    tracking.log_text(sweep.tracking_uri, sweep.parent_run_id, buf.getvalue(), "pareto.csv")
+    n_pareto = int(table[PARETO_TAG].sum()) if len(table) else 0
+    tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"trials": int((table["role"] == "trial").sum()) if len(table) else 0, "pareto_trials": n_pareto})
+    return table
+
+
+def format_front(table: pd.DataFrame) -> str:
+    """The console table of the Pareto trials and the baseline."""
+    if table.empty:
+        return "no finished trials"
+    shown = table[(table[PARETO_TAG]) | (table["role"] == "baseline")]
+    cols = ["run_name", "role", *SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
+    out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
+    return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+PICKS = ("knee", "max-acc", "min-time", "fastest-within=<points>")
+
+
+def find_parent(uri: str, experiment: str, sweep: str | None) -> tuple[str, str]:
+    """(experiment id, parent run id) of the named sweep, or of the newest sweep in the experiment."""
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment in {uri}")
+    flt = f"tags.`{ROLE_TAG}` = 'parent'" + (f" and tags.`{SWEEP_TAG}` = '{sweep}'" if sweep else "")
+    runs = c.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ValueError(f"--sweep {sweep!r}: no sweep in experiment {experiment!r}" if sweep else f"--experiment {experiment!r} holds no sweep")
+    return exp.experiment_id, runs[0].info.run_id
+
+
+def pick_row(table: pd.DataFrame, objectives: list[tuple[str, str]], pick: str) -> pd.Series:
+    """The trial chosen from a sweep's table by a --pick rule."""
+    from analysis.pareto import knee_point, speedup_at_equal_accuracy
+
+    front = table[table[PARETO_TAG]].reset_index(drop=True)
+    if front.empty:
+        raise ValueError("the sweep has no finished trial on its Pareto front")
+    if pick == "knee":
+        values = front[[m for m, _ in objectives]].astype(float).to_numpy()
+        return front.iloc[knee_point(values, [d for _, d in objectives])]
+    if pick == "max-acc":
+        return front.loc[front[M.FINAL_VAL_ACC].astype(float).idxmax()]
+    if pick == "min-time":
+        return front.loc[front[M.MEAN_EPOCH_TIME_S].astype(float).idxmin()]
+    if pick.startswith("fastest-within="):
+        try:
+            points = float(pick.split("=", 1)[1])
+        except ValueError:
+            raise ValueError(f"--pick {pick!r}: give points of accuracy, e.g. fastest-within=0.5") from None
+        base = table[(table["role"] == "baseline") & (table["status"] == "FINISHED")]
+        if base.empty:
+            raise ValueError(f"--pick {pick!r} needs the sweep's finished baseline run")
+        trials = table[(table["role"] == "trial") & (table["status"] == "FINISHED")].reset_index(drop=True)
+        idx, _ = speedup_at_equal_accuracy(
+            trials[M.FINAL_VAL_ACC].astype(float).tolist(), trials[M.MEAN_EPOCH_TIME_S].astype(float).tolist(),
+            float(base[M.FINAL_VAL_ACC].iloc[0]), float(base[M.MEAN_EPOCH_TIME_S].iloc[0]), within_points=points,
+        )
+        if idx is None:
+            raise ValueError(f"--pick {pick!r}: no trial within {points} points of the baseline's accuracy")
+        return trials.iloc[idx]
+    raise ValueError(f"--pick {pick!r} is invalid: one of {', '.join(PICKS)}")
+
+
+def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: str | Path) -> tuple[pd.Series, TrainSettings]:
+    """Write the train config of the picked trial to `out`; returns (the trial's row, the config)."""
+    if not (pick in ("knee", "max-acc", "min-time") or pick.startswith("fastest-within=")):
+        raise ValueError(f"--pick {pick!r} is invalid: one of {', '.join(PICKS)}")
+    exp_id, parent = find_parent(uri, experiment, sweep)
+    c = tracking.client(uri)
+    objectives = [tuple(o) for o in json.loads(c.get_run(parent).data.params["objectives"])]
+    table = front_table(child_runs(uri, exp_id, parent), objectives)
+    row = pick_row(table, objectives, pick)
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = c.download_artifacts(row["run_id"], "config.yaml", tmp)
+        data = yaml.safe_load(Path(cfg_file).read_text())
+    cfg = TrainSettings.from_dict(data, source=f"run {row['run_id']} config.yaml")
+    defaults = TrainSettings()
+    cfg = cfg.replace(
+        **{
+            "name": None,
+            "tracking.run_name": None,
+            "tracking.uri": None,
+            "output_dir": defaults.output_dir,
+            "cluster.storage_path": defaults.cluster.storage_path,
+        }
+    )
+    header = (
+        f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {sweep or '(newest)'}\n"
+        f"# final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
+    )
+    Path(out).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return row, cfg

@@ -1,0 +1,35 @@
+"""Shared fixtures: one local Ray for the session's Ray tests, tiny fast configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# a switch within a few epochs on digits: thresholds wide open, short windows
+FAST_SWITCH = ["prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """ray.init(num_cpus=2) once for every Ray test, with the fast Train health check."""
+    import ray
+
+    from prelora_ray.orchestration.train import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path):
+    """A fresh MLflow sqlite store in the test's temp dir."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _no_fault_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("PRELORA_FAULT_"):
+            monkeypatch.delenv(key)
