@@ -26,3 +26,10 @@ MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time pe
 FINAL_VAL_ACC = "final_val_acc"
 BEST_VAL_ACC = "best_val_acc"
 TOTAL_TRAIN_TIME_S = "total_train_time_s"
+
+# MLflow tags of sweeps
+ROLE_TAG = "prelora.role"  # parent | trial | baseline
+SWEEP_TAG = "prelora.sweep"
+PARETO_TAG = "pareto"
+RUN_NAME_TAG = "prelora.run_name"
+SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")

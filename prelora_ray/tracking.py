@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("prelora_ray")
 
-RUN_KEY_TAG = "prelora.run_name"  # a run's deterministic name: how a resumed run finds its MLflow run
+from prelora_ray.metrics import RUN_NAME_TAG as RUN_KEY_TAG  # how a resumed run finds its MLflow run
 
 
 def resolve_uri(uri: str | None) -> str:

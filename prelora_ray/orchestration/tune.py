@@ -23,13 +23,11 @@ from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
+from analysis.runs import format_front, load_sweep, search_runs, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 
 log = logging.getLogger("prelora_ray")
 
-ROLE_TAG = "prelora.role"  # parent | trial | baseline
-SWEEP_TAG = "prelora.sweep"
-PARETO_TAG = "pareto"
-SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")
+ROLE_TAG, SWEEP_TAG, PARETO_TAG, SWITCH_PARAMS = M.ROLE_TAG, M.SWEEP_TAG, M.PARETO_TAG, M.SWITCH_PARAMS
 
 
 @dataclass(kw_only=True)
@@ -224,64 +222,10 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
     return run_id
 
 
-def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
-    """The sweep's child runs (trials and baseline) as a DataFrame, one row each."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # sets no experiment (unlike set_experiment, see stack.md)
-    return mlflow.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="pandas", max_results=10000
-    )
-
-
-def _num(value: Any) -> Any:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
-
-
-def front_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
-    """One row per run with the switch parameters, objectives, speed-up and the Pareto flag.
-
-    The front is computed over FINISHED trials (the baseline is shown but not on the front).
-    """
-    from analysis.pareto import pareto_mask
-
-    if runs.empty:
-        return pd.DataFrame()
-    rows = []
-    for _, r in runs.iterrows():
-        row = {
-            "run_id": r["run_id"],
-            "run_name": r.get("tags.mlflow.runName"),
-            "role": r.get(f"tags.{ROLE_TAG}"),
-            "status": r.get("status"),
-        }
-        for key in SWITCH_PARAMS + ("strategy",):
-            value = r.get(f"params.{key}")
-            row[key] = _num(value) if key != "strategy" else value
-        for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S):
-            row[key] = r.get(f"metrics.{key}")
-        for metric, _ in objectives:
-            row.setdefault(metric, r.get(f"metrics.{metric}"))
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    base = table[(table["role"] == "baseline") & (table["status"] == "FINISHED")]
-    base_time = float(base[M.MEAN_EPOCH_TIME_S].iloc[0]) if len(base) else float("nan")
-    table["speedup"] = base_time / table[M.MEAN_EPOCH_TIME_S]
-    table[PARETO_TAG] = False
-    ok = (table["role"] == "trial") & (table["status"] == "FINISHED")
-    if ok.any():
-        values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
-        table.loc[ok, PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
-    return table.sort_values([PARETO_TAG, objectives[0][0]], ascending=[False, objectives[0][1] == "min"]).reset_index(drop=True)
-
-
 def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
-    runs = child_runs(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)
-    table = front_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives])
+    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
+    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives])
     c = tracking.client(sweep.tracking_uri)
     for _, row in table.iterrows():
         if row["role"] == "trial":
@@ -294,30 +238,7 @@ def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     return table
 
 
-def format_front(table: pd.DataFrame) -> str:
-    """The console table of the Pareto trials and the baseline."""
-    if table.empty:
-        return "no finished trials"
-    shown = table[(table[PARETO_TAG]) | (table["role"] == "baseline")]
-    cols = ["run_name", "role", *SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
-    out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
-    return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
 PICKS = ("knee", "max-acc", "min-time", "fastest-within=<points>")
-
-
-def find_parent(uri: str, experiment: str, sweep: str | None) -> tuple[str, str]:
-    """(experiment id, parent run id) of the named sweep, or of the newest sweep in the experiment."""
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment in {uri}")
-    flt = f"tags.`{ROLE_TAG}` = 'parent'" + (f" and tags.`{SWEEP_TAG}` = '{sweep}'" if sweep else "")
-    runs = c.search_runs([exp.experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise ValueError(f"--sweep {sweep!r}: no sweep in experiment {experiment!r}" if sweep else f"--experiment {experiment!r} holds no sweep")
-    return exp.experiment_id, runs[0].info.run_id
 
 
 def pick_row(table: pd.DataFrame, objectives: list[tuple[str, str]], pick: str) -> pd.Series:
@@ -357,11 +278,9 @@ def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: st
     """Write the train config of the picked trial to `out`; returns (the trial's row, the config)."""
     if not (pick in ("knee", "max-acc", "min-time") or pick.startswith("fastest-within=")):
         raise ValueError(f"--pick {pick!r} is invalid: one of {', '.join(PICKS)}")
-    exp_id, parent = find_parent(uri, experiment, sweep)
+    record = load_sweep(uri, experiment, sweep)
+    row = pick_row(record.table, record.objectives, pick)
     c = tracking.client(uri)
-    objectives = [tuple(o) for o in json.loads(c.get_run(parent).data.params["objectives"])]
-    table = front_table(child_runs(uri, exp_id, parent), objectives)
-    row = pick_row(table, objectives, pick)
     import tempfile
 
     import yaml
@@ -381,7 +300,7 @@ def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: st
         }
     )
     header = (
-        f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {sweep or '(newest)'}\n"
+        f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {record.name}\n"
         f"# final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
     )
     Path(out).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

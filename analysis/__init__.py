@@ -1,0 +1,1 @@
+"""Pareto fronts and plots from MLflow: pure computation (pareto), reading (runs), plots, report."""

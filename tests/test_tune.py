@@ -1,0 +1,131 @@
+"""Sweeps end to end: MLflow parent + children + Pareto tags, kill -9 and --resume, best -> train."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4) -> Path:
+    data = {
+        "name": name,
+        "base": {
+            "epochs": epochs,
+            "prelora": {"k": 2, "m": 1, "warmup": 1},
+            "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+        },
+        "parameters": {
+            "prelora.tau": {"type": "loguniform", "low": 20.0, "high": 80.0},
+            "prelora.zeta": {"type": "uniform", "low": 20.0, "high": 80.0},
+            "prelora.warmup": {"type": "int", "low": 0, "high": 2},
+            "prelora.r_min": {"type": "categorical", "values": [1, 2]},
+            "prelora.r_max": {"type": "categorical", "values": [4, 8]},
+        },
+        "objectives": [{"metric": "final_val_acc", "mode": "max"}, {"metric": "mean_epoch_time_s", "mode": "min"}],
+        "sampler": {"type": "random", "seed": 1},
+        "num_samples": num_samples,
+        "max_concurrent": 2,
+        "baseline": True,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _tune(tmp_path: Path, *args: str, **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", *args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def _children(tmp_path: Path, sweep: str):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("prelora-ray")
+    if exp is None:
+        return client, None, []
+    parents = client.search_runs([exp.experiment_id], f"tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = '{sweep}'")
+    if not parents:
+        return client, None, []
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", max_results=1000)
+    return client, parents[0], children
+
+
+def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(tmp_path):
+    proc = _tune(tmp_path, str(_space(tmp_path, "small", 3)))
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out
+    client, parent, children = _children(tmp_path, "small")
+    assert parent is not None
+    roles = sorted(c.data.tags["prelora.role"] for c in children)
+    assert roles == ["baseline", "trial", "trial", "trial"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    for c in children:  # per-epoch metrics
+        assert len(client.get_metric_history(c.info.run_id, "val_acc")) == 4
+    trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
+    assert all(c.data.tags.get("pareto") in ("true", "false") for c in trials)
+    assert any(c.data.tags["pareto"] == "true" for c in trials)
+    baseline = next(c for c in children if c.data.tags["prelora.role"] == "baseline")
+    assert baseline.data.params["strategy"] == "full" and baseline.data.metrics["switch_epoch"] == -1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.csv", "small.yaml"} <= artifacts
+
+    # best -> train: the exported config trains and keeps the chosen trial's switch hyperparameters
+    out_yaml = tmp_path / "best.yaml"
+    best = subprocess.run(
+        [sys.executable, "-m", "prelora_ray.cli", "best", "--experiment", "prelora-ray", "--sweep", "small", "--pick", "max-acc",
+         "--out", str(out_yaml), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert best.returncode == 0, best.stderr
+    chosen_name = best.stdout.split("trial ", 1)[1].split(" ", 1)[0]
+    chosen = next(c for c in trials if c.data.tags["mlflow.runName"] == chosen_name)
+    assert chosen.data.tags["pareto"] == "true"
+    from prelora_ray.config import TrainSettings
+    from prelora_ray.trainer import train
+
+    cfg = TrainSettings.load(out_yaml, ["tracking.enabled=false"])
+    for key in ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max"):
+        assert str(cfg.flat()[key]) == chosen.data.params[key], key
+    summary = train(cfg)
+    assert summary["switch_epoch"] == int(chosen.data.metrics["switch_epoch"])
+
+
+def test_killed_sweep_driver_resumes_to_requested_trials_each_once(tmp_path):
+    space = _space(tmp_path, "killed", 4)
+    proc = _tune(tmp_path, str(space))
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill -9 once the first trial has finished, others still to come
+        _, _, children = _children(tmp_path, "killed")
+        if any(c.info.status == "FINISHED" and c.data.tags.get("prelora.role") == "trial" for c in children):
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, _, children = _children(tmp_path, "killed")
+    assert sum(c.data.tags.get("prelora.role") == "trial" for c in children) < 4 or any(c.info.status != "FINISHED" for c in children)
+
+    resumed = _tune(tmp_path, str(space), "--resume")
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    _, parent, children = _children(tmp_path, "killed")
+    trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
+    names = [c.data.tags["mlflow.runName"] for c in trials]
+    assert len(names) == len(set(names)) == 4, names  # the requested number, none twice
+    assert all(c.info.status == "FINISHED" for c in trials)
+    assert sum(c.data.tags["prelora.role"] == "baseline" for c in children) == 1
+    import optuna
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4
