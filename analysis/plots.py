@@ -43,7 +43,7 @@ def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Pat
 
     `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`.
     """
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, table) in enumerate(fronts.items()):
         c = colors[i % len(colors)]
@@ -60,7 +60,7 @@ def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Pat
     ax.set_ylabel(LABELS.get(y, y))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _save(fig, path)
 
 
@@ -118,7 +118,7 @@ def plot_layer_norms(history: pd.DataFrame, family: str, path: str | Path, *, sw
     _mark_phases(ax, switch, freeze, "grey")
     ax.set(xlabel="epoch", ylabel="Frobenius norm of the weight", title=f"Weight norm per layer: {family}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(cols) > 8 else 1)
+    ax.legend(fontsize=7, ncol=2 if len(cols) > 8 else 1, title="-- switch, : freeze", title_fontsize=7)
     return _save(fig, path)
 
 
@@ -162,18 +162,22 @@ def plot_parallel_coordinates(table: pd.DataFrame, params: list[str], color_by: 
     cval = scaled[color_by].fillna(0)
     for idx in scaled.index:
         ax.plot(range(len(cols)), scaled.loc[idx], color=cmap(float(cval[idx])), alpha=0.8)
-    ax.set_xticks(range(len(cols)), [c.replace("prelora.", "") for c in cols], rotation=20)
+    ax.set_xticks(range(len(cols)), [c.replace("prelora.", "") for c in cols])
+    box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}
     for j, c in enumerate(cols):
-        ax.text(j, -0.08, f"{lo[c]:.3g}", ha="center", fontsize=7, transform=ax.get_xaxis_transform())
-        ax.text(j, 1.02, f"{hi[c]:.3g}", ha="center", fontsize=7, transform=ax.get_xaxis_transform())
+        ax.axvline(j, color="grey", linewidth=0.6)
+        ax.text(j, 0.01, f"{lo[c]:.3g}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box)
+        ax.text(j, 0.99, f"{hi[c]:.3g}", ha="center", va="top", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box)
+    ax.set_ylim(-0.08, 1.08)
     ax.set_yticks([])
-    ax.set(ylabel="scaled to each axis' range (min bottom, max top)", title=title)
+    ax.set(ylabel="each axis scaled: min at bottom, max at top", title=title)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo[color_by], hi[color_by]))
     fig.colorbar(sm, ax=ax, label=LABELS.get(color_by, color_by))
     return _save(fig, path)
 
 
-def plot_efficiency(histories: dict[str, pd.DataFrame], path: str | Path, *, title: str = "Epoch time, throughput and memory") -> Path:
+def plot_efficiency(histories: dict[str, pd.DataFrame], path: str | Path, *, switch: float | None = None, freeze: float | None = None,
+                    title: str = "Epoch time, throughput and memory") -> Path:
     """Epoch time, throughput and peak memory per epoch, baseline against a chosen trial (Figure 7)."""
     panels = [(M.EPOCH_TIME_S, "training time per epoch (s)"), (M.THROUGHPUT, "throughput (images/s)"), (M.PEAK_MEM_MB, "peak memory (MiB)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -181,7 +185,8 @@ def plot_efficiency(histories: dict[str, pd.DataFrame], path: str | Path, *, tit
         for name, h in histories.items():
             if key in h:
                 ax.plot(h.index, h[key], label=name)
-        ax.set(xlabel="epoch", ylabel=label, title=label.split(" (")[0])
+        _mark_phases(ax, switch, freeze, "grey")
+        ax.set(xlabel="epoch (-- switch, : freeze of the chosen trial)", ylabel=label, title=label.split(" (")[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -116,7 +116,7 @@ def make_report(uri: str, experiment: str, *, sweeps: list[str] | None = None, o
 
     norm_keys = metric_keys(uri, chosen["run_id"], M.NORM_PREFIX)
     families = [k[len(M.NORM_PREFIX):] for k in norm_keys]
-    family = family or (families[0] if families else "query")
+    family = family or ("query" if "query" in families or not families else families[0])
     layer_keys = metric_keys(uri, chosen["run_id"], f"{M.LAYER_NORM_PREFIX}{family}/")
     norms = metric_history(uri, chosen["run_id"], norm_keys + layer_keys)
     sw, fr = chosen[M.SWITCH_EPOCH], chosen[M.FREEZE_EPOCH]
@@ -138,7 +138,7 @@ def make_report(uri: str, experiment: str, *, sweeps: list[str] | None = None, o
     eff = {f"{chosen['run_name']} (chosen)": metric_history(uri, chosen["run_id"], EFFICIENCY_KEYS)}
     if base is not None:
         eff[f"{base['run_name']} (baseline)"] = metric_history(uri, base["run_id"], EFFICIENCY_KEYS)
-    paths["efficiency"] = plots.plot_efficiency(eff, out / "efficiency.png", title=f"Baseline vs {chosen['run_name']}")
+    paths["efficiency"] = plots.plot_efficiency(eff, out / "efficiency.png", switch=sw, freeze=fr, title=f"Baseline vs {chosen['run_name']}")
 
     if log_to_mlflow:
         from mlflow.tracking import MlflowClient

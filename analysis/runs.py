@@ -69,8 +69,8 @@ def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Dat
             "status": r.get("status"),
             "strategy": r.get("params.strategy"),
         }
-        for key in M.SWITCH_PARAMS:
-            row[key] = _num(r.get(f"params.{key}"))
+        for key in M.SWITCH_PARAMS:  # the full baseline never switches: its switch params mean nothing
+            row[key] = _num(r.get(f"params.{key}")) if row["strategy"] != "full" else float("nan")
         for key in TRIAL_METRICS + tuple(m for m, _ in objectives):
             row[key] = r.get(f"metrics.{key}")
         rows.append(row)

@@ -52,6 +52,7 @@ def partial_convergence_test(
 
     Returns:
         True when |ΔW_t^a| <= tau for every family a and t = 2..k, and |ΔL_t| <= zeta for every t.
+        A NaN anywhere fails the test (nothing has converged).
     """
     if tau <= 0 or zeta <= 0:
         raise ValueError(f"tau and zeta must be > 0 (percent); got tau={tau}, zeta={zeta}")
@@ -67,10 +68,10 @@ def partial_convergence_test(
                 "every series must cover the same k windows"
             )
     for t in range(1, k):
-        if abs(percent_change(losses[t - 1], losses[t])) > zeta:
+        if not abs(percent_change(losses[t - 1], losses[t])) <= zeta:  # NaN never passes
             return False
         for norms in module_norms.values():
-            if abs(percent_change(norms[t - 1], norms[t])) > tau:
+            if not abs(percent_change(norms[t - 1], norms[t])) <= tau:
                 return False
     return True
 

@@ -274,6 +274,8 @@ class TrainingLoop:
         epoch_time = time.perf_counter() - start
         total = self.runtime.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
         train_loss = float(total[0] / total[1])
+        if not math.isfinite(train_loss):  # every worker sees the same all-reduced value: all stop together
+            raise FloatingPointError(f"epoch {self.state.epoch}: training loss is {train_loss} (diverged: lower optim.lr?)")
         if not per_step:
             self._after_unit(train_loss)
         return {M.TRAIN_LOSS: train_loss, M.EPOCH_TIME_S: epoch_time, M.THROUGHPUT: float(total[1]) / epoch_time, M.LR: lr}
@@ -371,8 +373,6 @@ class TrainingLoop:
             phase, trainable = self.state.phase, self._trainable()
             train = self.train_one_epoch()  # may switch mid-epoch with step windows
             val = self.evaluate()
-            if not math.isfinite(train[M.TRAIN_LOSS]):
-                raise FloatingPointError(f"epoch {epoch}: training loss is {train[M.TRAIN_LOSS]} (lower optim.lr?)")
             if self.state.phase is Phase.WARMUP and epoch >= self.state.switch_epoch + self.cfg.prelora.warmup:
                 self._freeze()
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)

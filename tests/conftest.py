@@ -33,3 +33,18 @@ def _no_fault_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith("PRELORA_FAULT_"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def two_sweeps(tmp_path_factory):
+    """Two real small sweeps ("small", "other": 3 trials + baseline each) in one MLflow store, via the CLI."""
+    from tests.test_tune import _space, _tune
+
+    root = tmp_path_factory.mktemp("sweeps")
+    outputs = {}
+    for name, seed in (("small", 1), ("other", 2)):
+        proc = _tune(root, str(_space(root, name, 3, seed=seed)))
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-3000:]
+        outputs[name] = out
+    return root, outputs

@@ -84,12 +84,34 @@ class RayRuntime:
         maybe_inject_fault(int(metrics.get("epoch", -1)), self.rank, self.fault)
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        """The last reported checkpoint (after a worker restart, or a re-run with the same name)."""
+        """The last reported checkpoint (after a worker restart, or a re-run with the same name).
+
+        A corrupt or truncated one is reported by file name and the previous checkpoint of the run
+        (a sibling `checkpoint_*` folder) is used instead; only when none is readable does it fail.
+        """
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
         with ckpt.as_directory() as folder:
-            return load_checkpoint_dir(folder)
+            try:
+                return load_checkpoint_dir(folder)
+            except CheckpointError as exc:
+                log.warning("%s; trying the run's previous checkpoints", exc)
+                return load_previous_checkpoint(Path(ckpt.path), exc)
+
+
+def load_previous_checkpoint(bad: Path, error: CheckpointError) -> dict[str, Any]:
+    """The newest readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
+    siblings = sorted((p for p in bad.parent.glob("checkpoint_*") if p.is_dir() and p.name < bad.name), reverse=True)
+    for folder in siblings:
+        try:
+            state = load_checkpoint_dir(folder)
+        except CheckpointError as exc:
+            log.warning("%s", exc)
+            continue
+        log.warning("resuming from the previous checkpoint %s", folder)
+        return state
+    raise error
 
 
 FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
