@@ -89,7 +89,9 @@ def _bucket(v: float, n: int) -> int:
     """Index into R for a min-max normalised value v in [0, 1] (Algorithm 2, lines 12-16)."""
     if v <= 0:
         return 0
-    return min(n - 1, max(0, math.ceil(v * n) - 1))
+    # rounded so that a value on a bucket edge (0.25 computed as 0.25000000000000006) stays in the
+    # lower bucket, as the paper's exact arithmetic puts it
+    return min(n - 1, max(0, math.ceil(round(v * n, 9)) - 1))
 
 
 def assign_ranks(

@@ -361,6 +361,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ValueError(f"{source}: {key}={value!r} is invalid: a number")
     if hint is str:
         if isinstance(value, str):

@@ -111,6 +111,8 @@ def set_trainable(model: nn.Module, phase: Phase, settings: PreLoRASettings) -> 
             param.requires_grad_(True)
         else:
             param.requires_grad_(any(_extra_group(name, g) for g in settings.trainable_after_freeze))
+        if not param.requires_grad:
+            param.grad = None  # a frozen weight keeps no gradient buffer
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
