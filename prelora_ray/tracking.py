@@ -7,11 +7,14 @@ and sends them with the next batch, so an MLflow outage mid-run loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("prelora_ray")
@@ -45,8 +48,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     environment and sends Ray's integration runs to the wrong experiment).
     """
     try:
-        c = client(uri)
-        exp = c.get_experiment_by_name(name)
+        with _fail_fast():
+            c = client(uri)
+            exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         return c.create_experiment(name)
@@ -54,6 +58,22 @@ def ensure_experiment(uri: str, name: str) -> str:
         if "already exists" in str(exc):
             return client(uri).get_experiment_by_name(name).experiment_id
         raise ValueError(f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """No retries and a short timeout for the pre-flight check (MLflow's own retries take minutes)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def find_run(uri: str, experiment_id: str, run_name: str, extra_filter: str = "") -> str | None:
@@ -141,7 +161,8 @@ class MlflowSink:
         while self.pending:
             metrics, step = self.pending[0]
             try:
-                log_metrics(self.uri, self.run_id, metrics, step)
+                with _fail_fast():  # an outage must not stall training for MLflow's minutes of retries
+                    log_metrics(self.uri, self.run_id, metrics, step)
             except Exception as exc:  # store down: keep the metrics for the next try
                 if not self._warned:
                     log.warning("MLflow unreachable (%s); keeping metrics locally and retrying", type(exc).__name__)

@@ -6,6 +6,7 @@ before Ray starts; `fit_run` runs the TorchTrainer. A Tune trial calls both, wit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -133,7 +134,14 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
         _end(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     summary = dict(result.return_value or {})
-    _log_summary(run, summary)
+    try:
+        _log_summary(run, summary)
+    except Exception as exc:  # MLflow down at the end: keep everything locally, say where
+        path = Path(cfg.cluster.storage_path) / run.name / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str))
+        log.warning("could not log the summary to MLflow (%s); the summary and per-epoch history are in %s", type(exc).__name__, path)
+        summary["summary_path"] = str(path)
     _end(run, "FINISHED")
     return summary
 
@@ -143,10 +151,13 @@ def _log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
         return
     from prelora_ray import tracking
 
+    if summary.get("unsent_metrics"):  # the worker could not reach MLflow for some epochs: send them now
+        for epoch in summary.get("history", []):
+            numbers = {k: v for k, v in epoch.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != M.EPOCH}
+            tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, numbers, step=int(epoch[M.EPOCH]))
+
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, numbers, step=run.cfg.epochs)
-    import json
-
     tracking.log_text(
         run.tracking_uri,
         run.mlflow_run_id,

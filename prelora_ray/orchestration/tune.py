@@ -134,7 +134,18 @@ def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
     tags = {"trial_id": trial_id, "sampled": json.dumps(sampled)}
     if repaired:
         tags["repaired"] = json.dumps(repaired)
-    _run_one(sweep, cfg, f"{sweep.name}_{trial_id}", "trial", tags, tune_callback=True)
+    summary = _run_one(sweep, cfg, f"{sweep.name}_{trial_id}", "trial", tags, tune_callback=True)
+    # Optuna sees a trial's last report: end with the objectives, also when a resumed trial had
+    # already trained to the end (its TorchTrainer then reports no epoch at all)
+    tune.report(final_report(summary))
+
+
+def final_report(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run summary plus its last epoch's numbers: every objective a search space may name."""
+    last = (summary.get("history") or [{}])[-1]
+    out = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.update({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
 
 def _baseline_done(sweep: Sweep) -> bool:
