@@ -34,6 +34,14 @@ def resolve_uri(uri: str | None) -> str:
     return "sqlite:///" + str((Path.cwd() / "mlflow.db").resolve())
 
 
+def artifact_location(uri: str) -> str | None:
+    """For a sqlite store, artifacts go beside the database file (not into whatever the working
+    directory of a Tune trial or Train worker happens to be); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
+    return None
+
+
 def client(uri: str):
     """An MlflowClient for the URI (import deferred: a run without tracking never imports mlflow)."""
     from mlflow.tracking import MlflowClient
@@ -53,7 +61,7 @@ def ensure_experiment(uri: str, name: str) -> str:
             exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception as exc:  # any backend failure: unreachable server, bad path, locked db
         if "already exists" in str(exc):
             return client(uri).get_experiment_by_name(name).experiment_id

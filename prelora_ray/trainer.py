@@ -43,6 +43,7 @@ class LoopState:
     ranks: dict[str, list[int]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
     decisions: list[dict[str, Any]] = field(default_factory=list)  # per-worker switch decisions
+    resumed_at: list[int] = field(default_factory=list)  # epochs at which the run resumed from a checkpoint
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -329,6 +330,7 @@ class TrainingLoop:
             M.SWITCH_EPOCH: self.state.switch_epoch,
             M.FREEZE_EPOCH: self.state.freeze_epoch,
             M.RANKS: self.state.ranks,
+            "resumed_at": list(self.state.resumed_at),
         }
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -364,6 +366,7 @@ class TrainingLoop:
         ckpt = self.runtime.latest_checkpoint()
         if ckpt is not None:
             self.load_state_dict(ckpt)
+            self.state.resumed_at.append(self.state.epoch)
             if self.runtime.rank == 0:
                 log.info("resumed at epoch %d (phase %s)", self.state.epoch, self.state.phase.value)
         else:
@@ -385,7 +388,7 @@ class TrainingLoop:
                     epoch, phase.value, train[M.TRAIN_LOSS], val[M.VAL_LOSS], val[M.VAL_ACC], train[M.EPOCH_TIME_S], 100 * metrics[M.TRAINABLE_FRACTION],
                 )
             report = {k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}
-            report.update({k: v for k, v in self.summary().items() if k != M.RANKS})
+            report.update({k: v for k, v in self.summary().items() if isinstance(v, (int, float))})
             self.runtime.report(report, self.state_dict())
         return self.summary()
 

@@ -117,27 +117,47 @@ def load_previous_checkpoint(bad: Path, error: CheckpointError) -> dict[str, Any
 FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
 FAULT_MARKER_ENV = "PRELORA_FAULT_MARKER"
 FAULT_MODE_ENV = "PRELORA_FAULT_MODE"
+FAULT_BATCH_ENV = "PRELORA_FAULT_BATCH"
 
 
 def fault_from_env() -> dict[str, str]:
     """The driver's PRELORA_FAULT_* variables (forwarded to the workers in the loop config)."""
-    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV)}
+    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_BATCH_ENV)}
 
 
-def maybe_inject_fault(epoch: int, rank: int, fault: dict[str, str]) -> None:
+def maybe_inject_fault(epoch: int, rank: int, fault: dict[str, str], *, batch: int | None = None) -> None:
     """Fault injection for the reliability tests, off unless PRELORA_FAULT_EPOCH was set on the driver.
 
-    After reporting epoch PRELORA_FAULT_EPOCH, rank 0 dies once (`exit`: os._exit(1), as a killed
-    process; `raise`: an exception). The marker file PRELORA_FAULT_MARKER makes it fire only once, so
-    the restarted or re-run worker goes on.
+    Rank 0 dies once (`exit`: os._exit(1), as a killed process; `raise`: an exception) after
+    reporting epoch PRELORA_FAULT_EPOCH, or, with PRELORA_FAULT_BATCH=B, in the middle of that epoch
+    before its batch B. The marker file PRELORA_FAULT_MARKER makes it fire only once, so the
+    restarted or re-run worker goes on.
     """
     target, marker = fault.get(FAULT_EPOCH_ENV), fault.get(FAULT_MARKER_ENV)
     if target is None or rank != 0 or epoch != int(target) or not marker or Path(marker).exists():
         return
-    Path(marker).write_text(f"fault injected after epoch {epoch}\n")
+    wanted = fault.get(FAULT_BATCH_ENV)
+    if (wanted is None) != (batch is None) or (wanted is not None and int(wanted) != batch):
+        return
+    Path(marker).write_text(f"fault injected in epoch {epoch}, batch {batch}\n")
     if fault.get(FAULT_MODE_ENV, "exit") == "raise":
-        raise RuntimeError(f"injected fault after epoch {epoch}")
+        raise RuntimeError(f"injected fault in epoch {epoch}")
     os._exit(1)
+
+
+class FaultyLoader:
+    """A train loader that calls maybe_inject_fault before each batch (mid-epoch faults in tests)."""
+
+    def __init__(self, loop: TrainingLoop, fault: dict[str, str], rank: int) -> None:
+        self.loop, self.loader, self.fault, self.rank = loop, loop.train_loader, fault, rank
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            maybe_inject_fault(self.loop.state.epoch, self.rank, self.fault, batch=i)
+            yield batch
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +169,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Reporting training result" per epoch
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
     runtime = RayRuntime(config.get("fault"))
@@ -158,6 +179,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"])
     loop = TrainingLoop(cfg, runtime, sink)
+    if runtime.fault.get(FAULT_BATCH_ENV) is not None:
+        loop.train_loader = FaultyLoader(loop, runtime.fault, runtime.rank)
     summary = loop.run()
     summary["history"] = loop.state.history
     summary["decisions"] = loop.state.decisions

@@ -1,0 +1,94 @@
+"""Faults injected into real runs: workers killed mid-epoch, MLflow away, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.train import run_train
+from prelora_ray.orchestration.worker import CheckpointError, load_checkpoint_dir
+from prelora_ray.tracking import MlflowSink, ensure_experiment, start_run
+from tests.conftest import FAST_SWITCH
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
+    return TrainSettings.load(None, [
+        "epochs=6", "deterministic=true", *FAST_SWITCH, f"cluster.storage_path={tmp_path / 'ray'}",
+        f"output_dir={tmp_path / 'out'}", f"tracking.uri={sqlite_uri}", "tracking.experiment=rel", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    return run_train(_cfg(tmp, f"sqlite:///{tmp / 'mlflow.db'}", "name=reference"))
+
+
+@pytest.mark.parametrize("epoch", [0, 3], ids=["before-switch", "after-switch"])
+def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(uninterrupted, tmp_path, sqlite_uri, monkeypatch, epoch):
+    assert uninterrupted["switch_epoch"] == 1  # so epoch 0 is before the switch and epoch 3 after it
+    monkeypatch.setenv("PRELORA_FAULT_EPOCH", str(epoch))
+    monkeypatch.setenv("PRELORA_FAULT_BATCH", "5")  # os._exit(1) before batch 5 of that epoch
+    monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fired"))
+    summary = run_train(_cfg(tmp_path, sqlite_uri, "name=faulty", "cluster.max_failures=1"))
+    assert (tmp_path / "fired").exists()
+    # restarted from the last checkpoint (the end of the previous epoch), not from scratch
+    assert summary["resumed_at"] == [epoch] if epoch > 0 else summary["resumed_at"] in ([], [0])
+    for key in ("switch_epoch", "freeze_epoch", "ranks", "final_val_acc"):
+        assert summary[key] == uninterrupted[key], key
+    assert [e["epoch"] for e in summary["history"]] == list(range(6))
+    client = mlflow.tracking.MlflowClient(sqlite_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run, not two
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc"))[-1] == 5
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(ray_local, tmp_path, sqlite_uri):
+    cfg = _cfg(tmp_path, sqlite_uri, "name=ck", "epochs=3", "cluster.checkpoints_to_keep=3")
+    first = run_train(cfg)
+    folders = sorted(p for p in (tmp_path / "ray" / "ck").glob("checkpoint_*") if p.is_dir())
+    assert len(folders) == 3
+    state = folders[-1] / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match=str(state)):
+        load_checkpoint_dir(folders[-1])
+    again = run_train(cfg)  # same name: resumes; the newest checkpoint is bad -> the one before (end of epoch 1)
+    assert again["resumed_at"] == [2]
+    assert again["switch_epoch"] == first["switch_epoch"] and again["ranks"] == first["ranks"]
+    assert again["final_val_acc"] == first["final_val_acc"]
+
+
+def test_mlflow_unreachable_at_start_is_a_clear_error_before_training(tmp_path):
+    probe = ("import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); "
+             "assert 'ray' not in sys.modules; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", probe, "train", "--tracking-uri", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "tracking.uri" in proc.stderr and "not reachable" in proc.stderr
+
+
+def test_mlflow_going_away_mid_run_keeps_metrics_and_sends_them_later(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "outage")
+    run_id = start_run(uri, exp, "r", params={}, tags={})
+    sink = MlflowSink(uri, run_id)
+    sink.log_metrics({"val_acc": 0.5}, step=0)
+    shutil.move(store, tmp_path / "away")  # the store disappears
+    sink.log_metrics({"val_acc": 0.6}, step=1)
+    sink.log_metrics({"val_acc": 0.7}, step=2)
+    assert len(sink.pending) == 2  # kept locally, training went on
+    shutil.move(tmp_path / "away", store)  # back
+    sink.log_metrics({"val_acc": 0.8}, step=3)
+    assert sink.pending == []
+    history = mlflow.tracking.MlflowClient(uri).get_metric_history(run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
