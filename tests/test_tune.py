@@ -128,3 +128,22 @@ def test_killed_sweep_driver_resumes_to_requested_trials_each_once(tmp_path):
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
+
+
+def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
+    space = yaml.safe_load(_space(tmp_path, "nan", 3).read_text())
+    space["base"]["optim"] = {"grad_clip": None, "lr_warmup_epochs": 0}
+    space["parameters"] = {"optim.lr": {"type": "categorical", "values": [0.001, 1000000.0]}, "prelora.tau": {"type": "uniform", "low": 20, "high": 80}}
+    space["sampler"] = {"type": "random", "seed": 5}  # draws lr = 1e6, 1e-3, 1e-3
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(space))
+    proc = _tune(tmp_path, str(path))
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]  # the sweep goes on past the failed trial
+    _, _, children = _children(tmp_path, "nan")
+    trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
+    failed = [c for c in trials if c.info.status == "FAILED"]
+    assert len(trials) == 3 and len(failed) == 1
+    assert "diverged" in failed[0].data.tags["error"] and failed[0].data.params["optim.lr"] == "1000000.0"
+    assert failed[0].data.tags.get("pareto", "false") == "false"
+    assert any(c.data.tags.get("pareto") == "true" for c in trials if c.info.status == "FINISHED")
