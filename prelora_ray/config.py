@@ -172,13 +172,16 @@ class ClusterSettings:
     max_failures: int = _f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     storage_path: str = _f("./ray_results", "Where Ray Train keeps checkpoints; made absolute. Same path and name resumes.")
     checkpoints_to_keep: int = _f(2, "Checkpoints kept per run (the newest).")
+    checkpoint_every: int = _f(1, "Attach a checkpoint to every N-th epoch's report (and always the last and each phase change).")
     torch_threads: int | None = _f(None, "torch.set_num_threads per worker; None: cpus_per_worker rounded up.")
+    release_memory: bool = _f(False, "CPU workers hand freed memory back to the OS (glibc mmap threshold): lower peak RSS in the LoRA phase, slower steps.")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "cluster.num_workers", self.num_workers, "an integer >= 1")
         _check(self.cpus_per_worker > 0, "cluster.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         _check(self.max_failures >= -1, "cluster.max_failures", self.max_failures, "an integer >= -1")
         _check(self.checkpoints_to_keep >= 1, "cluster.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
+        _check(self.checkpoint_every >= 1, "cluster.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _check(self.torch_threads is None or self.torch_threads >= 1, "cluster.torch_threads", self.torch_threads, "an integer >= 1 or null")
 
 

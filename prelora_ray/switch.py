@@ -9,7 +9,9 @@ from __future__ import annotations
 import enum
 import re
 import warnings
+from typing import Any
 
+import torch
 from torch import nn
 
 from prelora_ray.config import PreLoRASettings
@@ -74,6 +76,7 @@ def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRA
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config)
     root = peft_model.base_model.model
+    lean_lora_forward(peft_model, True)
     for name, rank in targets.items():
         module = root.get_submodule(name)
         got_r = getattr(module, "r", {}).get(ADAPTER)
@@ -83,6 +86,89 @@ def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRA
     injected = {n for n, mod in root.named_modules() if hasattr(mod, "lora_A")}
     assert injected == set(targets), f"LoRA on {sorted(injected ^ set(targets))} differs from the assignment"
     return peft_model
+
+
+class _LeanForward:
+    """The forward of `LeanLoraLinear` (PEFT's LoRA Linear with a cheaper forward), as a mixin.
+
+    PEFT computes `result + lora_B(lora_A(dropout(x))) * scaling`: a matmul, then a multiply and an
+    add over the whole output (two more passes and two more tensors of the layer's output size), and
+    first casts x to the LoRA weights' dtype, which under bf16 autocast is a full fp32 copy of every
+    bf16 input (o_proj, fc2) that the LoRA matmul then casts back to bf16 and saves for backward.
+    Here the LoRA term is folded into the base output with one `addmm` (scaling as its alpha), and x
+    goes to the LoRA matmul as it is (autocast casts the small LoRA weights instead). The math is the
+    same: outputs and gradients agree with PEFT's to float rounding, and exactly while B is zero.
+
+    Anything else (adapters disabled or merged, several adapters, DoRA or another variant, a LoRA
+    bias, extra forward arguments, x in a dtype other than the weights' outside autocast) takes
+    PEFT's own forward.
+    """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        lora_a = self.lora_A[ADAPTER].weight if ADAPTER in self.lora_A else None
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if (
+            args
+            or kwargs
+            or lora_a is None
+            or self.disable_adapters
+            or self.merged
+            or self.active_adapters != [ADAPTER]
+            or ADAPTER in self.lora_variant
+            or self.lora_B[ADAPTER].bias is not None
+            or not (autocast or x.dtype == lora_a.dtype)
+        ):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        hidden = nn.functional.linear(self.lora_dropout[ADAPTER](x), lora_a)
+        lora_b = self.lora_B[ADAPTER].weight
+        out_2d = result.reshape(-1, result.shape[-1])
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        scaling = self.scaling[ADAPTER]
+        if autocast or out_2d.data_ptr() != result.data_ptr() or not result.is_contiguous():
+            out_2d = torch.addmm(out_2d, hidden_2d, lora_b.t(), alpha=scaling)
+        else:  # the base output is not saved for backward: add into it, no new tensor
+            out_2d = out_2d.addmm_(hidden_2d, lora_b.t(), alpha=scaling)
+        return out_2d.view(result.shape)
+
+
+_LEAN_CLASS: type | None = None
+
+
+def _lean_class() -> type:
+    """LeanLoraLinear, built on first use (PEFT is imported lazily: it takes seconds)."""
+    global _LEAN_CLASS
+    if _LEAN_CLASS is None:
+        from peft.tuners.lora.layer import Linear
+
+        _LEAN_CLASS = type("LeanLoraLinear", (_LeanForward, Linear), {"__module__": __name__, "__doc__": _LeanForward.__doc__})
+    return _LEAN_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LeanLoraLinear":  # importable by name, so a pickled model loads
+        return _lean_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lean_lora_forward(model: nn.Module, enabled: bool = True) -> int:
+    """Give the LoRA linears of a PEFT model the lean forward (enabled) or PEFT's own (not).
+
+    `inject_lora` turns it on; turning it off is for benchmarks and tests that compare the two.
+    Only the class changes (no weights, no state-dict keys). Returns how many modules changed.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    lean = _lean_class()
+    changed = 0
+    for module in model.modules():
+        if enabled and type(module) is Linear:
+            module.__class__ = lean
+            changed += 1
+        elif not enabled and type(module) is lean:
+            module.__class__ = Linear
+            changed += 1
+    return changed
 
 
 def injected_ranks(model: nn.Module) -> dict[str, int]:

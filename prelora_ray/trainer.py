@@ -379,7 +379,7 @@ class TrainingLoop:
             if self.state.phase is Phase.WARMUP and epoch >= self.state.switch_epoch + self.cfg.prelora.warmup:
                 self._freeze()
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
-            self.state.history.append({k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)})
+            self.state.history.append({**{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}, "wall_time": time.time()})
             self.state.epoch = epoch + 1
             self.sink.log_metrics({k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH)}, step=epoch)
             if self.runtime.rank == 0:
@@ -389,7 +389,9 @@ class TrainingLoop:
                 )
             report = {k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}
             report.update({k: v for k, v in self.summary().items() if isinstance(v, (int, float))})
-            self.runtime.report(report, self.state_dict())
+            changed = self.state.switch_epoch == epoch or self.state.freeze_epoch == epoch
+            due = (epoch + 1) % self.cfg.cluster.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or changed
+            self.runtime.report(report, self.state_dict() if due else None)
         return self.summary()
 
     def export_merged(self, path: str | Path) -> Path:

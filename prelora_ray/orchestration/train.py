@@ -95,7 +95,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
     Returns rank 0's summary (history, ranks, switch/freeze epochs, merged model path). The MLflow
     run ends FINISHED, or FAILED with the error, and the summary metrics and ranks are logged.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from prelora_ray.orchestration.worker import fault_from_env, train_worker
@@ -126,6 +126,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING"),  # our one line per epoch, not Ray's per report
         ),
     )
     try:

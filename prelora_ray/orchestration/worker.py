@@ -160,6 +160,28 @@ class FaultyLoader:
             yield batch
 
 
+def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
+    """Have glibc serve large blocks with mmap, so what a phase frees goes back to the OS.
+
+    Without it, the CPU process keeps the heap high-water mark of the WARMUP phase and the LoRA
+    phase shows a higher peak RSS than full training (benchmarks/memory.py: 1.29x -> 0.9x on ViT-S).
+    The price is an mmap and page faults for every large tensor: steps were ~40% slower on the
+    digits ViT (benchmarks/ray_overhead.py), so it is the opt-in `cluster.release_memory`.
+    Same effect as MALLOC_MMAP_THRESHOLD_=131072; a no-op where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, threshold_bytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
     cfg = TrainSettings.from_dict(config["settings"])
@@ -169,10 +191,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Reporting training result" per epoch
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
     runtime = RayRuntime(config.get("fault"))
+    if runtime.device.type == "cpu" and cfg.cluster.release_memory:
+        return_freed_memory_to_os()
     sink = None
     if config.get("mlflow_run_id") and runtime.rank == 0:
         from prelora_ray.tracking import MlflowSink
