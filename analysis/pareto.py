@@ -1,7 +1,18 @@
 """Pareto fronts on bare arrays: front, knee, hypervolume, speed-up at equal accuracy.
 
-numpy only (no MLflow, no plotting). Directions are "max"/"min" (or "maximize"/"minimize") per
-objective. Rows with NaN or inf in any objective are never on a front and add no volume.
+numpy only (no MLflow, no plotting, no Ray), so everything here is cheap to import and to test.
+
+Conventions shared by every function:
+
+* ``values`` is an ``(n_points, n_objectives)`` array (or nested sequence) of floats. A 1-D
+  sequence is accepted when there is exactly one objective; an empty sequence means no points.
+* ``directions`` gives one of ``"max"``/``"maximize"`` or ``"min"``/``"minimize"`` per objective
+  (case and surrounding blanks ignored). Internally every objective is turned into "larger is
+  better" by flipping the sign of the minimised ones.
+* Rows with NaN or +/-inf in any objective (failed or diverged trials) are never on a front,
+  never a knee and add no hypervolume; they are otherwise ignored, not an error.
+* Bad input (wrong shape, unknown direction, mismatched lengths) raises ``ValueError`` with a
+  message that says what was wrong.
 """
 
 from __future__ import annotations
@@ -9,123 +20,257 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
+
+__all__ = ["hypervolume", "knee_point", "pareto_front", "pareto_mask", "speedup_at_equal_accuracy"]
+
+ArrayLike2D = np.ndarray | Sequence[Sequence[float]]
 
 _DIRECTIONS = {"max": 1.0, "maximize": 1.0, "min": -1.0, "minimize": -1.0}
 
 
-def _as_max(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
-    """Values turned so that larger is better in every column (validated)."""
-    arr = np.asarray(values, dtype=float)
-    if arr.ndim == 1 and len(directions) == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise ValueError(f"values must be 2-D (points x objectives), got shape {arr.shape}")
-    if arr.shape[1] != len(directions):
-        raise ValueError(f"{arr.shape[1]} objectives in values but {len(directions)} directions")
+def _signs(directions: Sequence[str]) -> np.ndarray:
+    """+1 for each maximised objective, -1 for each minimised one (validated)."""
+    if isinstance(directions, str | bytes):
+        raise ValueError(f"directions must be a sequence with one entry per objective, e.g. ['max', 'min'], not the string {directions!r}")
+    directions = list(directions)
+    if not directions:
+        raise ValueError("directions is empty: give at least one objective ('max' or 'min')")
     signs = []
     for d in directions:
-        if d not in _DIRECTIONS:
-            raise ValueError(f"direction {d!r} is invalid: max, min, maximize or minimize")
-        signs.append(_DIRECTIONS[d])
-    return arr * np.asarray(signs)
+        key = d.strip().lower() if isinstance(d, str) else d
+        if key not in _DIRECTIONS:
+            raise ValueError(f"direction {d!r} is invalid: use 'max', 'min', 'maximize' or 'minimize'")
+        signs.append(_DIRECTIONS[key])
+    return np.asarray(signs)
 
 
-def pareto_mask(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
-    """True for each point that no other point dominates (at least as good everywhere, better once).
+def _as_max(values: ArrayLike2D, directions: Sequence[str]) -> np.ndarray:
+    """``values`` as a float ``(n, m)`` array in which larger is better in every column (validated)."""
+    signs = _signs(directions)
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"values must be a rectangular array of numbers (points x objectives): {e}") from None
+    if arr.ndim == 1 and arr.size == 0:
+        arr = arr.reshape(0, len(signs))
+    elif arr.ndim == 1 and len(signs) == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"values must be 2-D (points x objectives), got shape {arr.shape} for {len(signs)} direction(s)")
+    if arr.shape[1] != len(signs):
+        raise ValueError(f"values have {arr.shape[1]} objective(s) per point but {len(signs)} direction(s) were given")
+    return arr * signs
 
-    Exact duplicates that are otherwise non-dominated are all on the front.
-    """
-    arr = _as_max(values, directions)
-    finite = np.isfinite(arr).all(axis=1)
-    mask = np.zeros(len(arr), dtype=bool)
-    idx = np.flatnonzero(finite)
-    pts = arr[idx]
-    for k, i in enumerate(idx):
-        ge = (pts >= pts[k]).all(axis=1)
-        gt = (pts > pts[k]).any(axis=1)
+
+def _nondominated(arr: np.ndarray) -> np.ndarray:
+    """Mask of rows of a finite, maximised array that no other row dominates (duplicates kept)."""
+    mask = np.ones(len(arr), dtype=bool)
+    for i in range(len(arr)):
+        ge = (arr >= arr[i]).all(axis=1)
+        gt = (arr > arr[i]).any(axis=1)
         mask[i] = not (ge & gt).any()
     return mask
 
 
-def pareto_front(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
-    """Indices of the front, best first by the first objective."""
-    arr = _as_max(values, directions)
-    idx = np.flatnonzero(pareto_mask(values, directions))
-    return idx[np.argsort(-arr[idx, 0], kind="stable")]
+def pareto_mask(values: ArrayLike2D, directions: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """Boolean mask of the points on the Pareto front.
 
+    A point is on the front iff no other point is at least as good in every objective and
+    strictly better in at least one. Exact duplicates that are otherwise non-dominated are all on
+    the front (ties kept). Rows with NaN/inf in any objective are never on the front, and do not
+    dominate anything. Any number of objectives; ``O(n^2 m)`` time, vectorised per point.
 
-def knee_point(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str], mask: np.ndarray | None = None) -> int:
-    """Index of the knee: the front point closest to the utopia point after min-max normalisation.
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` (or ``"maximize"``/``"minimize"``) per objective.
 
-    Each objective is scaled to [0, 1] over the front (1 = best); the knee minimises the Euclidean
-    distance to (1, ..., 1). An objective that is constant over the front scales to 1. Ties: the
-    lowest index.
+    Returns:
+        A bool array of length ``n_points``.
+
+    Raises:
+        ValueError: on a wrong shape, an unknown direction or a directions/objectives mismatch.
     """
     arr = _as_max(values, directions)
-    mask = pareto_mask(values, directions) if mask is None else np.asarray(mask, dtype=bool)
-    idx = np.flatnonzero(mask)
+    finite = np.isfinite(arr).all(axis=1)
+    mask = np.zeros(len(arr), dtype=bool)
+    mask[finite] = _nondominated(arr[finite])
+    return mask
+
+
+def pareto_front(values: ArrayLike2D, directions: Sequence[str]) -> npt.NDArray[np.intp]:
+    """Indices of the Pareto-front points, sorted by the first objective, best first.
+
+    Points tied on the first objective are ordered by the next objectives (best first), then by
+    index. NaN/inf rows are never included (see :func:`pareto_mask`).
+
+    Raises:
+        ValueError: as :func:`pareto_mask`.
+    """
+    arr = _as_max(values, directions)
+    idx = np.flatnonzero(pareto_mask(values, directions))
+    # np.lexsort sorts by the last key first: index as the final tie-break, objective 0 primary.
+    keys = [idx] + [-arr[idx, j] for j in reversed(range(arr.shape[1]))]
+    return idx[np.lexsort(keys)].astype(np.intp)
+
+
+def knee_point(values: ArrayLike2D, directions: Sequence[str], mask: npt.ArrayLike | None = None) -> int:
+    """Index (into ``values``) of the knee of the Pareto front.
+
+    Definition used here: every objective is min-max normalised to ``[0, 1]`` over the front
+    points, with 1 the best value on the front (an objective constant over the front scales to 1);
+    the knee is the front point with the smallest Euclidean distance to the utopia point
+    ``(1, ..., 1)``, all objectives weighted equally. A single-point front returns that point.
+    Ties go to the lowest index.
+
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` per objective.
+        mask: optional bool mask of length ``n_points`` choosing the candidate points (normally a
+            precomputed :func:`pareto_mask`); by default the Pareto front. Rows with NaN/inf are
+            dropped from it.
+
+    Raises:
+        ValueError: on bad values/directions, a mask of the wrong length, or no finite candidate.
+    """
+    arr = _as_max(values, directions)
+    if mask is None:
+        cand = pareto_mask(values, directions)
+    else:
+        cand = np.asarray(mask)
+        if cand.dtype != bool:
+            if cand.dtype.kind not in "iuO" or not np.isin(cand, [0, 1]).all():
+                raise ValueError(f"mask must be a boolean array (True = candidate), got dtype {cand.dtype}")
+            cand = cand.astype(bool)
+        if cand.shape != (len(arr),):
+            raise ValueError(f"mask has shape {cand.shape} but values have {len(arr)} points")
+        cand = cand & np.isfinite(arr).all(axis=1)
+    idx = np.flatnonzero(cand)
     if len(idx) == 0:
-        raise ValueError("no finite point on the front: no knee")
+        raise ValueError("no finite point on the front: there is no knee")
     pts = arr[idx]
     lo, hi = pts.min(axis=0), pts.max(axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    scaled = np.where(hi > lo, (pts - lo) / span, 1.0)
+    span = hi - lo
+    scaled = np.where(span > 0, (pts - lo) / np.where(span > 0, span, 1.0), 1.0)
     dist = np.sqrt(((1.0 - scaled) ** 2).sum(axis=1))
-    return int(idx[int(np.argmin(dist))])
+    return int(idx[int(np.argmin(dist))])  # argmin returns the first minimum: the lowest index
 
 
-def _hv_max(points: np.ndarray, ref: np.ndarray) -> float:
-    """Hypervolume of points (maximisation) above ref, by slicing on the last objective."""
+def _hv_2d(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact 2-D hypervolume (maximisation) of points strictly above ``ref``: one sweep."""
+    pts = points[np.argsort(-points[:, 0], kind="stable")]
+    ys = np.maximum.accumulate(pts[:, 1])  # best y among points with x >= the current x
+    xs = np.append(pts[:, 0], ref[0])
+    return float(((xs[:-1] - xs[1:]) * (ys - ref[1])).sum())
+
+
+def _hv(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact hypervolume (maximisation) of points strictly above ``ref`` in every objective.
+
+    Hypervolume by slicing objectives (HSO): sort on the last objective, cut the dominated region
+    into slabs between consecutive values of it, and each slab's volume is its thickness times the
+    (m-1)-D hypervolume of the points reaching it (pruned to their own front).
+    """
     if len(points) == 0:
         return 0.0
-    if points.shape[1] == 1:
+    m = points.shape[1]
+    if m == 1:
         return float(points[:, 0].max() - ref[0])
-    order = np.argsort(-points[:, -1], kind="stable")
-    pts = points[order]
+    if m == 2:
+        return _hv_2d(points, ref)
+    pts = points[np.argsort(-points[:, -1], kind="stable")]
     volume = 0.0
     for i in range(len(pts)):
         upper = pts[i, -1]
         lower = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
         if upper > lower:
-            volume += (upper - lower) * _hv_max(pts[: i + 1, :-1], ref[:-1])
+            proj = pts[: i + 1, :-1]
+            proj = np.unique(proj[_nondominated(proj)], axis=0)
+            volume += (upper - lower) * _hv(proj, ref[:-1])
     return volume
 
 
-def hypervolume(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]) -> float:
-    """Exact volume dominated by the points and dominating the reference point.
+def hypervolume(values: ArrayLike2D, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Exact hypervolume of the region dominated by the points and dominating ``reference``.
 
-    Points that do not strictly beat the reference in every objective contribute nothing; NaN/inf
-    rows are ignored.
+    Only points that strictly beat the reference in every objective contribute; NaN/inf rows are
+    ignored; dominated points add nothing (so a set and its front have the same hypervolume). 2
+    objectives: an ``O(n log n)`` sweep; 3 or more: recursive slicing (HSO), fine for tens of
+    points. Minimised objectives are handled by flipping signs (the reference is given in the
+    objectives' own units and directions).
+
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` per objective.
+        reference: one finite value per objective, normally worse than every point of interest
+            (e.g. the baseline, or the worst acceptable accuracy and time).
+
+    Returns:
+        The hypervolume (0.0 when no point beats the reference).
+
+    Raises:
+        ValueError: on bad values/directions or a reference of the wrong length or not finite.
     """
     arr = _as_max(values, directions)
-    ref = _as_max([list(reference)], directions)[0]
+    ref = np.asarray(reference, dtype=float)
+    if ref.shape != (arr.shape[1],):
+        raise ValueError(f"reference must have one value per objective ({arr.shape[1]}), got shape {ref.shape}")
     if not np.isfinite(ref).all():
-        raise ValueError(f"reference point must be finite, got {list(reference)}")
+        raise ValueError(f"reference point must be finite, got {list(np.asarray(reference).tolist())}")
+    ref = ref * _signs(directions)
     keep = np.isfinite(arr).all(axis=1) & (arr > ref).all(axis=1)
     pts = arr[keep]
     if len(pts) == 0:
         return 0.0
-    pts = pts[pareto_mask(pts, ["max"] * pts.shape[1])]
-    pts = np.unique(pts, axis=0)
-    return float(_hv_max(pts, ref))
+    pts = np.unique(pts[_nondominated(pts)], axis=0)
+    return float(_hv(pts, ref))
 
 
 def speedup_at_equal_accuracy(acc: Sequence[float], epoch_time_s: Sequence[float], baseline_acc: float, baseline_time_s: float,
                               within_points: float = 0.5) -> tuple[int | None, float | None]:
-    """The fastest trial whose accuracy is within `within_points` percentage points of the baseline's.
+    """The fastest trial whose accuracy is within ``within_points`` percentage points of the baseline.
 
-    Accuracies are fractions in [0, 1]; returns (its index, baseline_time_s / its time), or
-    (None, None) when no trial qualifies.
+    Accuracies are fractions in ``[0, 1]``; ``within_points`` is in percentage points, so the
+    default 0.5 admits trials with ``acc >= baseline_acc - 0.005`` (a 1e-12 slack absorbs float
+    rounding at the boundary). Trials with a NaN/inf accuracy or a non-finite or non-positive time
+    never qualify. Among qualifying trials the smallest ``epoch_time_s`` wins, ties to the lowest
+    index.
+
+    Args:
+        acc: accuracy (fraction) of each trial.
+        epoch_time_s: mean epoch time of each trial, same length as ``acc``.
+        baseline_acc: the baseline's accuracy (fraction).
+        baseline_time_s: the baseline's mean epoch time (> 0).
+        within_points: tolerance in percentage points (>= 0).
+
+    Returns:
+        ``(index, baseline_time_s / epoch_time_s[index])``, or ``(None, None)`` when no trial
+        qualifies (including when there are no trials).
+
+    Raises:
+        ValueError: on mismatched lengths, a non-finite or out-of-range baseline, a negative or
+            non-finite tolerance, or accuracies above 1 (percentages given instead of fractions).
     """
-    a = np.asarray(acc, dtype=float)
-    t = np.asarray(epoch_time_s, dtype=float)
+    try:
+        a = np.asarray(acc, dtype=float)
+        t = np.asarray(epoch_time_s, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"acc and epoch_time_s must be 1-D sequences of numbers: {e}") from None
+    if a.ndim != 1 or t.ndim != 1:
+        raise ValueError(f"acc and epoch_time_s must be 1-D, got shapes {a.shape} and {t.shape}")
     if a.shape != t.shape:
         raise ValueError(f"acc and epoch_time_s differ in length: {len(a)} vs {len(t)}")
-    if within_points < 0:
-        raise ValueError(f"within_points must be >= 0, got {within_points}")
+    if not (np.isfinite(within_points) and within_points >= 0):
+        raise ValueError(f"within_points must be a finite number >= 0 (percentage points), got {within_points}")
     if not (np.isfinite(baseline_time_s) and baseline_time_s > 0):
-        raise ValueError(f"baseline_time_s must be a positive number, got {baseline_time_s}")
-    ok = np.isfinite(a) & np.isfinite(t) & (t > 0) & (a >= baseline_acc - within_points / 100.0 - 1e-12)
+        raise ValueError(f"baseline_time_s must be a finite positive number, got {baseline_time_s}")
+    if not (np.isfinite(baseline_acc) and 0.0 <= baseline_acc <= 1.0):
+        raise ValueError(f"baseline_acc must be a fraction in [0, 1], got {baseline_acc}")
+    finite_acc = a[np.isfinite(a)]
+    if finite_acc.size and (finite_acc.max() > 1.0 or finite_acc.min() < 0.0):
+        raise ValueError(f"accuracies must be fractions in [0, 1] (not percentages), got values in [{finite_acc.min()}, {finite_acc.max()}]")
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(a) & np.isfinite(t) & (t > 0) & (a >= baseline_acc - within_points / 100.0 - 1e-12)
     if not ok.any():
         return None, None
     idx = np.flatnonzero(ok)

@@ -58,3 +58,15 @@ def test_metric_history_is_per_epoch(two_sweeps):
     h = metric_history(uri, run_id, ["val_acc", "train_loss", "norm/query"])
     assert list(h.index) == [0, 1, 2, 3] and isinstance(h, pd.DataFrame)
     assert h["val_acc"].between(0, 1).all()
+
+
+def test_example_script_runs_on_two_sweeps(two_sweeps, tmp_path):
+    root, _ = two_sweeps
+    out = tmp_path / "fronts.png"
+    proc = subprocess.run(
+        [sys.executable, "analysis/example.py", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--sweep", "small", "--sweep", "other", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=__import__("pathlib").Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== sweep small" in proc.stdout and "== sweep other" in proc.stdout and "hypervolume" in proc.stdout
+    assert out.stat().st_size > 5000

@@ -194,7 +194,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             run_config=tune.RunConfig(
                 name=sweep.name,
                 storage_path=sweep.storage_path,
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                # a trial's driver lost with its node is retried (same name: its TorchTrainer resumes from
+                # its checkpoint, its MLflow run is reused) as often as its workers may be
+                failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
                 verbose=1,
             ),
         )
