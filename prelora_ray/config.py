@@ -400,8 +400,11 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, *, root: type = Train
         raise _unknown_key_error(key, valid, "--set")
     parts = key.split(".")
     node = data
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         if node.get(part) is None:
             node[part] = {}
+        if not isinstance(node[part], dict):
+            section = ".".join(parts[: i + 1])
+            raise ValueError(f"{section} must be a mapping of keys, got {node[part]!r}; cannot set {key}")
         node = node[part]
     node[parts[-1]] = value

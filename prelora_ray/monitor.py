@@ -66,6 +66,8 @@ class ConvergenceMonitor:
 
     def windows(self) -> tuple[dict[str, list[list[float]]], list[float]]:
         """Per-layer window values (family -> window -> layer) and the window losses L_1..L_k."""
+        if len(self.snapshots) < self.k * self.m:
+            raise ValueError(f"the windows need k*m = {self.k * self.m} recorded units, have {len(self.snapshots)}")
         snaps = list(self.snapshots)
         chunks = [snaps[i * self.m : (i + 1) * self.m] for i in range(self.k)]
         families = list(snaps[0][0])
@@ -99,9 +101,13 @@ class ConvergenceMonitor:
 
     def state_dict(self) -> dict:
         """Everything needed to resume the test exactly."""
-        return {"snapshots": list(self.snapshots), "units": self.units}
+        return {"snapshots": list(self.snapshots), "units": self.units, "k": self.k, "m": self.m}
 
     def load_state_dict(self, state: dict) -> None:
-        """Inverse of state_dict."""
+        """Inverse of state_dict; a checkpoint taken with other windows would change the decision silently."""
+        if (state.get("k", self.k), state.get("m", self.m)) != (self.k, self.m):
+            raise ValueError(
+                f"the checkpoint's windows are k={state['k']}, m={state['m']} but prelora.k={self.k}, prelora.m={self.m}: resume with the same values"
+            )
         self.snapshots = deque(state["snapshots"], maxlen=self.k * self.m)
         self.units = state["units"]

@@ -125,9 +125,9 @@ class _LeanForward:
         out_2d = result.reshape(-1, result.shape[-1])
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
         scaling = self.scaling[ADAPTER]
-        if autocast or out_2d.data_ptr() != result.data_ptr() or not result.is_contiguous():
+        if autocast or not result.is_contiguous():
             out_2d = torch.addmm(out_2d, hidden_2d, lora_b.t(), alpha=scaling)
-        else:  # the base output is not saved for backward: add into it, no new tensor
+        else:  # out_2d is a view of the base output, which nothing saved for backward: add into it
             out_2d = out_2d.addmm_(hidden_2d, lora_b.t(), alpha=scaling)
         return out_2d.view(result.shape)
 
