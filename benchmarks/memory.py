@@ -118,7 +118,7 @@ def main() -> None:
             print(f"{r['peak_mib_mmap_threshold']:>9.1f}{r['peak_mmap_ratio_to_full']:>8.3f}", end="")
         print()
     if not torch.cuda.is_available():
-        print("peak*: the same with MALLOC_MMAP_THRESHOLD_=131072 (what the Ray workers set through mallopt)")
+        print("peak*: the same with MALLOC_MMAP_THRESHOLD_=131072 (what cluster.release_memory=true sets in CPU workers)")
     print(f"written {write_json('memory_' + ('cuda' if torch.cuda.is_available() else 'cpu'), {'args': vars(args), 'results': rows})}")
 
 

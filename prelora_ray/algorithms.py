@@ -112,7 +112,9 @@ def assign_ranks(
             zero, or identical), where min-max normalisation is 0/0. "min" (default: the paper's
             line 15 with v = 0 gives R[0]), "max" or "middle" (R[len(R) // 2]).
         zero_rank_below: beyond the paper, off by default. A layer whose |ΔW_k| is below this
-            threshold (percent) gets rank 0: no adapter, frozen. The other layers are bucketed as usual.
+            threshold (percent) gets rank 0: no adapter, frozen. The other layers are bucketed among
+            themselves; when every layer of a family is below, its most-changed layer keeps the tie
+            rank, so no family is left without an adapter.
 
     Returns:
         module family -> list of ranks, one per layer, in the order given.
@@ -131,6 +133,8 @@ def assign_ranks(
         if not all(math.isfinite(v) for v in magnitudes):
             raise ValueError(f"module family {family!r} has a non-finite weight-norm change: {list(values)}")
         active = [i for i, v in enumerate(magnitudes) if zero_rank_below is None or v >= zero_rank_below]
+        if not active:  # every layer below: the one that moved most keeps an adapter, so the family still learns
+            active = [max(range(len(magnitudes)), key=lambda i: magnitudes[i])]
         family_ranks = [0] * len(magnitudes)
         if active:
             lo = min(magnitudes[i] for i in active)

@@ -131,7 +131,7 @@ class PreLoRASettings:
     alpha_scale: float = _f(2.0, "lora_alpha = alpha_scale * rank for each layer (the paper: 2).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input (0: no copy of the activations is made).")
     tie_rank: str = _f("min", "Rank of a family whose layers all changed equally: min (r_min, the paper's v=0), middle or max.")
-    zero_rank_below: float | None = _f(None, "Beyond the paper: layers whose |ΔW| (percent) is below this get rank 0, no adapter, frozen. None: off.")
+    zero_rank_below: float | None = _f(None, "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.")
     trainable_after_freeze: tuple[str, ...] = _f((), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none).")
     min_switch_epoch: int = _f(0, "Earliest epoch (0-based) at whose end the switch may happen.")
 

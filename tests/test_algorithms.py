@@ -312,8 +312,8 @@ def test_assign_ranks_rejects_bad_rank_bounds(r_min, r_max):
         pytest.param([0.05, 0.5, 1.0], 0.05, [8, 16, 64], id="at-threshold-active"),
         # one active layer left: a tie, the tie rank (min)                                     -> 0, 8
         pytest.param([0.01, 0.3], 0.05, [0, 8], id="one-active"),
-        # every layer below                                                                    -> all 0
-        pytest.param([0.01, 0.02], 0.05, [0, 0], id="all-below"),
+        # every layer below: the most-changed one keeps an adapter at the tie rank (min)     -> 0, 8
+        pytest.param([0.01, 0.02], 0.05, [0, 8], id="all-below"),
         # threshold 0: nothing is below 0, so plain bucketing: v = 0, .5, 1                    -> 8, 16, 64
         pytest.param([0.0, 1.0, 2.0], 0.0, [8, 16, 64], id="zero-threshold"),
         # the active layers are normalised among themselves, not with the zero-rank ones:
