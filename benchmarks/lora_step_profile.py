@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import make_step  # the same step as the other benchmarks (and the child processes import it from here)
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, PRESETS, build_model
 from prelora_ray.switch import Phase, inject_lora, lean_lora_forward, set_trainable
@@ -90,22 +91,6 @@ def adamw(model: nn.Module, mode: str = "default", device: str = "cpu") -> torch
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"default": {"fused": device == "cuda" or None}, "single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[mode]
     return torch.optim.AdamW(params, lr=1e-4, **kwargs)
-
-
-def make_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, amp: bool = False):
-    params = [p for g in opt.param_groups for p in g["params"]]
-
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step
 
 
 def batch(size: int, image_size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
