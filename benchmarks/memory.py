@@ -13,8 +13,6 @@ process per phase (so phases do not share an allocator high-water mark).
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import subprocess
 import sys
 
