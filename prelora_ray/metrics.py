@@ -32,4 +32,5 @@ ROLE_TAG = "prelora.role"  # parent | trial | baseline
 SWEEP_TAG = "prelora.sweep"
 PARETO_TAG = "pareto"
 RUN_NAME_TAG = "prelora.run_name"
+RESUMED_AT_TAG = "prelora.resumed_at"  # epochs at which the run resumed from a checkpoint (JSON list), if it ever did
 SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")

@@ -167,6 +167,8 @@ def _log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
     )
     c = tracking.client(run.tracking_uri)
     c.set_tag(run.mlflow_run_id, "switched", str(summary.get(M.SWITCH_EPOCH, -1) >= 0).lower())
+    if summary.get("resumed_at"):  # a worker or node was lost and the run went on from a checkpoint
+        c.set_tag(run.mlflow_run_id, M.RESUMED_AT_TAG, json.dumps(summary["resumed_at"]))
     if summary.get("merged_model_path"):
         c.set_tag(run.mlflow_run_id, "merged_model_path", summary["merged_model_path"])
 
