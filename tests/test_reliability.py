@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -48,6 +53,46 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(uninterrupted, tmp
     runs = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one MLflow run, not two
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc"))[-1] == 5
+
+
+def test_node_removed_during_a_sweep_its_trial_resumes_elsewhere_and_the_sweep_finishes(tmp_path):
+    """A 3-node fake cluster loses a node hosting a trial's worker: every trial still finishes, once."""
+    import optuna
+
+    script = Path(__file__).with_name("node_removal_sweep.py")
+    # its own Ray temp dir (short: socket paths), so this cluster never meets the session's local Ray
+    ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(script.parent.parent)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("the sweep did not finish after the node was removed:\n" + out[-4000:])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, out[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["finished"] and result["error"] is None, result["error"] or out[-4000:]
+    assert "RayTrainWorker" in result["actors_before"][result["victim"]]
+    assert result["victim"] not in result["alive_nodes_after"] and len(result["alive_nodes_after"]) == 3  # Ray saw it go
+    # the sweep ends with all its trials, each once, each finished
+    table = result["table"]
+    assert len(table) == 3 and len({r["run_name"] for r in table}) == 3
+    assert all(r["status"] == "FINISHED" and r["final_val_acc"] > 0.3 for r in table)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("prelora-ray").experiment_id], "tags.`prelora.role` = 'trial'")
+    assert sorted(r.info.run_name for r in runs) == sorted(r["run_name"] for r in table)  # no second run for the retry
+    # exactly the trial whose worker was on the lost node went on from a checkpoint (not from epoch 0)
+    resumed = [r for r in runs if "prelora.resumed_at" in r.data.tags]
+    assert len(resumed) == 1, [r.data.tags for r in runs]
+    assert json.loads(resumed[0].data.tags["prelora.resumed_at"])[0] > 0
+    steps = sorted({m.step for m in client.get_metric_history(resumed[0].info.run_id, "val_acc")})
+    assert steps == list(range(12))
+    study = optuna.load_study(study_name="noderm", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(ray_local, tmp_path, sqlite_uri):
