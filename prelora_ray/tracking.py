@@ -56,16 +56,46 @@ def ensure_experiment(uri: str, name: str) -> str:
     environment and sends Ray's integration runs to the wrong experiment).
     """
     try:
-        with _fail_fast():
+        with _fail_fast(), _sqlite_init_lock(uri):
             c = client(uri)
             exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return c.create_experiment(name, artifact_location=artifact_location(uri))
+            if exp is not None:
+                return exp.experiment_id
+            return c.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception as exc:  # any backend failure: unreachable server, bad path, locked db
         if "already exists" in str(exc):
             return client(uri).get_experiment_by_name(name).experiment_id
         raise ValueError(f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock file beside a sqlite store while it is opened for the first time.
+
+    MLflow creates and migrates the tables of a new sqlite store when a process first opens it;
+    two sweeps launched at once on a new store both do it, and one fails ("duplicate column
+    name"). Other stores (servers, databases) and systems without fcntl go unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        db = Path(uri[len("sqlite:///") :])
+        handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115
+    except OSError:  # no such directory: MLflow's own error says it better
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

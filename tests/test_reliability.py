@@ -136,3 +136,23 @@ def test_mlflow_going_away_mid_run_keeps_metrics_and_sends_them_later(tmp_path):
     assert sink.pending == []
     history = mlflow.tracking.MlflowClient(uri).get_metric_history(run_id, "val_acc")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.8)]
+
+
+def _ensure_at_once(uri: str, barrier) -> str:
+    barrier.wait()  # every process opens the fresh store at the same moment
+    return ensure_experiment(uri, "together")
+
+
+def test_runs_started_at_once_on_a_fresh_sqlite_store_all_get_the_experiment(tmp_path):
+    """Two sweeps launched together on a new sqlite store: MLflow's table creation must not race."""
+    import concurrent.futures
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx) as pool:
+            ids = list(pool.map(_ensure_at_once, [uri] * 3, [barrier] * 3))
+    assert len(set(ids)) == 1
+    assert mlflow.tracking.MlflowClient(uri).get_experiment(ids[0]).name == "together"
