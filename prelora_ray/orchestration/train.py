@@ -86,6 +86,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        kwargs["runtime_env"]["worker_process_setup_hook"] = "prelora_ray.orchestration.ray_hooks.quiet_without_state_api"
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
