@@ -17,6 +17,11 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: a new sqlite store is opened without a lock
+    fcntl = None
+
 log = logging.getLogger("prelora_ray")
 
 from prelora_ray.metrics import RUN_NAME_TAG as RUN_KEY_TAG  # how a resumed run finds its MLflow run
@@ -37,9 +42,13 @@ def resolve_uri(uri: str | None) -> str:
 def artifact_location(uri: str) -> str | None:
     """For a sqlite store, artifacts go beside the database file (not into whatever the working
     directory of a Tune trial or Train worker happens to be); servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlruns").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "mlruns").as_uri() if db is not None else None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// store; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def client(uri: str):
@@ -76,26 +85,16 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
     two sweeps launched at once on a new store both do it, and one fails ("duplicate column
     name"). Other stores (servers, databases) and systems without fcntl go unlocked.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
+    db, handle = sqlite_path(uri), None
+    if db is not None and fcntl is not None:
+        with contextlib.suppress(OSError):  # no such directory: MLflow's own error says it better
+            handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115
+    if handle is None:
         yield
         return
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    try:
-        db = Path(uri[len("sqlite:///") :])
-        handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115
-    except OSError:  # no such directory: MLflow's own error says it better
-        yield
-        return
-    with handle:
+    with handle:  # closing the file releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 @contextlib.contextmanager

@@ -45,8 +45,8 @@ class Sweep:
     @property
     def optuna_url(self) -> str:
         """sqlite file beside the MLflow store (or in the storage path for a server store)."""
-        uri = self.tracking_uri
-        folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(self.storage_path)
+        db = tracking.sqlite_path(self.tracking_uri)
+        folder = db.parent if db is not None else Path(self.storage_path)
         return f"sqlite:///{folder / 'optuna.db'}"
 
     def run_config(self, cfg: TrainSettings, run_name: str) -> TrainSettings:
