@@ -15,7 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 try:
     import fcntl
@@ -56,6 +59,14 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def search_runs(uri: str, experiment_ids: list[str], filter_string: str = "") -> pd.DataFrame:
+    """mlflow.search_runs into pandas for a store (sets the tracking URI, never an experiment)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_ids, filter_string=filter_string, output_format="pandas", max_results=50000)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -154,6 +165,31 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     c = client(uri)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def log_history(uri: str, run_id: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch records (numbers only, at step = their epoch): a forked trial's copy of the trunk's curves."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, int(record["epoch"]))
+        for record in history for k, v in record.items()
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    c = client(uri)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def copy_metrics(uri: str, source_run_id: str, run_id: str) -> None:
+    """Every metric's whole history from one run to another (a reused trial shows its twin's curves)."""
+    from mlflow.entities import Metric
+
+    c = client(uri)
+    items = [Metric(key, m.value, m.timestamp, m.step) for key in c.get_run(source_run_id).data.metrics for m in c.get_metric_history(source_run_id, key)]
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
 

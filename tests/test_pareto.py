@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.pareto import hypervolume, knee_point, pareto_front, pareto_mask, speedup_at_equal_accuracy
+from prelora_ray.front import hypervolume, knee_point, pareto_front, pareto_mask, speedup_at_equal_accuracy
 
 NAN, INF = float("nan"), float("inf")
 

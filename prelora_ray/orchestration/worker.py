@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from prelora_ray.checkpoint import CheckpointError, load_state_file
 from prelora_ray.config import TrainSettings
 from prelora_ray.trainer import TrainingLoop
 
@@ -22,17 +23,9 @@ CHECKPOINT_FILE = "state.pt"
 log = logging.getLogger("prelora_ray")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read."""
-
-
 def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder written by RayRuntime.report; a clear error naming a bad file."""
-    file = Path(path) / CHECKPOINT_FILE
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {file} is missing or corrupt ({type(exc).__name__}: {exc})") from exc
+    """Read a checkpoint folder written by RayRuntime.report: plain data only, a CheckpointError naming a bad file."""
+    return load_state_file(Path(path) / CHECKPOINT_FILE)
 
 
 class RayRuntime:
@@ -182,6 +175,22 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
         return False
 
 
+def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """The trunk's writer (the sweep's baseline, `trunk` in the loop config) or a fork's start (`fork`)."""
+    from prelora_ray import fork
+
+    if config.get("trunk"):
+        return {"trunk": fork.TrunkWriter(config["trunk"]["folder"], int(config["trunk"]["every"]))}
+    if config.get("fork"):
+        spec = config["fork"]
+        from prelora_ray.checkpoint import load_state_file
+        from prelora_ray.trainer import ForkStart
+
+        history = fork.read_history(spec["folder"])
+        return {"fork": ForkStart(state=load_state_file(spec["checkpoint"]), snapshots=fork.snapshots(history[: int(spec["epoch"])]))}
+    return {}
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
     cfg = TrainSettings.from_dict(config["settings"])
@@ -201,7 +210,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         from prelora_ray.tracking import MlflowSink
 
         sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"])
-    loop = TrainingLoop(cfg, runtime, sink)
+    loop = TrainingLoop(cfg, runtime, sink, **fork_arguments(config))
     if runtime.fault.get(FAULT_BATCH_ENV) is not None:
         loop.train_loader = FaultyLoader(loop, runtime.fault, runtime.rank)
     summary = loop.run()

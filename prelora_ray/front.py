@@ -1,0 +1,340 @@
+"""Pareto fronts: pure computations on bare arrays, and the sweep table built on them.
+
+numpy and pandas only (no MLflow, no plotting, no Ray), so the sweep (orchestration/tune.py) and
+analysis/ both use it and it is cheap to import and to test. Reading runs from MLflow is
+tracking.search_runs / sweep_record.py; drawing is analysis/.
+
+Conventions shared by the array functions:
+
+* ``values`` is an ``(n_points, n_objectives)`` array (or nested sequence) of floats. A 1-D
+  sequence is accepted when there is exactly one objective; an empty sequence means no points.
+* ``directions`` gives one of ``"max"``/``"maximize"`` or ``"min"``/``"minimize"`` per objective
+  (case and surrounding blanks ignored). Internally every objective is turned into "larger is
+  better" by flipping the sign of the minimised ones.
+* Rows with NaN or +/-inf in any objective (failed or diverged trials) are never on a front,
+  never a knee and add no hypervolume; they are otherwise ignored, not an error.
+* Bad input (wrong shape, unknown direction, mismatched lengths) raises ``ValueError`` with a
+  message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from prelora_ray import metrics as M
+
+__all__ = ["TRIAL_METRICS", "format_front", "hypervolume", "knee_point", "pareto_front", "pareto_mask", "speedup_at_equal_accuracy", "sweep_table"]
+
+TRIAL_METRICS = (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S)
+
+ArrayLike2D = np.ndarray | Sequence[Sequence[float]]
+
+_DIRECTIONS = {"max": 1.0, "maximize": 1.0, "min": -1.0, "minimize": -1.0}
+
+
+def _signs(directions: Sequence[str]) -> np.ndarray:
+    """+1 for each maximised objective, -1 for each minimised one (validated)."""
+    if isinstance(directions, str | bytes):
+        raise ValueError(f"directions must be a sequence with one entry per objective, e.g. ['max', 'min'], not the string {directions!r}")
+    directions = list(directions)
+    if not directions:
+        raise ValueError("directions is empty: give at least one objective ('max' or 'min')")
+    signs = []
+    for d in directions:
+        key = d.strip().lower() if isinstance(d, str) else d
+        if key not in _DIRECTIONS:
+            raise ValueError(f"direction {d!r} is invalid: use 'max', 'min', 'maximize' or 'minimize'")
+        signs.append(_DIRECTIONS[key])
+    return np.asarray(signs)
+
+
+def _as_max(values: ArrayLike2D, directions: Sequence[str]) -> np.ndarray:
+    """``values`` as a float ``(n, m)`` array in which larger is better in every column (validated)."""
+    signs = _signs(directions)
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"values must be a rectangular array of numbers (points x objectives): {e}") from None
+    if arr.ndim == 1 and arr.size == 0:
+        arr = arr.reshape(0, len(signs))
+    elif arr.ndim == 1 and len(signs) == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"values must be 2-D (points x objectives), got shape {arr.shape} for {len(signs)} direction(s)")
+    if arr.shape[1] != len(signs):
+        raise ValueError(f"values have {arr.shape[1]} objective(s) per point but {len(signs)} direction(s) were given")
+    return arr * signs
+
+
+def _nondominated(arr: np.ndarray) -> np.ndarray:
+    """Mask of rows of a finite, maximised array that no other row dominates (duplicates kept)."""
+    mask = np.ones(len(arr), dtype=bool)
+    for i in range(len(arr)):
+        ge = (arr >= arr[i]).all(axis=1)
+        gt = (arr > arr[i]).any(axis=1)
+        mask[i] = not (ge & gt).any()
+    return mask
+
+
+def pareto_mask(values: ArrayLike2D, directions: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """Boolean mask of the points on the Pareto front.
+
+    A point is on the front iff no other point is at least as good in every objective and
+    strictly better in at least one. Exact duplicates that are otherwise non-dominated are all on
+    the front (ties kept). Rows with NaN/inf in any objective are never on the front, and do not
+    dominate anything. Any number of objectives; ``O(n^2 m)`` time, vectorised per point.
+
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` (or ``"maximize"``/``"minimize"``) per objective.
+
+    Returns:
+        A bool array of length ``n_points``.
+
+    Raises:
+        ValueError: on a wrong shape, an unknown direction or a directions/objectives mismatch.
+    """
+    arr = _as_max(values, directions)
+    finite = np.isfinite(arr).all(axis=1)
+    mask = np.zeros(len(arr), dtype=bool)
+    mask[finite] = _nondominated(arr[finite])
+    return mask
+
+
+def pareto_front(values: ArrayLike2D, directions: Sequence[str]) -> npt.NDArray[np.intp]:
+    """Indices of the Pareto-front points, sorted by the first objective, best first.
+
+    Points tied on the first objective are ordered by the next objectives (best first), then by
+    index. NaN/inf rows are never included (see :func:`pareto_mask`).
+
+    Raises:
+        ValueError: as :func:`pareto_mask`.
+    """
+    arr = _as_max(values, directions)
+    idx = np.flatnonzero(pareto_mask(values, directions))
+    # np.lexsort sorts by the last key first: index as the final tie-break, objective 0 primary.
+    keys = [idx] + [-arr[idx, j] for j in reversed(range(arr.shape[1]))]
+    return idx[np.lexsort(keys)].astype(np.intp)
+
+
+def knee_point(values: ArrayLike2D, directions: Sequence[str], mask: npt.ArrayLike | None = None) -> int:
+    """Index (into ``values``) of the knee of the Pareto front.
+
+    Definition used here: every objective is min-max normalised to ``[0, 1]`` over the front
+    points, with 1 the best value on the front (an objective constant over the front scales to 1);
+    the knee is the front point with the smallest Euclidean distance to the utopia point
+    ``(1, ..., 1)``, all objectives weighted equally. A single-point front returns that point.
+    Ties go to the lowest index.
+
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` per objective.
+        mask: optional bool mask of length ``n_points`` choosing the candidate points (normally a
+            precomputed :func:`pareto_mask`); by default the Pareto front. Rows with NaN/inf are
+            dropped from it.
+
+    Raises:
+        ValueError: on bad values/directions, a mask of the wrong length, or no finite candidate.
+    """
+    arr = _as_max(values, directions)
+    if mask is None:
+        cand = pareto_mask(values, directions)
+    else:
+        cand = np.asarray(mask)
+        if cand.dtype != bool:
+            if cand.dtype.kind not in "iuO" or not np.isin(cand, [0, 1]).all():
+                raise ValueError(f"mask must be a boolean array (True = candidate), got dtype {cand.dtype}")
+            cand = cand.astype(bool)
+        if cand.shape != (len(arr),):
+            raise ValueError(f"mask has shape {cand.shape} but values have {len(arr)} points")
+        cand = cand & np.isfinite(arr).all(axis=1)
+    idx = np.flatnonzero(cand)
+    if len(idx) == 0:
+        raise ValueError("no finite point on the front: there is no knee")
+    pts = arr[idx]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    span = hi - lo
+    scaled = np.where(span > 0, (pts - lo) / np.where(span > 0, span, 1.0), 1.0)
+    dist = np.sqrt(((1.0 - scaled) ** 2).sum(axis=1))
+    return int(idx[int(np.argmin(dist))])  # argmin returns the first minimum: the lowest index
+
+
+def _hv_2d(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact 2-D hypervolume (maximisation) of points strictly above ``ref``: one sweep."""
+    pts = points[np.argsort(-points[:, 0], kind="stable")]
+    ys = np.maximum.accumulate(pts[:, 1])  # best y among points with x >= the current x
+    xs = np.append(pts[:, 0], ref[0])
+    return float(((xs[:-1] - xs[1:]) * (ys - ref[1])).sum())
+
+
+def _hv(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact hypervolume (maximisation) of points strictly above ``ref`` in every objective.
+
+    Hypervolume by slicing objectives (HSO): sort on the last objective, cut the dominated region
+    into slabs between consecutive values of it, and each slab's volume is its thickness times the
+    (m-1)-D hypervolume of the points reaching it (pruned to their own front).
+    """
+    if len(points) == 0:
+        return 0.0
+    m = points.shape[1]
+    if m == 1:
+        return float(points[:, 0].max() - ref[0])
+    if m == 2:
+        return _hv_2d(points, ref)
+    pts = points[np.argsort(-points[:, -1], kind="stable")]
+    volume = 0.0
+    for i in range(len(pts)):
+        upper = pts[i, -1]
+        lower = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
+        if upper > lower:
+            proj = pts[: i + 1, :-1]
+            proj = np.unique(proj[_nondominated(proj)], axis=0)
+            volume += (upper - lower) * _hv(proj, ref[:-1])
+    return volume
+
+
+def hypervolume(values: ArrayLike2D, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Exact hypervolume of the region dominated by the points and dominating ``reference``.
+
+    Only points that strictly beat the reference in every objective contribute; NaN/inf rows are
+    ignored; dominated points add nothing (so a set and its front have the same hypervolume). 2
+    objectives: an ``O(n log n)`` sweep; 3 or more: recursive slicing (HSO), fine for tens of
+    points. Minimised objectives are handled by flipping signs (the reference is given in the
+    objectives' own units and directions).
+
+    Args:
+        values: ``(n_points, n_objectives)`` objective values.
+        directions: ``"max"``/``"min"`` per objective.
+        reference: one finite value per objective, normally worse than every point of interest
+            (e.g. the baseline, or the worst acceptable accuracy and time).
+
+    Returns:
+        The hypervolume (0.0 when no point beats the reference).
+
+    Raises:
+        ValueError: on bad values/directions or a reference of the wrong length or not finite.
+    """
+    arr = _as_max(values, directions)
+    ref = np.asarray(reference, dtype=float)
+    if ref.shape != (arr.shape[1],):
+        raise ValueError(f"reference must have one value per objective ({arr.shape[1]}), got shape {ref.shape}")
+    if not np.isfinite(ref).all():
+        raise ValueError(f"reference point must be finite, got {list(np.asarray(reference).tolist())}")
+    ref = ref * _signs(directions)
+    keep = np.isfinite(arr).all(axis=1) & (arr > ref).all(axis=1)
+    pts = arr[keep]
+    if len(pts) == 0:
+        return 0.0
+    pts = np.unique(pts[_nondominated(pts)], axis=0)
+    return float(_hv(pts, ref))
+
+
+def speedup_at_equal_accuracy(acc: Sequence[float], epoch_time_s: Sequence[float], baseline_acc: float, baseline_time_s: float,
+                              within_points: float = 0.5) -> tuple[int | None, float | None]:
+    """The fastest trial whose accuracy is within ``within_points`` percentage points of the baseline.
+
+    Accuracies are fractions in ``[0, 1]``; ``within_points`` is in percentage points, so the
+    default 0.5 admits trials with ``acc >= baseline_acc - 0.005`` (a 1e-12 slack absorbs float
+    rounding at the boundary). Trials with a NaN/inf accuracy or a non-finite or non-positive time
+    never qualify. Among qualifying trials the smallest ``epoch_time_s`` wins, ties to the lowest
+    index.
+
+    Args:
+        acc: accuracy (fraction) of each trial.
+        epoch_time_s: mean epoch time of each trial, same length as ``acc``.
+        baseline_acc: the baseline's accuracy (fraction).
+        baseline_time_s: the baseline's mean epoch time (> 0).
+        within_points: tolerance in percentage points (>= 0).
+
+    Returns:
+        ``(index, baseline_time_s / epoch_time_s[index])``, or ``(None, None)`` when no trial
+        qualifies (including when there are no trials).
+
+    Raises:
+        ValueError: on mismatched lengths, a non-finite or out-of-range baseline, a negative or
+            non-finite tolerance, or accuracies above 1 (percentages given instead of fractions).
+    """
+    try:
+        a = np.asarray(acc, dtype=float)
+        t = np.asarray(epoch_time_s, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"acc and epoch_time_s must be 1-D sequences of numbers: {e}") from None
+    if a.ndim != 1 or t.ndim != 1:
+        raise ValueError(f"acc and epoch_time_s must be 1-D, got shapes {a.shape} and {t.shape}")
+    if a.shape != t.shape:
+        raise ValueError(f"acc and epoch_time_s differ in length: {len(a)} vs {len(t)}")
+    if not (np.isfinite(within_points) and within_points >= 0):
+        raise ValueError(f"within_points must be a finite number >= 0 (percentage points), got {within_points}")
+    if not (np.isfinite(baseline_time_s) and baseline_time_s > 0):
+        raise ValueError(f"baseline_time_s must be a finite positive number, got {baseline_time_s}")
+    if not (np.isfinite(baseline_acc) and 0.0 <= baseline_acc <= 1.0):
+        raise ValueError(f"baseline_acc must be a fraction in [0, 1], got {baseline_acc}")
+    finite_acc = a[np.isfinite(a)]
+    if finite_acc.size and (finite_acc.max() > 1.0 or finite_acc.min() < 0.0):
+        raise ValueError(f"accuracies must be fractions in [0, 1] (not percentages), got values in [{finite_acc.min()}, {finite_acc.max()}]")
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(a) & np.isfinite(t) & (t > 0) & (a >= baseline_acc - within_points / 100.0 - 1e-12)
+    if not ok.any():
+        return None, None
+    idx = np.flatnonzero(ok)
+    best = int(idx[np.argmin(t[idx])])
+    return best, float(baseline_time_s / t[best])
+
+
+def _num(value: Any) -> Any:
+    """A param string as a float when it is a number (MLflow stores params as strings)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """One row per run: role, status, switch parameters, objectives, speed-up over the baseline, Pareto flag.
+
+    The front is computed over FINISHED trials only (failed trials never reach it; the baseline is
+    the reference point, not a candidate).
+    """
+    if runs.empty:
+        return pd.DataFrame(columns=["run_id", "run_name", "role", "status", M.PARETO_TAG, "speedup"])
+    rows = []
+    for _, r in runs.iterrows():
+        row: dict[str, Any] = {
+            "run_id": r["run_id"],
+            "run_name": r.get("tags.mlflow.runName"),
+            "role": r.get(f"tags.{M.ROLE_TAG}"),
+            "sweep": r.get(f"tags.{M.SWEEP_TAG}"),
+            "status": r.get("status"),
+            "strategy": r.get("params.strategy"),
+        }
+        for key in M.SWITCH_PARAMS:  # the full baseline never switches: its switch params mean nothing
+            row[key] = _num(r.get(f"params.{key}")) if row["strategy"] != "full" else float("nan")
+        for key in TRIAL_METRICS + tuple(m for m, _ in objectives):
+            row[key] = r.get(f"metrics.{key}")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    base = table[(table["role"] == "baseline") & (table["status"] == "FINISHED")]
+    base_time = float(base[M.MEAN_EPOCH_TIME_S].iloc[0]) if len(base) else float("nan")
+    table["speedup"] = base_time / table[M.MEAN_EPOCH_TIME_S].astype(float)
+    table[M.PARETO_TAG] = False
+    ok = (table["role"] == "trial") & (table["status"] == "FINISHED")
+    if ok.any():
+        values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
+        table.loc[ok, M.PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
+    first, mode = objectives[0]
+    return table.sort_values([M.PARETO_TAG, first], ascending=[False, mode == "min"]).reset_index(drop=True)
+
+
+def format_front(table: pd.DataFrame) -> str:
+    """The console table of the Pareto trials and the baseline."""
+    if table.empty:
+        return "no finished trials"
+    shown = table[(table[M.PARETO_TAG]) | (table["role"] == "baseline")]
+    cols = ["run_name", "role", *M.SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
+    out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
+    return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,66 @@
+"""A sweep as recorded in MLflow: its parent run, objectives and the table of its runs.
+
+Read through `tracking` (the only mlflow importer); the table itself is `front.sweep_table`.
+Used by the sweep's `best` verb and by analysis/ (reports, plots).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+
+from prelora_ray import metrics as M
+from prelora_ray import tracking
+from prelora_ray.front import sweep_table
+
+DEFAULT_OBJECTIVES = [(M.FINAL_VAL_ACC, "max"), (M.MEAN_EPOCH_TIME_S, "min")]  # sweeps that logged none
+
+
+@dataclass(kw_only=True)
+class SweepRecord:
+    """One sweep as read from MLflow: the parent run, its objectives and the table of its runs."""
+
+    name: str
+    """The sweep's name (its tag on every run of the sweep)."""
+    experiment_id: str
+    """The MLflow experiment holding the sweep."""
+    parent_run_id: str
+    """The sweep's parent MLflow run."""
+    objectives: list[tuple[str, str]]
+    """(metric, "max" or "min") per objective, as the sweep logged them."""
+    table: pd.DataFrame
+    """One row per child run: see front.sweep_table."""
+    params: dict[str, str]
+    """The parent run's params (strings, as MLflow stores them)."""
+
+
+def list_sweeps(uri: str, experiment: str) -> pd.DataFrame:
+    """The sweeps (parent runs) of an experiment, newest first."""
+    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment in {uri}")
+    runs = tracking.search_runs(uri, [exp.experiment_id], f"tags.`{M.ROLE_TAG}` = 'parent'")
+    return runs.sort_values("start_time", ascending=False).reset_index(drop=True) if len(runs) else runs
+
+
+def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepRecord:
+    """A sweep by name (default: the newest in the experiment) with its table of runs."""
+    parents = list_sweeps(uri, experiment)
+    if sweep is not None and len(parents):
+        parents = parents[parents[f"tags.{M.SWEEP_TAG}"] == sweep]
+    if parents.empty:
+        raise ValueError(f"--sweep {sweep!r}: no such sweep in experiment {experiment!r}" if sweep else f"--experiment {experiment!r} holds no sweep")
+    parent = parents.iloc[0]
+    params = {k[len("params."):]: v for k, v in parent.items() if k.startswith("params.") and isinstance(v, str)}
+    objectives = [tuple(o) for o in json.loads(params.get("objectives", "[]"))] or list(DEFAULT_OBJECTIVES)
+    runs = tracking.search_runs(uri, [parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    return SweepRecord(
+        name=parent[f"tags.{M.SWEEP_TAG}"],
+        experiment_id=parent["experiment_id"],
+        parent_run_id=parent["run_id"],
+        objectives=objectives,
+        table=sweep_table(runs, objectives),
+        params=params,
+    )
