@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "percent_change",
@@ -16,7 +17,13 @@ __all__ = [
     "candidate_ranks",
     "assign_ranks",
     "is_power_of_two",
+    "window_values",
+    "replay_switch",
+    "SwitchPoint",
 ]
+
+Snapshot = tuple[Mapping[str, Sequence[float]], float]
+"""One window unit: module family -> per-layer weight norms, and the all-worker mean training loss."""
 
 
 def is_power_of_two(value: int) -> bool:
@@ -146,3 +153,77 @@ def assign_ranks(
                     family_ranks[i] = ranks[_bucket((magnitudes[i] - lo) / (hi - lo), len(ranks))]
         result[family] = family_ranks
     return result
+
+
+def window_values(snapshots: Sequence[Snapshot], k: int, m: int, window_stat: str = "mean") -> tuple[dict[str, list[list[float]]], list[float]]:
+    """The k windows of m units over the last k·m snapshots: family -> window -> per-layer value, and L_1..L_k.
+
+    A window's value is the mean of its m snapshots (`mean`) or its last one (`last`).
+    """
+    if window_stat not in ("mean", "last"):
+        raise ValueError(f"window_stat must be mean or last; got {window_stat!r}")
+    if len(snapshots) < k * m:
+        raise ValueError(f"the windows need k*m = {k * m} recorded units, have {len(snapshots)}")
+    snaps = list(snapshots)[len(snapshots) - k * m :]
+
+    def reduce(values: list[float]) -> float:
+        return values[-1] if window_stat == "last" else sum(values) / len(values)
+
+    chunks = [snaps[i * m : (i + 1) * m] for i in range(k)]
+    first = snaps[0][0]
+    per_layer = {
+        fam: [[reduce([float(s[0][fam][layer]) for s in chunk]) for layer in range(len(first[fam]))] for chunk in chunks] for fam in first
+    }
+    return per_layer, [reduce([float(s[1]) for s in chunk]) for chunk in chunks]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwitchPoint:
+    """Where Algorithm 1 passes on a recorded history, and what Algorithm 2 gives there."""
+
+    epoch: int  # the unit (0-based epoch) at whose end the test passed
+    ranks: dict[str, list[int]]
+
+
+def replay_switch(
+    history: Sequence[Snapshot],
+    *,
+    tau: float,
+    zeta: float,
+    k: int,
+    m: int,
+    r_min: int,
+    r_max: int,
+    window_stat: str = "mean",
+    min_switch_epoch: int = 0,
+    families: Sequence[str] | None = None,
+    tie_rank: str = "min",
+    zero_rank_below: float | None = None,
+) -> SwitchPoint | None:
+    """Replay Algorithm 1 (and 2) on a recorded per-unit history, as the live loop would run them.
+
+    `history[i]` is unit i's snapshot (epoch i). The test runs after unit i when i + 1 >= k·m,
+    (i + 1) % m == 0 and i >= min_switch_epoch, over the last k·m units; the first pass is returned
+    with Algorithm 2's ranks over its last two windows. None: it never passes on this history.
+    `families` restricts the test to those module families (the trial's `prelora.modules`).
+    """
+    if families is not None:
+        history = [({f: norms[f] for f in families}, loss) for norms, loss in history]
+    for i in range(k * m - 1, len(history)):
+        if (i + 1) % m or i < min_switch_epoch:
+            continue
+        per_layer, losses = window_values(history[: i + 1], k, m, window_stat)
+        if partial_convergence_test(family_means(per_layer), losses, tau, zeta):
+            ranks = assign_ranks(last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below)
+            return SwitchPoint(epoch=i, ranks=ranks)
+    return None
+
+
+def family_means(per_layer: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
+    """W_t^a: each window's mean over the family's layers (Algorithm 1's input)."""
+    return {fam: [sum(w) / len(w) for w in wins] for fam, wins in per_layer.items()}
+
+
+def last_window_changes(per_layer: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
+    """ΔW_k per layer: % change of each layer's window value between the last two windows (Algorithm 2's input)."""
+    return {fam: [percent_change(p, c) for p, c in zip(wins[-2], wins[-1])] for fam, wins in per_layer.items()}

@@ -34,3 +34,13 @@ PARETO_TAG = "pareto"
 RUN_NAME_TAG = "prelora.run_name"
 RESUMED_AT_TAG = "prelora.resumed_at"  # epochs at which the run resumed from a checkpoint (JSON list), if it ever did
 SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")
+
+# fork-from-trunk sweeps (tags of a trial's run; the parent run logs the two totals as metrics)
+EPOCHS_TRAINED_TAG = "epochs_trained"  # epochs this run actually trained (0: never switched or reused)
+FORK_TRUNK_RUN_TAG = "fork.trunk_run_id"
+FORK_EPOCH_TAG = "fork.epoch"  # the trunk checkpoint the trial started from (epochs it did not train)
+FORK_SWITCH_TAG = "fork.switch_epoch"  # the replayed switch epoch, or "never"
+FORK_REUSED_TAG = "fork.reused_from"  # MLflow run id of the trial whose result this one reuses
+FORK_COPIED_TAG = "fork.copied"  # the trunk's epochs before the fork are in this run (copied once)
+EPOCHS_TRAINED_TOTAL = "epochs_trained_total"
+EPOCHS_NAIVE_TOTAL = "epochs_naive_total"  # what the same trials and baseline would train from scratch

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from prelora_ray.algorithms import assign_ranks, partial_convergence_test, percent_change
+from prelora_ray.algorithms import assign_ranks, family_means, last_window_changes, partial_convergence_test, window_values
 
 
 @torch.no_grad()
@@ -61,27 +61,14 @@ class ConvergenceMonitor:
         """True at a window boundary with k complete windows recorded."""
         return self.units >= self.k * self.m and self.units % self.m == 0
 
-    def _reduce(self, values: list[float]) -> float:
-        return values[-1] if self.window_stat == "last" else sum(values) / len(values)
-
     def windows(self) -> tuple[dict[str, list[list[float]]], list[float]]:
         """Per-layer window values (family -> window -> layer) and the window losses L_1..L_k."""
-        if len(self.snapshots) < self.k * self.m:
-            raise ValueError(f"the windows need k*m = {self.k * self.m} recorded units, have {len(self.snapshots)}")
-        snaps = list(self.snapshots)
-        chunks = [snaps[i * self.m : (i + 1) * self.m] for i in range(self.k)]
-        families = list(snaps[0][0])
-        per_layer = {
-            fam: [[self._reduce([s[0][fam][layer] for s in chunk]) for layer in range(len(snaps[0][0][fam]))] for chunk in chunks]
-            for fam in families
-        }
-        losses = [self._reduce([s[1] for s in chunk]) for chunk in chunks]
-        return per_layer, losses
+        return window_values(list(self.snapshots), self.k, self.m, self.window_stat)
 
     def family_windows(self) -> tuple[dict[str, list[float]], list[float]]:
         """W_t^a (mean over the family's layers) for t = 1..k, and the losses: Algorithm 1's input."""
         per_layer, losses = self.windows()
-        return {fam: [sum(w) / len(w) for w in wins] for fam, wins in per_layer.items()}, losses
+        return family_means(per_layer), losses
 
     def passed(self, tau: float, zeta: float) -> bool:
         """Algorithm 1 over the last k windows (False before k windows exist)."""
@@ -92,8 +79,7 @@ class ConvergenceMonitor:
 
     def layer_changes(self) -> dict[str, list[float]]:
         """ΔW_k per layer: % change of each layer's norm between the last two windows."""
-        per_layer, _ = self.windows()
-        return {fam: [percent_change(prev, cur) for prev, cur in zip(wins[-2], wins[-1])] for fam, wins in per_layer.items()}
+        return last_window_changes(self.windows()[0])
 
     def ranks(self, r_min: int, r_max: int, **options: object) -> dict[str, list[int]]:
         """Algorithm 2 over the last two windows."""

@@ -16,7 +16,11 @@ import yaml
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
 
-TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "baseline", "experiment")
+TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "baseline", "experiment", "fork")
+FORK_KEYS = ("enabled", "every")
+# keys a fork-mode sweep may sample: they act only at or after the switch, so every trial's full phase
+# is the trunk's (the other prelora.* keys, only window_unit excepted, decide the switch itself)
+POST_SWITCH_OPTIM_KEYS = ("optim.lora_lr", "optim.carry_optimizer_state")
 DISTRIBUTIONS = {
     "uniform": ("low", "high"),
     "loguniform": ("low", "high"),
@@ -70,6 +74,8 @@ class SearchSpace:
     baseline: bool = True
     experiment: str | None = None
     description: str = ""
+    fork: bool = False  # trials fork from the baseline's trunk (decided on load: see parse_fork)
+    fork_every: int = 1  # epochs between the trunk's fork checkpoints
     raw_text: str = field(default="", repr=False)
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainSettings:
@@ -152,6 +158,41 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
             raise _err(path, f"parameters.{key}", "ranks must be powers of two: use a categorical distribution, e.g. values: [4, 8, 16]")
 
 
+def full_phase_keys(keys: list[str]) -> list[str]:
+    """The sampled keys that change the full-training phase (and so cannot share one trunk)."""
+    return [k for k in keys if not ((k.startswith("prelora.") and k != "prelora.window_unit") or k in POST_SWITCH_OPTIM_KEYS)]
+
+
+def parse_fork(path: str, raw: Any, base: TrainSettings, sampled: list[str]) -> tuple[bool, int]:
+    """`fork: true|false` or `fork: {enabled, every}`; on by default where the space allows it.
+
+    Fork mode needs trials whose full phase is the baseline's: prelora with epoch windows, and
+    sampled keys that act only at or after the switch. Asked for explicitly on a space that breaks
+    this, it is an error naming the key; left unset, such a space quietly runs every trial whole.
+    """
+    spec = {"enabled": raw} if raw is None or isinstance(raw, bool) else raw
+    if not isinstance(spec, dict):
+        raise _err(path, "fork", f"must be true, false or a mapping with {', '.join(FORK_KEYS)}, got {raw!r}")
+    extra = [k for k in spec if k not in FORK_KEYS]
+    if extra:
+        raise _err(path, f"fork.{extra[0]}", f"unknown field (fields: {', '.join(FORK_KEYS)})")
+    enabled, every = spec.get("enabled"), spec.get("every", 1)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise _err(path, "fork.enabled", f"must be true or false, got {enabled!r}")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise _err(path, "fork.every", f"must be an integer >= 1 (epochs between the trunk's checkpoints), got {every!r}")
+    problems = [(f"parameters.{k}", "changes the full-training phase, which every forked trial shares with the trunk; "
+                 "sample only prelora.* (not window_unit), optim.lora_lr or optim.carry_optimizer_state, or set fork: false")
+                for k in full_phase_keys(sampled)]
+    if base.strategy != "prelora":
+        problems.append(("base.strategy", f"is {base.strategy!r}: forked trials are prelora runs"))
+    if base.prelora.window_unit != "epoch":
+        problems.append(("base.prelora.window_unit", "is 'step': the trunk records one snapshot per epoch; use epoch or fork: false"))
+    if enabled and problems:
+        raise _err(path, problems[0][0], problems[0][1])
+    return (not problems if enabled is None else enabled), every
+
+
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file; ValueError naming the file and key otherwise."""
     p = Path(path)
@@ -215,6 +256,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     name = data.get("name") or Path(path).stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise _err(path, "name", f"must be letters, digits, - and _ only, got {name!r}")
+    fork, fork_every = parse_fork(path, data.get("fork"), base, list(params))
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "sampler.seed", f"must be an integer or null, got {seed!r}")
@@ -230,6 +272,8 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         max_concurrent=max_concurrent,
         baseline=baseline,
         experiment=data.get("experiment"),
+        fork=fork,
+        fork_every=fork_every,
         description=str(data.get("description", "")),
         raw_text=raw_text,
     )

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
 from prelora_ray.data import DatasetBundle, build_datasets
+from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import ConvergenceMonitor, layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
@@ -44,6 +45,15 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
     decisions: list[dict[str, Any]] = field(default_factory=list)  # per-worker switch decisions
     resumed_at: list[int] = field(default_factory=list)  # epochs at which the run resumed from a checkpoint
+    forked_from: int = -1  # the trunk epoch this run started from (fork-from-trunk sweeps), -1: none
+
+
+@dataclass(kw_only=True)
+class ForkStart:
+    """Where a forked run starts: a trunk checkpoint and the trunk's per-epoch snapshots before it."""
+
+    state: dict[str, Any]
+    snapshots: list[tuple[dict[str, list[float]], float]]
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -67,8 +77,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """All RNG states (for an exact resume)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """All RNG states (for an exact resume), as tensors and plain types only.
+
+    Plain data so that a checkpoint loads with torch.load(weights_only=True): numpy's key array
+    becomes an int64 tensor (a pickled ndarray would need the full unpickler).
+    """
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -77,7 +93,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of rng_state."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -93,8 +110,13 @@ def peak_memory_mb(device: torch.device) -> float:
 class TrainingLoop:
     """One PreLoRA (or full) training run on one worker."""
 
-    def __init__(self, cfg: TrainSettings, runtime: Runtime, sink: MetricsSink | None = None, *, data: DatasetBundle | None = None) -> None:
+    def __init__(
+        self, cfg: TrainSettings, runtime: Runtime, sink: MetricsSink | None = None, *, data: DatasetBundle | None = None,
+        trunk: TrunkWriter | None = None, fork: ForkStart | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.trunk = trunk if runtime.rank == 0 else None
+        self.fork = fork
         self.runtime = runtime
         self.sink = sink if sink is not None and runtime.rank == 0 else NullSink()
         self.device = runtime.device
@@ -319,19 +341,13 @@ class TrainingLoop:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """Run summary over the history: mean epoch time, final and best accuracy, total time."""
-        h = self.state.history
-        times = [e[M.EPOCH_TIME_S] for e in h]
-        return {
-            M.MEAN_EPOCH_TIME_S: sum(times) / len(times) if times else float("nan"),
-            M.FINAL_VAL_ACC: h[-1][M.VAL_ACC] if h else float("nan"),
-            M.BEST_VAL_ACC: max(e[M.VAL_ACC] for e in h) if h else float("nan"),
-            M.TOTAL_TRAIN_TIME_S: sum(times),
-            M.SWITCH_EPOCH: self.state.switch_epoch,
-            M.FREEZE_EPOCH: self.state.freeze_epoch,
-            M.RANKS: self.state.ranks,
-            "resumed_at": list(self.state.resumed_at),
-        }
+        """Run summary over the history (a fork's includes the trunk's epochs before the fork)."""
+        s = self.state
+        out = summarize(s.history, switch_epoch=s.switch_epoch, freeze_epoch=s.freeze_epoch, ranks=s.ranks)
+        out["resumed_at"] = list(s.resumed_at)
+        out["forked_from"] = s.forked_from
+        out["epochs_trained"] = sum(1 for e in s.history if e[M.EPOCH] >= max(s.forked_from, 0))
+        return out
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -345,8 +361,11 @@ class TrainingLoop:
             "rng": rng_state(),
         }
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore a checkpoint: re-inject LoRA with its ranks first when it was taken after the switch."""
+    def load_state_dict(self, ckpt: dict[str, Any], *, monitor: dict[str, Any] | None = None) -> None:
+        """Restore a checkpoint: re-inject LoRA with its ranks first when it was taken after the switch.
+
+        `monitor` replaces the checkpoint's own window state (a fork rebuilds it from the trunk's history).
+        """
         loop = dict(ckpt["loop"])
         loop["phase"] = Phase(loop["phase"])
         self.state = LoopState(**loop)
@@ -357,8 +376,26 @@ class TrainingLoop:
         self.optimizer = None
         self._rebuild()
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.monitor.load_state_dict(ckpt["monitor"])
+        self.monitor.load_state_dict(ckpt["monitor"] if monitor is None else monitor)
         set_rng_state(ckpt["rng"])
+
+    def start_from_fork(self, fork: ForkStart) -> None:
+        """Go on from a trunk checkpoint (the full-training baseline's state at the start of an epoch).
+
+        Weights, optimizer, RNG, step and the trunk's per-epoch history are the trunk's; the windows
+        of Algorithm 1 are rebuilt from the trunk's recorded norms and losses, so the test runs at the
+        same epochs with the same input as in a run of this config from scratch.
+        """
+        loop = fork.state["loop"]
+        if Phase(loop["phase"]) is not Phase.FULL:
+            raise ValueError(f"a fork must start from a full-training checkpoint; this one is in phase {loop['phase']!r}")
+        start = int(loop["epoch"])
+        if len(fork.snapshots) < start:
+            raise ValueError(f"the trunk's history has {len(fork.snapshots)} epochs, the fork needs the {start} before its checkpoint")
+        p = self.cfg.prelora
+        window = [({f: norms[f] for f in p.modules}, loss) for norms, loss in fork.snapshots[max(0, start - p.k * p.m) : start]]
+        self.load_state_dict(fork.state, monitor={"snapshots": window, "units": start, "k": p.k, "m": p.m})
+        self.state.resumed_at, self.state.decisions, self.state.forked_from = [], [], start
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -369,9 +406,15 @@ class TrainingLoop:
             self.state.resumed_at.append(self.state.epoch)
             if self.runtime.rank == 0:
                 log.info("resumed at epoch %d (phase %s)", self.state.epoch, self.state.phase.value)
+        elif self.fork is not None:
+            self.start_from_fork(self.fork)
+            if self.runtime.rank == 0:
+                log.info("forked from the trunk at epoch %d", self.state.epoch)
         else:
             set_trainable(self.model, Phase.FULL, self.cfg.prelora)
             self._rebuild()
+        if self.trunk is not None:
+            self.trunk.start(self.state.epoch, self.state_dict)
         for epoch in range(self.state.epoch, self.cfg.epochs):
             phase, trainable = self.state.phase, self._trainable()
             train = self.train_one_epoch()  # may switch mid-epoch with step windows
@@ -381,6 +424,8 @@ class TrainingLoop:
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
             self.state.history.append({**{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}, "wall_time": time.time()})
             self.state.epoch = epoch + 1
+            if self.trunk is not None:  # before the report: the trunk's files are never behind its checkpoints
+                self.trunk.after_epoch(epoch, metrics, self.state_dict)
             self.sink.log_metrics({k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH)}, step=epoch)
             if self.runtime.rank == 0:
                 log.info(

@@ -90,7 +90,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
+def fit_run(run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the TorchTrainer to the end (resuming from the last checkpoint of a run of the same name).
 
     Returns rank 0's summary (history, ranks, switch/freeze epochs, merged model path). The MLflow
@@ -115,6 +115,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
             "mlflow_run_id": run.mlflow_run_id,
             "export_dir": str(Path(cfg.output_dir) / run.name / "merged"),
             "fault": fault_from_env(),
+            **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
@@ -133,22 +134,23 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except BaseException as exc:
-        _end(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+        end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     summary = dict(result.return_value or {})
     try:
-        _log_summary(run, summary)
+        log_summary(run, summary)
     except Exception as exc:  # MLflow down at the end: keep everything locally, say where
         path = Path(cfg.cluster.storage_path) / run.name / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, default=str))
         log.warning("could not log the summary to MLflow (%s); the summary and per-epoch history are in %s", type(exc).__name__, path)
         summary["summary_path"] = str(path)
-    _end(run, "FINISHED")
+    end_run(run, "FINISHED")
     return summary
 
 
-def _log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
+def log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
+    """Summary metrics, ranks.json and the run's tags (switched, resumed_at, epochs_trained, merged model)."""
     if not run.mlflow_run_id:
         return
     from prelora_ray import tracking
@@ -168,13 +170,16 @@ def _log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
     )
     c = tracking.client(run.tracking_uri)
     c.set_tag(run.mlflow_run_id, "switched", str(summary.get(M.SWITCH_EPOCH, -1) >= 0).lower())
+    if "epochs_trained" in summary:
+        c.set_tag(run.mlflow_run_id, M.EPOCHS_TRAINED_TAG, str(summary["epochs_trained"]))
     if summary.get("resumed_at"):  # a worker or node was lost and the run went on from a checkpoint
         c.set_tag(run.mlflow_run_id, M.RESUMED_AT_TAG, json.dumps(summary["resumed_at"]))
     if summary.get("merged_model_path"):
         c.set_tag(run.mlflow_run_id, "merged_model_path", summary["merged_model_path"])
 
 
-def _end(run: PreparedRun, status: str, error: str | None = None) -> None:
+def end_run(run: PreparedRun, status: str, error: str | None = None) -> None:
+    """Mark the MLflow run FINISHED / FAILED / KILLED; a store that went away is only a warning."""
     if not run.mlflow_run_id:
         return
     from prelora_ray import tracking

@@ -23,7 +23,9 @@ from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
-from analysis.runs import format_front, load_sweep, search_runs, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
+from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
+from prelora_ray.sweep_record import load_sweep
+from prelora_ray.tracking import search_runs
 
 log = logging.getLogger("prelora_ray")
 
@@ -114,13 +116,24 @@ class DefineByRun:
                 trial.suggest_categorical(p.key, list(p.values))
 
 
-def _run_one(sweep: Sweep, cfg: TrainSettings, run_name: str, role: str, extra_tags: dict[str, str], tune_callback: bool) -> dict[str, Any]:
+def _run_one(
+    sweep: Sweep, cfg: TrainSettings, run_name: str, role: str, extra_tags: dict[str, str], tune_callback: bool,
+    *, loop_extra: dict[str, Any] | None = None, on_prepared: Any = None,
+) -> dict[str, Any]:
     run = prepare_run(
         sweep.run_config(cfg, run_name),
         parent_run_id=sweep.parent_run_id,
         extra_tags={ROLE_TAG: role, SWEEP_TAG: sweep.name, **extra_tags},
     )
-    return fit_run(run, tune_callback=tune_callback)
+    if on_prepared is not None:
+        on_prepared(run)
+    return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra)
+
+
+def _run_trunk(sweep: Sweep) -> dict[str, Any]:
+    from prelora_ray.orchestration.forking import run_trunk
+
+    return run_trunk(sweep, _run_one)
 
 
 def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
@@ -134,7 +147,12 @@ def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
     tags = {"trial_id": trial_id, "sampled": json.dumps(sampled)}
     if repaired:
         tags["repaired"] = json.dumps(repaired)
-    summary = _run_one(sweep, cfg, f"{sweep.name}_{trial_id}", "trial", tags, tune_callback=True)
+    if sweep.space.fork:
+        from prelora_ray.orchestration.forking import fork_trial
+
+        summary = fork_trial(sweep, cfg, f"{sweep.name}_{trial_id}", tags)
+    else:
+        summary = _run_one(sweep, cfg, f"{sweep.name}_{trial_id}", "trial", tags, tune_callback=True)
     # Optuna sees a trial's last report: end with the objectives, also when a resumed trial had
     # already trained to the end (its TorchTrainer then reports no epoch at all)
     tune.report(final_report(summary))
@@ -169,12 +187,15 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     sweep.parent_run_id = _parent_run(sweep, num_samples or space.num_samples)
     init_ray(address)
     baseline_ref = None
-    if space.baseline and not _baseline_done(sweep):
+    if space.fork:  # the baseline is the trunk every trial forks from: it always runs, ahead of them
+        baseline_ref = _start_trunk(sweep)
+    elif space.baseline and not _baseline_done(sweep):
         remote = ray.remote(num_cpus=0)(_run_one)
         baseline_ref = remote.remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), {"cpu": 0, "memory": 1})
     if resume:
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=space.fork)
     else:
         searcher = OptunaSearch(
             space=DefineByRun(space.parameters),
@@ -213,6 +234,33 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     return table
 
 
+def _start_trunk(sweep: Sweep) -> Any:
+    """Start (or resume) the trunk as a Ray task; a watcher marks it failed if the task dies without a word."""
+    import threading
+
+    import ray
+
+    from prelora_ray import fork
+    from prelora_ray.orchestration.forking import mark_trunk_failed, trunk_dir
+
+    folder = trunk_dir(sweep)
+    if _baseline_done(sweep):
+        if fork.read_status(folder).get("state") != "finished":
+            fork.write_status(folder, "finished", run_id=fork.read_status(folder).get("run_id", ""))
+        return None
+    ref = ray.remote(num_cpus=0, max_retries=0)(_run_trunk).remote(sweep)
+
+    def watch() -> None:
+        try:
+            ray.get(ref)
+        except Exception as exc:  # the task's own handler may not have run (its process was killed)
+            mark_trunk_failed(folder, exc)
+
+    threading.Thread(target=watch, name="trunk-watcher", daemon=True).start()
+    log.info("sweep %s: fork mode, the trunk (%s_baseline) runs ahead of the trials; records in %s", sweep.name, sweep.name, folder)
+    return ref
+
+
 def _optuna_storage(sweep: Sweep):
     import optuna
 
@@ -247,8 +295,19 @@ def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     table.to_csv(buf, index=False)
     tracking.log_text(sweep.tracking_uri, sweep.parent_run_id, buf.getvalue(), "pareto.csv")
     n_pareto = int(table[PARETO_TAG].sum()) if len(table) else 0
-    tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"trials": int((table["role"] == "trial").sum()) if len(table) else 0, "pareto_trials": n_pareto})
+    counts = {"trials": int((table["role"] == "trial").sum()) if len(table) else 0, "pareto_trials": n_pareto, **epoch_totals(runs, sweep.space.base.epochs)}
+    tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, counts)
     return table
+
+
+def epoch_totals(runs: pd.DataFrame, epochs: int) -> dict[str, int]:
+    """Epochs the sweep's finished runs trained, and what the same trials and baseline cost from scratch."""
+    column = f"tags.{M.EPOCHS_TRAINED_TAG}"
+    if runs.empty or column not in runs:
+        return {M.EPOCHS_TRAINED_TOTAL: 0, M.EPOCHS_NAIVE_TOTAL: 0}
+    done = runs[runs["status"] == "FINISHED"]
+    trained = pd.to_numeric(done[column], errors="coerce").fillna(epochs)
+    return {M.EPOCHS_TRAINED_TOTAL: int(trained.sum()), M.EPOCHS_NAIVE_TOTAL: int(len(done) * epochs)}
 
 
 PICKS = ("knee", "max-acc", "min-time", "fastest-within=<points>")
@@ -256,7 +315,7 @@ PICKS = ("knee", "max-acc", "min-time", "fastest-within=<points>")
 
 def pick_row(table: pd.DataFrame, objectives: list[tuple[str, str]], pick: str) -> pd.Series:
     """The trial chosen from a sweep's table by a --pick rule."""
-    from analysis.pareto import knee_point, speedup_at_equal_accuracy
+    from prelora_ray.front import knee_point, speedup_at_equal_accuracy
 
     front = table[table[PARETO_TAG]].reset_index(drop=True)
     if front.empty:

@@ -1,0 +1,238 @@
+"""Fork-from-trunk sweeps, the Ray-free part: the trunk's records on disk and a trial's fork plan.
+
+Every PreLoRA trial of a sweep trains the same weights as the `full` baseline until its own switch
+epoch. The baseline runs as the *trunk*: each epoch it appends its metrics (per-layer norms of every
+module family and the all-worker loss, which is all Algorithm 1 and 2 need for any k, m and
+window_stat) to `history.json`, and every `fork.every` epochs it writes a full training checkpoint
+`checkpoints/epoch_<c>.pt` (c = epochs completed, so the state at the start of epoch c). A trial
+replays Algorithm 1 on that history to find its switch epoch s, then starts from the latest
+checkpoint with c <= s, trains the full epochs c..s again (deterministic: they equal the trunk's)
+and switches with its own ranks. Files are written atomically (temp file + rename), so a reader on
+shared storage never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prelora_ray import metrics as M
+from prelora_ray.algorithms import Snapshot, SwitchPoint, replay_switch
+from prelora_ray.config import MODULE_FAMILIES, TrainSettings
+
+HISTORY_FILE = "history.json"
+STATUS_FILE = "status.json"
+CHECKPOINT_DIR = "checkpoints"
+_CKPT = re.compile(r"epoch_(\d+)\.pt$")
+
+# keys that only decide *when* the switch happens and which ranks it gives: two trials that differ
+# only in these, and land on the same switch epoch and ranks, train exactly the same after it
+SWITCH_DECISION_KEYS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.window_stat", "prelora.min_switch_epoch",
+                        "prelora.r_min", "prelora.r_max", "prelora.tie_rank", "prelora.zero_rank_below")
+# keys that name or place a run without changing what it computes
+RUN_IDENTITY_KEYS = ("name", "output_dir", "tracking.run_name", "tracking.uri", "tracking.experiment", "tracking.enabled", "cluster.storage_path")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, then rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON file."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data)))
+
+
+class TrunkWriter:
+    """The trunk's side: per-epoch history and fork checkpoints, written by rank 0 of the trunk run."""
+
+    def __init__(self, folder: str | Path, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"fork.every={every!r} is invalid: an integer >= 1")
+        self.folder, self.every = Path(folder), every
+        self.history: list[dict[str, Any]] = []
+
+    def start(self, epoch: int, state: Callable[[], dict[str, Any]]) -> None:
+        """Begin (epoch 0) or go on after a resume at `epoch`: later records of a killed attempt are dropped."""
+        old = read_history(self.folder)
+        self.history = [h for h in old if int(h[M.EPOCH]) < epoch]
+        if len(self.history) != len(old) or not old:
+            write_json(self.folder / HISTORY_FILE, self.history)
+        if epoch % self.every == 0 and not checkpoint_path(self.folder, epoch).exists():
+            self.checkpoint(epoch, state())
+
+    def after_epoch(self, epoch: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        """Record epoch `epoch`; then, every `every` epochs, the checkpoint a trial forks from."""
+        self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        write_json(self.folder / HISTORY_FILE, self.history)
+        if (epoch + 1) % self.every == 0:
+            self.checkpoint(epoch + 1, state())
+
+    def checkpoint(self, completed: int, state: dict[str, Any]) -> None:
+        """The state at the start of epoch `completed`."""
+        write_atomic(checkpoint_path(self.folder, completed), lambda tmp: torch.save(state, tmp))
+
+
+def checkpoint_path(folder: str | Path, completed: int) -> Path:
+    """Where the trunk keeps its state at the start of epoch `completed`."""
+    return Path(folder) / CHECKPOINT_DIR / f"epoch_{completed:05d}.pt"
+
+
+def read_history(folder: str | Path) -> list[dict[str, Any]]:
+    """The trunk's per-epoch records so far ([] before its first epoch)."""
+    path = Path(folder) / HISTORY_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def checkpoint_epochs(folder: str | Path) -> list[int]:
+    """Epochs at whose start the trunk has a checkpoint, ascending."""
+    found = (_CKPT.search(p.name) for p in (Path(folder) / CHECKPOINT_DIR).glob("epoch_*.pt"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def read_status(folder: str | Path) -> dict[str, Any]:
+    """The trunk's status as its driver left it: {'state': running|finished|failed, 'error': ...}."""
+    path = Path(folder) / STATUS_FILE
+    return json.loads(path.read_text()) if path.exists() else {"state": "missing"}
+
+
+def write_status(folder: str | Path, state: str, **extra: Any) -> None:
+    """Set the trunk's status (the sweep driver does, around the trunk's run)."""
+    write_json(Path(folder) / STATUS_FILE, {"state": state, **extra})
+
+
+def snapshots(history: Sequence[dict[str, Any]], families: Sequence[str] = MODULE_FAMILIES) -> list[Snapshot]:
+    """Algorithm 1's per-epoch input from history records: per-layer norms of `families`, and the loss."""
+    out = []
+    for record in history:
+        norms = {}
+        for fam in families:
+            prefix = f"{M.LAYER_NORM_PREFIX}{fam}/"
+            layers = sorted((int(k[len(prefix):]), v) for k, v in record.items() if k.startswith(prefix))
+            if not layers:
+                raise ValueError(f"the trunk's epoch {record.get(M.EPOCH)} has no per-layer norms of family {fam!r}")
+            norms[fam] = [float(v) for _, v in layers]
+        out.append((norms, float(record[M.TRAIN_LOSS])))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForkPlan:
+    """What a trial does: fork at `fork_epoch` and switch at `switch.epoch`, or never switch (the trunk's result)."""
+
+    switch: SwitchPoint | None
+    fork_epoch: int = -1  # the trunk checkpoint it starts from (epochs already trained)
+    checkpoint: str = ""
+
+    @property
+    def never(self) -> bool:
+        """The test never passes on the whole trunk: the trial's result is the trunk's."""
+        return self.switch is None
+
+
+def replay_for(cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> SwitchPoint | None:
+    """Algorithm 1 and 2 with the trial's settings on the trunk's history."""
+    p = cfg.prelora
+    return replay_switch(
+        snapshots(history, p.modules), tau=p.tau, zeta=p.zeta, k=p.k, m=p.m, r_min=p.r_min, r_max=p.r_max, window_stat=p.window_stat,
+        min_switch_epoch=p.min_switch_epoch, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below,
+    )
+
+
+def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
+    """The trial's plan from what the trunk has written so far; None: wait for more trunk epochs.
+
+    The switch is known once the history holds its epoch; "never" once the trunk has recorded every
+    epoch without a pass. The checkpoint is the latest at or before the switch epoch.
+    """
+    history = read_history(folder)
+    switch = replay_for(cfg, history)
+    if switch is None:
+        return ForkPlan(switch=None) if len(history) >= cfg.epochs else None
+    usable = [c for c in checkpoint_epochs(folder) if c <= switch.epoch]
+    if not usable:
+        return None
+    return ForkPlan(switch=switch, fork_epoch=usable[-1], checkpoint=str(checkpoint_path(folder, usable[-1])))
+
+
+def summarize(history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None) -> dict[str, Any]:
+    """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time."""
+    times = [float(e[M.EPOCH_TIME_S]) for e in history]
+    return {
+        M.MEAN_EPOCH_TIME_S: sum(times) / len(times) if times else float("nan"),
+        M.FINAL_VAL_ACC: float(history[-1][M.VAL_ACC]) if history else float("nan"),
+        M.BEST_VAL_ACC: max(float(e[M.VAL_ACC]) for e in history) if history else float("nan"),
+        M.TOTAL_TRAIN_TIME_S: sum(times),
+        M.SWITCH_EPOCH: switch_epoch,
+        M.FREEZE_EPOCH: freeze_epoch,
+        M.RANKS: ranks or {},
+    }
+
+
+def reuse_key(cfg: TrainSettings, switch: SwitchPoint) -> str:
+    """Identifies what a forked trial computes after its switch: two trials with the same key give the same result."""
+    flat = {k: v for k, v in cfg.flat().items() if k not in SWITCH_DECISION_KEYS and k not in RUN_IDENTITY_KEYS}
+    blob = json.dumps({"switch_epoch": switch.epoch, "ranks": switch.ranks, "config": flat}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class ResultRegistry:
+    """Forked trials' results by reuse key: the first trial with a key trains, later ones reuse its result.
+
+    `<folder>/<key>.json` holds {"owner", "state": claimed|finished|failed, ...}; the claim is an
+    exclusive create, so two trials started at once cannot both train the same thing.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def claim(self, key: str, owner: str) -> dict[str, Any] | None:
+        """None: `owner` holds the key now (new, or its own claim from before a restart). Else the record of who does."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            record = self.read(key)
+            if record is None or record.get("owner") == owner or record.get("state") == "failed":
+                write_json(path, {"owner": owner, "state": "claimed"})
+                return None
+            return record
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"owner": owner, "state": "claimed"}))
+        return None
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        """The key's record, or None (none yet, or being replaced at this instant)."""
+        try:
+            return json.loads(self._path(key).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def finish(self, key: str, owner: str, **result: Any) -> None:
+        """The owner's result: what a later trial with the same key reuses."""
+        write_json(self._path(key), {"owner": owner, "state": "finished", **result})
+
+    def fail(self, key: str, owner: str, error: str) -> None:
+        """The owner failed: a trial waiting on the key trains it itself."""
+        write_json(self._path(key), {"owner": owner, "state": "failed", "error": error})

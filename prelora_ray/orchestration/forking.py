@@ -1,0 +1,171 @@
+"""Fork-from-trunk sweeps on Ray: the trunk run, and a trial that waits for, forks from or reuses it.
+
+The trunk is the sweep's `full` baseline, run ahead of the trials as a Ray task with its records
+written to `<storage>/<sweep>/trunk` (`prelora_ray.fork`). A trial's driver (a Tune function
+trainable holding no CPU or GPU) replays Algorithm 1 on the trunk's history, waits until the trunk
+has the checkpoint it needs, then fits a TorchTrainer that starts from it. Paths must be on storage
+every node sees, as Ray Train's own `storage_path` already must be.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prelora_ray import fork
+from prelora_ray import metrics as M
+from prelora_ray import tracking
+from prelora_ray.config import MODULE_FAMILIES, TrainSettings
+from prelora_ray.orchestration.train import PreparedRun, end_run, fit_run, log_summary, prepare_run
+
+if TYPE_CHECKING:
+    from prelora_ray.orchestration.tune import Sweep
+
+log = logging.getLogger("prelora_ray")
+POLL_S = 1.0
+PROGRESS_EVERY_S = 30.0
+
+
+class TrunkFailed(RuntimeError):
+    """The trunk a trial waits for has failed: the trial fails with the trunk's error (`--resume` retries)."""
+
+
+def trunk_dir(sweep: Sweep) -> Path:
+    """Where the sweep's trunk keeps its history, checkpoints and status."""
+    return Path(sweep.storage_path) / sweep.name / "trunk"
+
+
+def trunk_config(base: TrainSettings) -> TrainSettings:
+    """The trunk: the baseline (full training) with the norms of every module family recorded."""
+    return base.replace(strategy="full", **{"prelora.modules": list(MODULE_FAMILIES)})
+
+
+def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
+    """Run (or resume) the trunk; its status file tells waiting trials when it fails."""
+    folder = trunk_dir(sweep)
+    fork.write_status(folder, "running")
+
+    def started(run: PreparedRun) -> None:
+        fork.write_status(folder, "running", run_id=run.mlflow_run_id)
+
+    try:
+        summary = run_one(
+            sweep, trunk_config(sweep.space.base), f"{sweep.name}_baseline", "baseline", {"fork.trunk": "true"}, False,
+            loop_extra={"trunk": {"folder": str(folder), "every": sweep.space.fork_every}}, on_prepared=started,
+        )
+    except BaseException as exc:
+        mark_trunk_failed(folder, exc)
+        raise
+    fork.write_status(folder, "finished", run_id=fork.read_status(folder).get("run_id", ""))
+    return summary
+
+
+def mark_trunk_failed(folder: Path, exc: BaseException) -> None:
+    """Record the trunk's failure unless it already is (the Ray task and the sweep driver both may)."""
+    if fork.read_status(folder).get("state") != "failed":
+        fork.write_status(folder, "failed", error=f"{type(exc).__name__}: {exc}", run_id=fork.read_status(folder).get("run_id", ""))
+
+
+def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkPlan:
+    """Poll the trunk until the trial's switch epoch and its checkpoint are known (or the trunk failed)."""
+    folder = trunk_dir(sweep)
+    last_note = time.monotonic()
+    while True:
+        status = fork.read_status(folder)
+        plan = fork.plan_fork(cfg, folder)
+        if plan is not None:
+            return plan
+        if status.get("state") == "failed":
+            raise TrunkFailed(f"the trunk {sweep.name}_baseline failed, so {run_name} cannot fork: {status.get('error')}")
+        if status.get("state") == "finished" and fork.plan_fork(cfg, folder) is None:
+            raise TrunkFailed(f"the trunk {sweep.name}_baseline finished but its history in {folder} is incomplete")
+        if time.monotonic() - last_note > PROGRESS_EVERY_S:
+            log.info("%s waits for the trunk (epoch %d/%d)", run_name, len(fork.read_history(folder)), cfg.epochs)
+            last_note = time.monotonic()
+        time.sleep(POLL_S)
+
+
+def _prepare(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]) -> PreparedRun:
+    return prepare_run(
+        sweep.run_config(cfg, run_name), parent_run_id=sweep.parent_run_id,
+        extra_tags={M.ROLE_TAG: "trial", M.SWEEP_TAG: sweep.name, **tags},
+    )
+
+
+def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
+    """The trunk's per-epoch metrics in the trial's run (once: a resumed trial does not copy again)."""
+    c = tracking.client(run.tracking_uri)
+    if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) == "true":
+        return
+    tracking.log_history(run.tracking_uri, run.mlflow_run_id, history)
+    c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
+
+
+def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]) -> dict[str, Any]:
+    """One trial of a fork-mode sweep: never switches (the trunk's result), reuses a twin's, or forks and trains."""
+    folder = trunk_dir(sweep)
+    plan = wait_for_plan(sweep, cfg, run_name)
+    history = fork.read_history(folder)
+    tags = {**tags, M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""),
+            M.FORK_SWITCH_TAG: "never" if plan.never else str(plan.switch.epoch)}
+    if plan.never:
+        return _never(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(cfg.epochs)}, history)
+    key = fork.reuse_key(cfg, plan.switch)
+    registry = fork.ResultRegistry(folder / "results")
+    while (holder := registry.claim(key, run_name)) is not None:
+        if holder.get("state") == "finished":
+            return _reuse(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(plan.fork_epoch)}, holder)
+        time.sleep(POLL_S)  # its twin is training: wait for that result rather than train it twice
+    log.info("%s: switch epoch %d (replayed), forked from the trunk at epoch %d", run_name, plan.switch.epoch, plan.fork_epoch)
+    run = _prepare(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
+    try:
+        _copy_trunk_epochs(run, history[: plan.fork_epoch])
+        summary = fit_run(
+            run, tune_callback=True,
+            loop_extra={"fork": {"folder": str(folder), "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}},
+        )
+    except BaseException as exc:
+        registry.fail(key, run_name, f"{type(exc).__name__}: {exc}")
+        raise
+    from prelora_ray.orchestration.tune import final_report
+
+    registry.finish(key, run_name, run_id=run.mlflow_run_id, report=final_report(summary))
+    return summary
+
+
+def _never(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The test never passes on the trunk: the trial is the trunk, trains nothing."""
+    log.info("%s: the convergence test never passes on the trunk; its result is the trunk's", run_name)
+    run = _prepare(sweep, cfg, run_name, tags)
+    _copy_trunk_epochs(run, history)
+    summary = {**fork.summarize(history), "history": history, "epochs_trained": 0}
+    log_summary(run, summary)
+    end_run(run, "FINISHED")
+    return summary
+
+
+def _reuse(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str], holder: dict[str, Any]) -> dict[str, Any]:
+    """Same switch epoch, ranks and post-switch config as a finished trial: its result, nothing trained."""
+    log.info("%s: same switch epoch, ranks and settings as %s; reusing its result", run_name, holder.get("owner"))
+    run = _prepare(sweep, cfg, run_name, {**tags, M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
+    c = tracking.client(run.tracking_uri)
+    if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) != "true":
+        tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id)
+        c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
+    for name in ("ranks.json",):
+        try:
+            text = Path(c.download_artifacts(holder["run_id"], name, tempfile_dir())).read_text()
+            tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, name)
+        except Exception:  # the twin's artifact is missing: the metrics still say it all
+            pass
+    end_run(run, "FINISHED")
+    return {**holder["report"], "epochs_trained": 0}
+
+
+def tempfile_dir() -> str:
+    """A fresh temporary folder."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="prelora-")
