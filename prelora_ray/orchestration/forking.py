@@ -103,23 +103,37 @@ def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
     c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
 
 
+def _set_tags(run: PreparedRun, tags: dict[str, str]) -> None:
+    c = tracking.client(run.tracking_uri)
+    for key, value in tags.items():
+        c.set_tag(run.mlflow_run_id, key, value)
+
+
 def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]) -> dict[str, Any]:
-    """One trial of a fork-mode sweep: never switches (the trunk's result), reuses a twin's, or forks and trains."""
+    """One trial of a fork-mode sweep: never switches (the trunk's result), reuses a twin's, or forks and trains.
+
+    Its MLflow run exists from the start, so a trial waiting for the trunk shows (RUNNING), and one
+    whose trunk failed ends FAILED with the trunk's error.
+    """
     folder = trunk_dir(sweep)
-    plan = wait_for_plan(sweep, cfg, run_name)
+    run = _prepare(sweep, cfg, run_name, tags)
+    try:
+        plan = wait_for_plan(sweep, cfg, run_name)
+    except BaseException as exc:
+        end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
     history = fork.read_history(folder)
-    tags = {**tags, M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""),
-            M.FORK_SWITCH_TAG: "never" if plan.never else str(plan.switch.epoch)}
+    _set_tags(run, {M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""), M.FORK_SWITCH_TAG: "never" if plan.never else str(plan.switch.epoch)})
     if plan.never:
-        return _never(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(cfg.epochs)}, history)
+        return _never(run, cfg, run_name, history)
     key = fork.reuse_key(cfg, plan.switch)
     registry = fork.ResultRegistry(folder / "results")
+    _set_tags(run, {M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
     while (holder := registry.claim(key, run_name)) is not None:
         if holder.get("state") == "finished":
-            return _reuse(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(plan.fork_epoch)}, holder)
+            return _reuse(run, run_name, holder)
         time.sleep(POLL_S)  # its twin is training: wait for that result rather than train it twice
     log.info("%s: switch epoch %d (replayed), forked from the trunk at epoch %d", run_name, plan.switch.epoch, plan.fork_epoch)
-    run = _prepare(sweep, cfg, run_name, {**tags, M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
     try:
         _copy_trunk_epochs(run, history[: plan.fork_epoch])
         summary = fit_run(
@@ -135,10 +149,10 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     return summary
 
 
-def _never(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str], history: list[dict[str, Any]]) -> dict[str, Any]:
+def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The test never passes on the trunk: the trial is the trunk, trains nothing."""
     log.info("%s: the convergence test never passes on the trunk; its result is the trunk's", run_name)
-    run = _prepare(sweep, cfg, run_name, tags)
+    _set_tags(run, {M.FORK_EPOCH_TAG: str(cfg.epochs)})
     _copy_trunk_epochs(run, history)
     summary = {**fork.summarize(history), "history": history, "epochs_trained": 0}
     log_summary(run, summary)
@@ -146,20 +160,19 @@ def _never(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]
     return summary
 
 
-def _reuse(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str], holder: dict[str, Any]) -> dict[str, Any]:
+def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str, Any]:
     """Same switch epoch, ranks and post-switch config as a finished trial: its result, nothing trained."""
     log.info("%s: same switch epoch, ranks and settings as %s; reusing its result", run_name, holder.get("owner"))
-    run = _prepare(sweep, cfg, run_name, {**tags, M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
+    _set_tags(run, {M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
     c = tracking.client(run.tracking_uri)
     if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) != "true":
         tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id)
         c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
-    for name in ("ranks.json",):
-        try:
-            text = Path(c.download_artifacts(holder["run_id"], name, tempfile_dir())).read_text()
-            tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, name)
-        except Exception:  # the twin's artifact is missing: the metrics still say it all
-            pass
+    try:
+        text = Path(c.download_artifacts(holder["run_id"], "ranks.json", tempfile_dir())).read_text()
+        tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, "ranks.json")
+    except Exception:  # the twin's artifact is missing: the metrics still say it all
+        log.warning("%s: could not copy ranks.json from run %s", run_name, holder["run_id"])
     end_run(run, "FINISHED")
     return {**holder["report"], "epochs_trained": 0}
 

@@ -17,3 +17,14 @@ CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cl
 def quiet_without_state_api() -> None:
     """Silence only the cleaner's warnings (errors still show)."""
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def progress_logging() -> None:
+    """Our progress lines (the `prelora_ray` logger at INFO, bare messages) in a Ray process; Ray's own INFO chatter stays off."""
+    log = logging.getLogger("prelora_ray")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -21,6 +21,7 @@ import pandas as pd
 from prelora_ray import metrics as M
 from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.ray_hooks import progress_logging
 from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
@@ -133,6 +134,7 @@ def _run_one(
 def _run_trunk(sweep: Sweep) -> dict[str, Any]:
     from prelora_ray.orchestration.forking import run_trunk
 
+    progress_logging()
     return run_trunk(sweep, _run_one)
 
 
@@ -140,6 +142,7 @@ def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
     """The Tune trainable of one trial (the "driver"): builds and fits one TorchTrainer."""
     from ray import tune
 
+    progress_logging()
     trial_id = tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k in {p.key for p in sweep.space.parameters}}
     cfg = sweep.space.trial_config(sampled)
@@ -176,7 +179,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from prelora_ray.orchestration.optuna_search import TaggedOptunaSearch
 
     space = sweep.space
     exp_path = Path(sweep.storage_path) / sweep.name
@@ -197,7 +201,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=space.fork)
     else:
-        searcher = OptunaSearch(
+        searcher = TaggedOptunaSearch(
             space=DefineByRun(space.parameters),
             metric=[o.metric for o in space.objectives],
             mode=[o.mode for o in space.objectives],
@@ -228,6 +232,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             ray.get(baseline_ref)
         except Exception as exc:  # the baseline failed: the sweep's trials still count
             log.warning("the full-training baseline failed: %s", exc)
+    reconcile_study(sweep)
     table = finish_sweep(sweep)
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"sweep_wall_time_s": time.perf_counter() - started})
     tracking.end_run(sweep.tracking_uri, sweep.parent_run_id, "FINISHED")
@@ -259,6 +264,39 @@ def _start_trunk(sweep: Sweep) -> Any:
     threading.Thread(target=watch, name="trunk-watcher", daemon=True).start()
     log.info("sweep %s: fork mode, the trunk (%s_baseline) runs ahead of the trials; records in %s", sweep.name, sweep.name, folder)
     return ref
+
+
+def reconcile_study(sweep: Sweep) -> int:
+    """Give the Optuna study the results of trials that failed, then finished when the sweep was resumed.
+
+    Ray's OptunaSearch told the study FAIL the first time and drops the second completion, so the
+    sampler would never learn from them. Each gets a COMPLETE copy (same parameters, its objectives,
+    `retry_of` the failed number); running this again adds nothing. Returns how many were added.
+    """
+    import optuna
+
+    from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
+
+    try:
+        study = optuna.load_study(study_name=sweep.name, storage=_optuna_storage(sweep))
+    except KeyError:  # no study (nothing was suggested)
+        return 0
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED'")
+    by_trial = {row["tags.trial_id"]: row for _, row in runs.iterrows()} if "tags.trial_id" in runs else {}
+    added = 0
+    for t in study.trials:
+        row = by_trial.get(t.user_attrs.get(TUNE_TRIAL_ATTR))
+        if t.state != optuna.trial.TrialState.FAIL or t.number in retried or row is None:
+            continue
+        values = [float(row.get(f"metrics.{o.metric}", float("nan"))) for o in sweep.space.objectives]
+        if any(v != v for v in values):
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params=t.params, distributions=t.distributions, values=values, user_attrs={**t.user_attrs, "retry_of": t.number},
+        ))
+        added += 1
+    return added
 
 
 def _optuna_storage(sweep: Sweep):

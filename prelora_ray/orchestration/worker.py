@@ -17,6 +17,7 @@ from torch import nn
 
 from prelora_ray.checkpoint import CheckpointError, load_state_file
 from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.ray_hooks import progress_logging
 from prelora_ray.trainer import TrainingLoop
 
 CHECKPOINT_FILE = "state.pt"
@@ -111,11 +112,12 @@ FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
 FAULT_MARKER_ENV = "PRELORA_FAULT_MARKER"
 FAULT_MODE_ENV = "PRELORA_FAULT_MODE"
 FAULT_BATCH_ENV = "PRELORA_FAULT_BATCH"
+FAULT_RUN_ENV = "PRELORA_FAULT_RUN"  # only runs whose name contains this (e.g. _baseline: the trunk)
 
 
 def fault_from_env() -> dict[str, str]:
     """The driver's PRELORA_FAULT_* variables (forwarded to the workers in the loop config)."""
-    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_BATCH_ENV)}
+    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_BATCH_ENV, FAULT_RUN_ENV)}
 
 
 def maybe_inject_fault(epoch: int, rank: int, fault: dict[str, str], *, batch: int | None = None) -> None:
@@ -194,15 +196,13 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
     cfg = TrainSettings.from_dict(config["settings"])
-    if not log.handlers:  # our progress lines only; Ray's own INFO chatter stays off
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    progress_logging()
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
-    runtime = RayRuntime(config.get("fault"))
+    fault = dict(config.get("fault") or {})
+    if fault.get(FAULT_RUN_ENV) and fault[FAULT_RUN_ENV] not in (cfg.name or ""):
+        fault = {}
+    runtime = RayRuntime(fault)
     if runtime.device.type == "cpu" and cfg.cluster.release_memory:
         return_freed_memory_to_os()
     sink = None

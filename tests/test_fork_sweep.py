@@ -1,0 +1,144 @@
+"""Fork-mode sweeps end to end (CLI, Ray Tune + Optuna, Ray Train, MLflow): the trunk runs ahead, trials
+that never switch take its result, twins reuse one result, a forked trial's curves hold the trunk's
+epochs and equal a from-scratch run; a failed trunk fails its waiting trials, and --resume finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from prelora_ray import metrics as M
+from tests.test_tune import _children, _tune
+
+pytestmark = pytest.mark.slow
+EPOCHS = 6
+
+
+def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: int) -> str:
+    data = {
+        "name": name,
+        "base": {
+            "epochs": EPOCHS,
+            "deterministic": True,
+            "prelora": {"k": 2, "m": 1, "warmup": 1, "zeta": 50.0},
+            "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+        },
+        # tau 1e-6 never passes; 40 and 60 both pass at the first boundary, with the same ranks
+        "parameters": {"prelora.tau": {"type": "categorical", "values": taus}},
+        "sampler": {"type": "random", "seed": seed},
+        "num_samples": num_samples,
+        "max_concurrent": 2,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _history(client, run_id: str, key: str = M.VAL_ACC) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def fork_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forksweep")
+    proc = _tune(root, _fork_space(root, "fk", 5, [0.000001, 40.0, 60.0], seed=5))
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    client, parent, children = _children(root, "fk")
+    return root, out, client, parent, children
+
+
+def test_never_trials_take_the_trunks_result_and_train_nothing(fork_sweep):
+    _, out, client, _, children = fork_sweep
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    never = [c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) == "never"]
+    assert never and "never passes on the trunk" in out
+    for c in never:
+        assert c.info.status == "FINISHED" and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
+        assert c.data.params["prelora.tau"] == "1e-06"
+        assert _history(client, c.info.run_id) == _history(client, trunk.info.run_id)
+        assert c.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
+        assert c.data.metrics[M.SWITCH_EPOCH] == -1
+
+
+def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_sweep):
+    _, out, client, parent, children = fork_sweep
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    forked = [c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never")]
+    trained = [c for c in forked if M.FORK_REUSED_TAG not in c.data.tags]
+    reused = [c for c in forked if M.FORK_REUSED_TAG in c.data.tags]
+    assert len(trained) == 1 and reused and "reusing its result" in out
+    origin = trained[0]
+    fork_epoch, switch = int(origin.data.tags[M.FORK_EPOCH_TAG]), int(origin.data.tags[M.FORK_SWITCH_TAG])
+    assert 0 <= fork_epoch <= switch == int(origin.data.metrics[M.SWITCH_EPOCH])
+    assert origin.data.tags[M.FORK_TRUNK_RUN_TAG] == trunk.info.run_id
+    assert origin.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - fork_epoch)
+    curve = _history(client, origin.info.run_id)
+    assert [s for s, _ in curve] == list(range(EPOCHS))  # whole curve, each epoch once
+    assert curve[: switch + 1] == _history(client, trunk.info.run_id)[: switch + 1]  # identical until the switch
+    for c in reused:
+        assert c.data.tags[M.FORK_REUSED_TAG] == origin.info.run_id and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
+        assert _history(client, c.info.run_id) == curve
+        assert c.data.metrics[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
+    # the parent's cost accounting: the trunk plus the one trained fork, against every run from scratch
+    assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + EPOCHS - fork_epoch
+    assert parent.data.metrics[M.EPOCHS_NAIVE_TOTAL] == EPOCHS * 6
+
+
+def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
+    """The Ray trial (forked from the trunk's checkpoint) against a from-scratch run of its config."""
+    root, _, client, _, children = fork_sweep
+    origin = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never") and M.FORK_REUSED_TAG not in c.data.tags)
+    from prelora_ray.config import TrainSettings
+    from prelora_ray.runtime import LocalRuntime
+    from prelora_ray.trainer import TrainingLoop
+
+    with open(client.download_artifacts(origin.info.run_id, "config.yaml", str(root))) as f:
+        cfg = TrainSettings.from_dict(yaml.safe_load(f))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial's worker (cpus_per_worker 1)
+    try:
+        loop = TrainingLoop(cfg.replace(**{"tracking.enabled": False, "name": None}), LocalRuntime())
+        summary = loop.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert summary[M.SWITCH_EPOCH] == int(origin.data.metrics[M.SWITCH_EPOCH])
+    assert json.dumps(summary[M.RANKS], sort_keys=True) == json.dumps(json.loads(
+        open(client.download_artifacts(origin.info.run_id, "ranks.json", str(root))).read())[M.RANKS], sort_keys=True)
+    assert summary[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
+    assert summary[M.BEST_VAL_ACC] == origin.data.metrics[M.BEST_VAL_ACC]
+    assert [v for _, v in _history(client, origin.info.run_id, M.VAL_LOSS)] == [h[M.VAL_LOSS] for h in loop.state.history]
+
+
+def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(tmp_path):
+    space = _fork_space(tmp_path, "tf", 3, [0.000001, 40.0], seed=0)
+    env = {**os.environ, "PRELORA_FAULT_EPOCH": "2", "PRELORA_FAULT_MODE": "raise", "PRELORA_FAULT_RUN": "_baseline",
+           "PRELORA_FAULT_MARKER": str(tmp_path / "fired")}
+    proc = _tune(tmp_path, space, env=env)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]  # the sweep ends (no hang) with the trunk's failure on its waiting trials
+    client, _, children = _children(tmp_path, "tf")
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    assert trunk.info.status == "FAILED" and "injected fault" in trunk.data.tags["error"]
+    waiting = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial" and c.info.status == "FAILED"]
+    assert waiting, [(c.data.tags.get("mlflow.runName"), c.info.status) for c in children]
+    assert all("trunk" in c.data.tags.get("error", "") for c in waiting) or not any(c.data.tags.get("error") for c in waiting)
+
+    resumed = _tune(tmp_path, space, "--resume", env=env)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    client, _, children = _children(tmp_path, "tf")
+    trials = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial"]
+    assert len(trials) == 3 and all(c.info.status == "FINISHED" for c in trials)
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [3]  # not one finished epoch again
+    assert [s for s, _ in _history(client, trunk.info.run_id)] == list(range(EPOCHS))
+    import optuna
+
+    study = optuna.load_study(study_name="tf", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
