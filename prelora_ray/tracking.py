@@ -194,6 +194,16 @@ def copy_metrics(uri: str, source_run_id: str, run_id: str) -> None:
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def last_step(uri: str, run_id: str, key: str) -> int | None:
+    """The highest step logged for a metric of the run (None: none, or the store cannot say)."""
+    try:
+        with _fail_fast():
+            steps = [m.step for m in client(uri).get_metric_history(run_id, key)]
+    except Exception:  # the store is down: log everything, a duplicate beats a gap
+        return None
+    return max(steps) if steps else None
+
+
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     """A text artifact (JSON, YAML, CSV) at the run's artifact root."""
     client(uri).log_text(run_id, text, name)
@@ -219,13 +229,16 @@ class MlflowSink:
     returns what is still pending (the driver reports it, nothing is silently dropped).
     """
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, *, logged_through: int | None = None) -> None:
         self.uri, self.run_id = uri, run_id
         self.pending: list[tuple[dict[str, float], int]] = []
         self._warned = False
+        self.logged_through = logged_through
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue and try to send."""
+        """Queue and try to send; a step the run already holds (an epoch re-run after a restart) is not sent twice."""
+        if self.logged_through is not None and step <= self.logged_through:
+            return
         self.pending.append((metrics, step))
         self.flush()
 

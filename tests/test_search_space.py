@@ -102,3 +102,66 @@ def test_sampled_r_min_above_r_max_is_repaired_not_crashed(tmp_path):
     space = load_search_space(_write(tmp_path, data))
     cfg = space.trial_config({"prelora.r_min": 8, "prelora.r_max": 4})
     assert (cfg.prelora.r_min, cfg.prelora.r_max) == (4, 8)
+
+
+# -- fork mode --------------------------------------------------------------------------------------
+
+def test_shipped_spaces_fork_by_default():
+    for name in ("quickstart", "paper_vit_large", "cifar10_vit_small"):
+        assert load_search_space(SPACES / f"{name}.yaml").fork, name
+
+
+@pytest.mark.parametrize("key, spec", [
+    ("optim.lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
+    ("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.2}),
+    ("data.batch_size", {"type": "categorical", "values": [32, 64]}),
+    ("seed", {"type": "int", "low": 0, "high": 3}),
+    ("epochs", {"type": "int", "low": 3, "high": 5}),
+    ("prelora.window_unit", {"type": "categorical", "values": ["epoch", "step"]}),
+])
+def test_fork_true_refuses_a_key_that_changes_the_full_phase(tmp_path, key, spec):
+    data = {**GOOD, "fork": True, "parameters": {**GOOD["parameters"], key: spec}}
+    with pytest.raises(ValueError) as err:
+        load_search_space(_write(tmp_path, data))
+    message = str(err.value)
+    assert f"parameters.{key}" in message and "full-training phase" in message and "\n" not in message
+    data["fork"] = None  # unset: the same space quietly runs every trial whole
+    del data["fork"]
+    assert not load_search_space(_write(tmp_path, data)).fork
+
+
+@pytest.mark.parametrize("key, spec", [
+    ("prelora.zero_rank_below", {"type": "uniform", "low": 0.0, "high": 2.0}),
+    ("prelora.modules", {"type": "categorical", "values": [["query", "value"], ["query", "key", "value"]]}),
+    ("optim.lora_lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
+    ("optim.carry_optimizer_state", {"type": "categorical", "values": [True, False]}),
+])
+def test_fork_allows_keys_that_act_at_or_after_the_switch(tmp_path, key, spec):
+    data = {**GOOD, "fork": {"enabled": True, "every": 5}, "parameters": {**GOOD["parameters"], key: spec}}
+    space = load_search_space(_write(tmp_path, data))
+    assert space.fork and space.fork_every == 5
+
+
+@pytest.mark.parametrize("fork, where", [
+    ({"every": 0}, "fork.every"), ({"every": "3"}, "fork.every"), ({"enabled": "yes"}, "fork.enabled"),
+    ({"often": 2}, "fork.often"), ("sometimes", "fork"),
+])
+def test_bad_fork_values_name_the_key(tmp_path, fork, where):
+    with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+        load_search_space(_write(tmp_path, {**GOOD, "fork": fork}))
+
+
+def test_fork_needs_prelora_with_epoch_windows(tmp_path):
+    with pytest.raises(ValueError, match="base.prelora.window_unit"):
+        load_search_space(_write(tmp_path, {**GOOD, "fork": True, "base": {"epochs": 3, "prelora": {"window_unit": "step"}}}))
+    assert not load_search_space(_write(tmp_path, {**GOOD, "fork": False})).fork
+
+
+def test_fork_refusal_comes_from_the_cli_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    data = {**GOOD, "fork": True, "parameters": {**GOOD["parameters"], "optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}}}
+    code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code, "tune", str(_write(tmp_path, data))], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parameters.optim.lr" in proc.stderr, proc.stderr

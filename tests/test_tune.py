@@ -101,30 +101,83 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     assert summary["switch_epoch"] == int(chosen.data.metrics["switch_epoch"])
 
 
-def test_killed_sweep_driver_resumes_to_requested_trials_each_once(tmp_path):
-    space = _space(tmp_path, "killed", 4)
-    proc = _tune(tmp_path, str(space))
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill -9 once the first trial has finished, others still to come
-        _, _, children = _children(tmp_path, "killed")
-        if any(c.info.status == "FINISHED" and c.data.tags.get("prelora.role") == "trial" for c in children):
-            break
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(2)
+def _kill(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    _, _, children = _children(tmp_path, "killed")
-    assert sum(c.data.tags.get("prelora.role") == "trial" for c in children) < 4 or any(c.info.status != "FINISHED" for c in children)
+
+
+def _wait_for(proc: subprocess.Popen, condition, what: str, timeout_s: float = 600):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert proc.poll() is None, f"the sweep ended before {what}: " + proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _curve(client, run) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc"))
+
+
+def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_anything_twice(tmp_path):
+    """SIGKILL of the whole sweep while the trunk trains, then again while a forked trial trains: --resume
+    finishes with the requested trials, each once, no finished trunk epoch or finished trial trained again."""
+    import json
+
+    space = _space(tmp_path, "killed", 4, epochs=8)
+    trunk_history = tmp_path / "ray" / "killed" / "trunk" / "history.json"
+
+    def trunk_epochs() -> int:
+        try:
+            return len(json.loads(trunk_history.read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    proc = _tune(tmp_path, str(space))
+    _wait_for(proc, lambda: trunk_epochs() >= 2, "the trunk's second epoch")
+    _kill(proc)
+    done_at_kill = trunk_epochs()
+    assert done_at_kill < 8
+
+    proc = _tune(tmp_path, str(space), "--resume")
+
+    def mid_fork():
+        client, _, children = _children(tmp_path, "killed")
+        trials = [c for c in children if c.data.tags.get("prelora.role") == "trial"]
+        finished = [c for c in trials if c.info.status == "FINISHED"]
+        for c in trials:
+            fork_epoch = c.data.tags.get("fork.epoch")
+            if c.info.status == "RUNNING" and fork_epoch is not None and finished:
+                if any(step > int(fork_epoch) for step, _ in _curve(client, c)):
+                    return c, finished
+        return None
+
+    running, finished = _wait_for(proc, mid_fork, "a forked trial training while another has finished")
+    _kill(proc)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = {c.info.run_id: (_curve(client, c), c.data.tags.get("epochs_trained")) for c in finished}
 
     resumed = _tune(tmp_path, str(space), "--resume")
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
-    _, parent, children = _children(tmp_path, "killed")
+    client, parent, children = _children(tmp_path, "killed")
     trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
     names = [c.data.tags["mlflow.runName"] for c in trials]
     assert len(names) == len(set(names)) == 4, names  # the requested number, none twice
     assert all(c.info.status == "FINISHED" for c in trials)
-    assert sum(c.data.tags["prelora.role"] == "baseline" for c in children) == 1
+    trunk = [c for c in children if c.data.tags["prelora.role"] == "baseline"]
+    assert len(trunk) == 1 and trunk[0].info.status == "FINISHED"
+    # the trunk went on from its checkpoint: at most the epoch in flight at the kill was trained again
+    assert json.loads(trunk[0].data.tags["prelora.resumed_at"])[0] >= max(1, done_at_kill - 1)
+    assert [s for s, _ in _curve(client, trunk[0])] == list(range(8))
+    for c in trials:
+        if c.info.run_id in before:  # finished before the second kill: untouched
+            assert (_curve(client, c), c.data.tags.get("epochs_trained")) == before[c.info.run_id]
+    killed = next(c for c in trials if c.info.run_id == running.info.run_id)
+    assert json.loads(killed.data.tags["prelora.resumed_at"])[0] > int(killed.data.tags["fork.epoch"])  # its own checkpoint, not the fork again
+    assert [s for s, _ in _curve(client, killed)] == list(range(8))
     import optuna
 
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

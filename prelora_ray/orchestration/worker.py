@@ -209,7 +209,13 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("mlflow_run_id") and runtime.rank == 0:
         from prelora_ray.tracking import MlflowSink
 
-        sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"])
+        from prelora_ray import metrics as M
+        from prelora_ray.tracking import last_step
+
+        # a restarted or re-run worker re-trains the epochs after its last checkpoint; what an earlier
+        # attempt already logged stays, once (deterministic runs log the same values again anyway)
+        logged = last_step(config["mlflow_uri"], config["mlflow_run_id"], M.VAL_ACC)
+        sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"], logged_through=logged)
     loop = TrainingLoop(cfg, runtime, sink, **fork_arguments(config))
     if runtime.fault.get(FAULT_BATCH_ENV) is not None:
         loop.train_loader = FaultyLoader(loop, runtime.fault, runtime.rank)
