@@ -24,7 +24,7 @@ MODULE_FAMILIES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
 EXTRA_TRAINABLE = ("head", "norms", "embeddings", "biases")
 """Non-LoRA parameter groups that may stay trainable after the freeze (the paper: none)."""
 
-MODEL_PRESETS = ("vit-digits", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
+MODEL_PRESETS = ("vit-digits", "vit-digits-wide", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 
 

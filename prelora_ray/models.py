@@ -22,6 +22,9 @@ class ViTShape:
 
 PRESETS: dict[str, ViTShape] = {
     "vit-digits": ViTShape(hidden_size=64, num_layers=4, num_heads=4, mlp_size=128, patch_size=2),
+    # digits with a LoRA phase cheaper than full training on CPU: 5 tokens of width 256, so the frozen
+    # weights' gradients and optimizer state are most of a step (benchmarks/demo_model.py)
+    "vit-digits-wide": ViTShape(hidden_size=256, num_layers=2, num_heads=4, mlp_size=256, patch_size=4),
     "vit-tiny": ViTShape(hidden_size=192, num_layers=12, num_heads=3, mlp_size=768, patch_size=16),
     "vit-small": ViTShape(hidden_size=384, num_layers=12, num_heads=6, mlp_size=1536, patch_size=16),
     "vit-base": ViTShape(hidden_size=768, num_layers=12, num_heads=12, mlp_size=3072, patch_size=16),
