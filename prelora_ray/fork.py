@@ -6,8 +6,8 @@ module family and the all-worker loss, which is all Algorithm 1 and 2 need for a
 window_stat) to `history.json`, and every `fork.every` epochs it writes a full training checkpoint
 `checkpoints/epoch_<c>.pt` (c = epochs completed, so the state at the start of epoch c). A trial
 replays Algorithm 1 on that history to find its switch epoch s, then starts from the latest
-checkpoint with c <= s, trains the full epochs c..s again (deterministic: they equal the trunk's)
-and switches with its own ranks. Files are written atomically (temp file + rename), so a reader on
+checkpoint with c <= s + 1, trains the full epochs c..s again if any (deterministic: they equal the
+trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Files are written atomically (temp file + rename), so a reader on
 shared storage never sees half a file.
 """
 
@@ -138,7 +138,7 @@ class ForkPlan:
     """What a trial does: fork at `fork_epoch` and switch at `switch.epoch`, or never switch (the trunk's result)."""
 
     switch: SwitchPoint | None
-    fork_epoch: int = -1  # the trunk checkpoint it starts from (epochs already trained)
+    fork_epoch: int = -1  # the trunk checkpoint it starts from (epochs already trained; at most switch + 1)
     checkpoint: str = ""
 
     @property
@@ -160,13 +160,13 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
     """The trial's plan from what the trunk has written so far; None: wait for more trunk epochs.
 
     The switch is known once the history holds its epoch; "never" once the trunk has recorded every
-    epoch without a pass. The checkpoint is the latest at or before the switch epoch.
+    epoch without a pass. The checkpoint is the latest at or before the end of the switch epoch.
     """
     history = read_history(folder)
     switch = replay_for(cfg, history)
     if switch is None:
         return ForkPlan(switch=None) if len(history) >= cfg.epochs else None
-    usable = [c for c in checkpoint_epochs(folder) if c <= switch.epoch]
+    usable = [c for c in checkpoint_epochs(folder) if c <= switch.epoch + 1]  # c = s + 1: switch right after loading
     if not usable:
         return None
     return ForkPlan(switch=switch, fork_epoch=usable[-1], checkpoint=str(checkpoint_path(folder, usable[-1])))

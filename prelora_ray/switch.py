@@ -47,13 +47,17 @@ def rank_by_module(model: nn.Module, ranks: dict[str, list[int]]) -> dict[str, i
     return out
 
 
-def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRASettings) -> nn.Module:
+def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRASettings, *, seed: int | None = None) -> nn.Module:
     """Wrap the plain ViT with LoRA adapters of the given per-layer ranks; returns the PEFT model.
 
     Keys of rank_pattern/alpha_pattern are whole, escaped module names: PEFT matches them as
     `(.*\\.)?KEY$`, so `vit\\.layers\\.1\\.attention\\.q_proj` cannot match layer 11. Each module
     is checked afterwards to carry its rank and alpha (a key that matches nothing is silently ignored
     by PEFT). B starts at zero, so the model's output is unchanged.
+
+    With `seed`, A is drawn from its own generator state and the global RNG is left as it was: the
+    injection then draws nothing from the training's random stream, so a run forked from a
+    checkpoint taken after the switch epoch continues exactly as the run that switched live.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -74,7 +78,13 @@ def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRA
     )
     with warnings.catch_warnings():  # transformers' own deprecation notice, raised inside PEFT
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
+        if seed is None:
+            peft_model = get_peft_model(model, config)
+        else:
+            device = next(model.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                peft_model = get_peft_model(model, config)
     root = peft_model.base_model.model
     lean_lora_forward(peft_model, True)
     for name, rank in targets.items():

@@ -237,13 +237,17 @@ class TrainingLoop:
 
     def _switch(self, ranks: dict[str, list[int]]) -> None:
         """Inject LoRA with the assigned ranks; base and LoRA train together (WARMUP)."""
-        self.model = inject_lora(unwrap(self.wrapped), ranks, self.cfg.prelora)
+        self.model = inject_lora(unwrap(self.wrapped), ranks, self.cfg.prelora, seed=self._adapter_seed())
         set_trainable(self.model, Phase.WARMUP, self.cfg.prelora)
         self.state.phase, self.state.ranks, self.state.switch_epoch = Phase.WARMUP, ranks, self.state.epoch
         self._rebuild()
         if self.runtime.rank == 0:
             log.info("epoch %d: partial convergence test passed; LoRA injected with ranks %s", self.state.epoch, ranks)
         self.sink.log_dict({"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json")
+
+    def _adapter_seed(self) -> int:
+        """Seed of the adapters' initial A: from the run's seed and the switch epoch, not the training's RNG stream."""
+        return (self.cfg.seed * 1_000_003 + self.state.epoch * 7919 + 17) % 2**63
 
     def _freeze(self) -> None:
         """Freeze the base: only LoRA (and the configured groups) train from here (LORA)."""
@@ -253,11 +257,12 @@ class TrainingLoop:
         if self.runtime.rank == 0:
             log.info("epoch %d: base frozen; %s", self.state.epoch, self._trainable_text())
 
-    def _after_unit(self, loss: float) -> None:
-        """Record one window unit; at a boundary in the FULL phase, maybe switch."""
+    def _after_unit(self, loss: float | None) -> None:
+        """Record one window unit (None: it is recorded already); at a boundary in the FULL phase, maybe switch."""
         if self.state.phase is not Phase.FULL or self.cfg.strategy != "prelora":
             return
-        self.monitor.record(self._norms(), loss)
+        if loss is not None:
+            self.monitor.record(self._norms(), loss)
         if self.monitor.at_boundary() and self.state.epoch >= self.cfg.prelora.min_switch_epoch:
             passed, ranks = self._decide()
             if passed:
@@ -370,7 +375,7 @@ class TrainingLoop:
         loop["phase"] = Phase(loop["phase"])
         self.state = LoopState(**loop)
         if self.state.phase is not Phase.FULL:
-            self.model = inject_lora(unwrap(self.wrapped), self.state.ranks, self.cfg.prelora)
+            self.model = inject_lora(unwrap(self.wrapped), self.state.ranks, self.cfg.prelora, seed=0)  # A is loaded next
         set_trainable(self.model, self.state.phase, self.cfg.prelora)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer = None
@@ -396,6 +401,22 @@ class TrainingLoop:
         window = [({f: norms[f] for f in p.modules}, loss) for norms, loss in fork.snapshots[max(0, start - p.k * p.m) : start]]
         self.load_state_dict(fork.state, monitor={"snapshots": window, "units": start, "k": p.k, "m": p.m})
         self.state.resumed_at, self.state.decisions, self.state.forked_from = [], [], start
+        if start > 0:
+            self._decide_at_end_of(start - 1)
+
+    def _decide_at_end_of(self, epoch: int) -> None:
+        """The decision a live run takes at the end of `epoch`, taken after loading a checkpoint from then.
+
+        A fork from the trunk's checkpoint at the end of the switch epoch switches here, and the
+        freeze follows at once when w = 0, as in `run()`; that epoch's record then says so.
+        """
+        self.state.epoch = epoch
+        self._after_unit(None)
+        if self.state.switch_epoch == epoch:
+            if self.state.phase is Phase.WARMUP and self.cfg.prelora.warmup == 0:
+                self._freeze()
+            self.state.history[-1].update({M.SWITCH_EPOCH: self.state.switch_epoch, M.FREEZE_EPOCH: self.state.freeze_epoch})
+        self.state.epoch = epoch + 1
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_replay_on_the_trunk_gives_the_live_switch_epochs_and_ranks(trunk, live_
     assert -1 in epochs and len({e for e in epochs if e >= 0}) >= 3, epochs  # the table spreads, and one never passes
 
 
-def test_plan_takes_the_latest_checkpoint_at_or_before_the_switch(trunk, tmp_path, live_switches):
+def test_plan_takes_the_latest_checkpoint_at_or_before_the_end_of_the_switch_epoch(trunk, tmp_path, live_switches):
     folder, _ = trunk
     setting = SETTINGS[3]
     switch = live_switches[setting][0]
@@ -161,7 +161,7 @@ def test_plan_takes_the_latest_checkpoint_at_or_before_the_switch(trunk, tmp_pat
     for c in range(0, EPOCHS + 1, 3):
         (sparse / fork.CHECKPOINT_DIR / f"epoch_{c:05d}.pt").write_bytes(b"")
     plan = fork.plan_fork(settings(*setting), sparse)
-    assert plan.switch.epoch == switch and plan.fork_epoch == switch // 3 * 3
+    assert plan.switch.epoch == switch and plan.fork_epoch == (switch + 1) // 3 * 3
 
 
 def test_plan_waits_until_the_trunk_reaches_the_switch_then_never_only_at_the_end(trunk, tmp_path, live_switches):
@@ -204,13 +204,19 @@ def _forked(setting: tuple, folder, checkpoint_epoch: int) -> TrainingLoop:
     return loop
 
 
-@pytest.mark.parametrize("setting, back", [(SETTINGS[1], 0), (SETTINGS[3], 2)])
-def test_forked_run_equals_the_run_from_scratch(trunk, live_switches, setting, back):
+@pytest.mark.parametrize("setting, back, extra", [
+    (SETTINGS[1], -1, ()),  # the checkpoint at the end of the switch epoch: switch right after loading
+    (SETTINGS[1], -1, ("prelora.warmup=0",)),  # ...and freeze at once
+    (SETTINGS[3], 0, ()),  # the start of the switch epoch: train it again, then switch
+    (SETTINGS[3], 2, ()),  # a sparser trunk: two full epochs again
+])
+def test_forked_run_equals_the_run_from_scratch(trunk, live_switches, setting, back, extra):
     folder, _ = trunk
     switch = live_switches[setting][0]
+    setting = (*setting, *extra)
     scratch, forked = _scratch(setting), _forked(setting, folder, switch - back)
     assert forked.state.forked_from == switch - back
-    for key in (M.VAL_ACC, M.VAL_LOSS, M.TRAIN_LOSS, M.PHASE, M.TRAINABLE_PARAMS, M.LR):
+    for key in (M.VAL_ACC, M.VAL_LOSS, M.TRAIN_LOSS, M.PHASE, M.TRAINABLE_PARAMS, M.LR, M.SWITCH_EPOCH, M.FREEZE_EPOCH):
         assert [h[key] for h in forked.state.history] == [h[key] for h in scratch.state.history], key
     a, b = scratch.summary(), forked.summary()
     for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS, M.FINAL_VAL_ACC, M.BEST_VAL_ACC):
