@@ -5,12 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from prelora_ray.config import TrainSettings, field_docs
 
 log = logging.getLogger("prelora_ray")
+
+VERBOSE_HELP = "also Ray's per-report dumps, Ray Tune's tables, every run's line per epoch, progress bars"
+# Ray merges similar lines of different processes ("[repeated 3x across cluster]"): never ours
+NEVER_DEDUP = r"^trial \S+: |^epoch +\d+ \|"
+# Ray-internal lines with nothing to act on, hidden without --verbose: Ray Train's controller on its own
+# PreemptionWatcher actor (once per run), the raylet counting the processes a sweep's short-lived actors start
+RAY_NOISE = r"'PreemptionWatcher' .*max_restarts > 0|PYTHON worker processes have been started on node"
+
+
+def _console_env(verbose: bool) -> None:
+    """Console settings read once when Ray and MLflow are imported, so set before (processes Ray starts inherit them)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", NEVER_DEDUP)
+    if not sys.stdout.isatty():  # a log file or a pipe: no colour codes around Ray's "(trial_fn pid=...)"
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def mlflow_lines(uri: str, experiment_id: str | None, run_id: str | None = None) -> list[str]:
+    """How to see the runs: the UI command and the direct page (MLflow 3's UI otherwise opens on an empty GenAI overview)."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") if experiment_id else ""
+    if uri.startswith(("http://", "https://")):  # a tracking server is its own UI
+        return [f"open {uri.rstrip('/')}/{page}"]
+    lines = [f"browse: mlflow ui --backend-store-uri {uri}"]
+    if page:
+        lines.append(f"  then open http://127.0.0.1:5000/{page}")
+    return lines
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +52,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (same as --set tracking.uri=...)")
     p.add_argument("--no-tracking", action="store_true", help="train without MLflow")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning, then exit")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,20 +69,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
     cfg = TrainSettings.load(args.config, overrides)
+    _console_env(args.verbose)
     from prelora_ray.orchestration.train import prepare_run  # checks before Ray starts
 
-    summary = _run_prepared(prepare_run(cfg))
+    summary = _run_prepared(prepare_run(cfg), verbose=args.verbose)
     print(_summary_text(summary))
     return 0
 
 
-def _run_prepared(run: Any) -> dict[str, Any]:
+def _run_prepared(run: Any, *, verbose: bool = False) -> dict[str, Any]:
     from prelora_ray.orchestration.train import fit_run, init_ray
 
     log.info("run %s: %s on %s, %d epochs; MLflow %s", run.name, run.cfg.strategy, run.cfg.data.name, run.cfg.epochs, run.tracking_uri or "off")
-    init_ray(run.cfg.cluster.address)
-    summary = fit_run(run)
-    summary.update(run_name=run.name, mlflow_run_id=run.mlflow_run_id, tracking_uri=run.tracking_uri)
+    init_ray(run.cfg.cluster.address, verbose=verbose)
+    summary = fit_run(run, verbose=verbose, epoch_lines=True)
+    summary.update(
+        run_name=run.name, mlflow_run_id=run.mlflow_run_id, tracking_uri=run.tracking_uri,
+        experiment=run.cfg.tracking.experiment, experiment_id=run.experiment_id,
+    )
     return summary
 
 
@@ -66,7 +102,8 @@ def _summary_text(s: dict[str, Any]) -> str:
     if s.get("merged_model_path"):
         lines.append(f"merged model (plain ViT): {s['merged_model_path']}")
     if s.get("tracking_uri"):
-        lines.append(f"MLflow run {s.get('mlflow_run_id')}: mlflow ui --backend-store-uri {s['tracking_uri']}")
+        lines.append(f"MLflow run {s.get('mlflow_run_id')} in experiment {s.get('experiment')!r} (id {s.get('experiment_id')})")
+        lines += mlflow_lines(s["tracking_uri"], s.get("experiment_id"), s.get("mlflow_run_id"))
     return "\n".join(lines)
 
 
@@ -81,6 +118,7 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
     p.add_argument("--storage", help="Ray results folder (default: the base config's cluster.storage_path)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -92,15 +130,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: an integer >= 1")
+    _console_env(args.verbose)
     from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
 
-    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment)
+    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment, verbose=args.verbose)
     log.info("sweep %s: %d trials of %s (+ baseline), MLflow %s", sweep.name, args.num_samples or space.num_samples, space.path, sweep.tracking_uri)
     table = run_sweep(sweep, address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent, resume=args.resume)
     print("\nPareto front (and the full-training baseline):")
     print(format_front(table))
-    print(f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r}, parent run {sweep.parent_run_id}")
-    print(f"open it: mlflow ui --backend-store-uri {sweep.tracking_uri}")
+    print(f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id}), parent run {sweep.parent_run_id}")
+    print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id)))
     return 0
 
 

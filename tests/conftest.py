@@ -37,13 +37,13 @@ def _no_fault_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def two_sweeps(tmp_path_factory):
-    """Two real small sweeps ("small", "other": 3 trials + baseline each) in one MLflow store, via the CLI."""
+    """Two real small sweeps ("small", "other" with --verbose: 3 trials + baseline each) in one MLflow store, via the CLI."""
     from tests.test_tune import _space, _tune
 
     root = tmp_path_factory.mktemp("sweeps")
     outputs = {}
     for name, seed in (("small", 1), ("other", 2)):
-        proc = _tune(root, str(_space(root, name, 3, seed=seed)))
+        proc = _tune(root, str(_space(root, name, 3, seed=seed)), *(["--verbose"] if name == "other" else []))
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]
         outputs[name] = out

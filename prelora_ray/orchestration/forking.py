@@ -81,7 +81,7 @@ def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkP
             raise TrunkFailed(f"the trunk {sweep.name}_baseline failed, so {run_name} cannot fork: {status.get('error')}")
         if status.get("state") == "finished" and fork.plan_fork(cfg, folder) is None:
             raise TrunkFailed(f"the trunk {sweep.name}_baseline finished but its history in {folder} is incomplete")
-        if time.monotonic() - last_note > PROGRESS_EVERY_S:
+        if sweep.verbose and time.monotonic() - last_note > PROGRESS_EVERY_S:  # else the driver shows the trunk's progress
             log.info("%s waits for the trunk (epoch %d/%d)", run_name, len(fork.read_history(folder)), cfg.epochs)
             last_note = time.monotonic()
         time.sleep(POLL_S)
@@ -133,11 +133,11 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         if holder.get("state") == "finished":
             return _reuse(run, run_name, holder)
         time.sleep(POLL_S)  # its twin is training: wait for that result rather than train it twice
-    log.info("%s: switch epoch %d (replayed), forked from the trunk at epoch %d", run_name, plan.switch.epoch, plan.fork_epoch)
+    log.info("trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)", run_name, plan.fork_epoch, plan.switch.epoch)
     try:
-        _copy_trunk_epochs(run, history[: plan.fork_epoch])
+        _copy_trunk_epochs(run, switch_marked(history[: plan.fork_epoch], plan.switch.epoch, cfg.prelora.warmup))
         summary = fit_run(
-            run, tune_callback=True,
+            run, tune_callback=True, verbose=sweep.verbose, epoch_lines=sweep.verbose,
             loop_extra={"fork": {"folder": str(folder), "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}},
         )
     except BaseException as exc:
@@ -149,9 +149,19 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     return summary
 
 
+def switch_marked(history: list[dict[str, Any]], switch_epoch: int, warmup: int) -> list[dict[str, Any]]:
+    """The trunk's records as the trial's own: the record of its switch epoch carries the switch (and a w = 0 freeze)."""
+    out = [dict(h) for h in history]
+    for record in out:
+        if int(record[M.EPOCH]) == switch_epoch:
+            record[M.SWITCH_EPOCH] = switch_epoch
+            record[M.FREEZE_EPOCH] = switch_epoch if warmup == 0 else -1
+    return out
+
+
 def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The test never passes on the trunk: the trial is the trunk, trains nothing."""
-    log.info("%s: the convergence test never passes on the trunk; its result is the trunk's", run_name)
+    log.info("trial %s: never switches: the convergence test never passes on the trunk; its result is the trunk's (0 epochs trained)", run_name)
     _set_tags(run, {M.FORK_EPOCH_TAG: str(cfg.epochs)})
     _copy_trunk_epochs(run, history)
     summary = {**fork.summarize(history), "history": history, "epochs_trained": 0}
@@ -162,7 +172,10 @@ def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[di
 
 def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str, Any]:
     """Same switch epoch, ranks and post-switch config as a finished trial: its result, nothing trained."""
-    log.info("%s: same switch epoch, ranks and settings as %s; reusing its result", run_name, holder.get("owner"))
+    log.info(
+        "trial %s: same switch epoch (%s), ranks and settings as %s; reusing its result (0 epochs trained)",
+        run_name, holder.get("report", {}).get(M.SWITCH_EPOCH, "?"), holder.get("owner"),
+    )
     _set_tags(run, {M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
     c = tracking.client(run.tracking_uri)
     if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) != "true":

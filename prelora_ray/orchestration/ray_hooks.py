@@ -7,6 +7,8 @@ It imports nothing heavy, so processes that never train do not pay for torch.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 # Ray Train's detached PlacementGroupCleaner asks the state API (served by the dashboard) whether the
 # controller still lives; a local Ray started without the dashboard (ray[default] is not installed)
@@ -15,8 +17,53 @@ CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cl
 
 
 def quiet_without_state_api() -> None:
-    """Silence only the cleaner's warnings (errors still show)."""
+    """Silence only the cleaner's warnings (errors still show), and tell it which Ray is ours.
+
+    With a second local Ray on the machine (two sweeps, a benchmark) the cleaner's state-API client
+    cannot pick one and its thread dies with a 30-line ConnectionError traceback; RAY_ADDRESS names ours.
+    """
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+    if not os.environ.get("RAY_ADDRESS"):
+        try:
+            import ray
+
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # not connected yet: the cleaner finds the cluster itself, as before
+            pass
+
+
+def ray_report_logger() -> str:
+    """Name of Ray Train's logger of "Reporting training result N: TrainingReport(...)" (one per report and worker).
+
+    It is named after its source file (`logging.getLogger(__file__)`), outside the `ray` hierarchy, so
+    Ray Train's LoggingConfig does not reach it.
+    """
+    import ray
+
+    return os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+
+
+def apply_console(verbose: bool = False, progress: bool = True) -> None:
+    """What one of our Ray processes (a trial's driver, the trunk task, a Train worker) prints.
+
+    `progress`: our INFO lines (a worker's line per epoch, switch and freeze; a trial's fork events).
+    `verbose`: also Ray Train's per-report dumps, MLflow's INFO lines and the progress bars of MLflow
+    (artifact downloads) and transformers (model shards). Warnings and errors always show.
+    """
+    progress_logging()
+    logging.getLogger("prelora_ray").setLevel(logging.INFO if verbose or progress else logging.WARNING)
+    logging.getLogger(ray_report_logger()).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    if "mlflow" in sys.modules:  # else MLFLOW_LOGGING_LEVEL below applies when it is imported
+        logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers imported later
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def progress_logging() -> None:

@@ -36,6 +36,7 @@ class PreparedRun:
     name: str
     tracking_uri: str | None
     mlflow_run_id: str | None
+    experiment_id: str | None = None
 
 
 def default_name(cfg: TrainSettings) -> str:
@@ -61,7 +62,7 @@ def prepare_run(cfg: TrainSettings, *, parent_run_id: str | None = None, extra_t
     cfg = preflight(cfg)
     name = cfg.name or default_name(cfg)
     cfg = cfg.replace(name=name)
-    uri = run_id = None
+    uri = run_id = exp = None
     if cfg.tracking.enabled:
         from prelora_ray import tracking
 
@@ -71,18 +72,21 @@ def prepare_run(cfg: TrainSettings, *, parent_run_id: str | None = None, extra_t
         tags = {"strategy": cfg.strategy, "dataset": cfg.data.name, "model": cfg.model.preset, **(extra_tags or {})}
         run_id = tracking.start_run(uri, exp, cfg.tracking.run_name or name, params=cfg.flat(), tags=tags, parent_run_id=parent_run_id)
         tracking.log_text(uri, run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
-    return PreparedRun(cfg=cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id)
+    return PreparedRun(cfg=cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, experiment_id=exp)
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Start or join Ray once, with the fast health-check interval for the Train controller."""
+def init_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool = True) -> None:
+    """Start or join Ray once, with the fast health-check interval for the Train controller.
+
+    `verbose=False`: the driver's `ray` logger at WARNING (no "Started a local Ray instance" and Tune's INFO lines).
+    """
     import ray
 
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(RAY_ENV)}, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(RAY_ENV)}, "log_to_driver": True, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -90,8 +94,13 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def fit_run(run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_run(
+    run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True,
+) -> dict[str, Any]:
     """Run the TorchTrainer to the end (resuming from the last checkpoint of a run of the same name).
+
+    The workers print our line per epoch if `epoch_lines`, and Ray Train's per-report dumps and the
+    progress bars only if `verbose` (`ray_hooks.apply_console`).
 
     Returns rank 0's summary (history, ranks, switch/freeze epochs, merged model path). The MLflow
     run ends FINISHED, or FAILED with the error, and the summary metrics and ranks are logged.
@@ -115,6 +124,7 @@ def fit_run(run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[s
             "mlflow_run_id": run.mlflow_run_id,
             "export_dir": str(Path(cfg.output_dir) / run.name / "merged"),
             "fault": fault_from_env(),
+            "console": {"verbose": verbose, "progress": epoch_lines},
             **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
         },
         scaling_config=ScalingConfig(
@@ -198,4 +208,5 @@ def run_train(cfg: TrainSettings, *, num_cpus: int | None = None) -> dict[str, A
     summary["run_name"] = run.name
     summary["mlflow_run_id"] = run.mlflow_run_id
     summary["tracking_uri"] = run.tracking_uri
+    summary["experiment_id"] = run.experiment_id
     return summary

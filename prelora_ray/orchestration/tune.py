@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ import pandas as pd
 from prelora_ray import metrics as M
 from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
-from prelora_ray.orchestration.ray_hooks import progress_logging
+from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
+from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
@@ -44,6 +46,7 @@ class Sweep:
     storage_path: str
     parent_run_id: str = ""
     experiment_id: str = ""
+    verbose: bool = False  # Tune's tables, every run's line per epoch, Ray Train's dumps (`--verbose`)
 
     @property
     def optuna_url(self) -> str:
@@ -67,7 +70,9 @@ class Sweep:
         )
 
 
-def make_sweep(space: SearchSpace, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None) -> Sweep:
+def make_sweep(
+    space: SearchSpace, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None, verbose: bool = False,
+) -> Sweep:
     """Validate everything cheap (data path, model shape, MLflow store) before Ray starts."""
     preflight(space.base)
     uri = tracking.resolve_uri(tracking_uri or space.base.tracking.uri)
@@ -77,6 +82,7 @@ def make_sweep(space: SearchSpace, *, name: str | None, tracking_uri: str | None
         experiment=experiment or space.experiment or space.base.tracking.experiment,
         tracking_uri=uri,
         storage_path=str(Path(storage_path or space.base.cluster.storage_path).expanduser().resolve()),
+        verbose=verbose,
     )
     sweep.experiment_id = tracking.ensure_experiment(uri, sweep.experiment)
     return sweep
@@ -128,13 +134,13 @@ def _run_one(
     )
     if on_prepared is not None:
         on_prepared(run)
-    return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra)
+    return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 
 def _run_trunk(sweep: Sweep) -> dict[str, Any]:
     from prelora_ray.orchestration.forking import run_trunk
 
-    progress_logging()
+    apply_console(sweep.verbose)
     return run_trunk(sweep, _run_one)
 
 
@@ -142,7 +148,7 @@ def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
     """The Tune trainable of one trial (the "driver"): builds and fits one TorchTrainer."""
     from ray import tune
 
-    progress_logging()
+    apply_console(sweep.verbose)  # its fork events; its workers' epoch lines only with --verbose (fit_run)
     trial_id = tune.get_context().get_trial_id()
     sampled = {k: v for k, v in config.items() if k in {p.key for p in sweep.space.parameters}}
     cfg = sweep.space.trial_config(sampled)
@@ -189,17 +195,26 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     if not resume and (exp_path / "tuner.pkl").exists():
         raise ValueError(f"a sweep named {sweep.name!r} already exists under {sweep.storage_path}: add --resume to continue it, or --name NEW")
     sweep.parent_run_id = _parent_run(sweep, num_samples or space.num_samples)
-    init_ray(address)
-    baseline_ref = None
+    init_ray(address, verbose=sweep.verbose)
+    baseline_ref = progress = None
     if space.fork:  # the baseline is the trunk every trial forks from: it always runs, ahead of them
         baseline_ref = _start_trunk(sweep)
+        if baseline_ref is not None:
+            progress = TrunkProgress(sweep).start()
     elif space.baseline and not _baseline_done(sweep):
         remote = ray.remote(num_cpus=0)(_run_one)
         baseline_ref = remote.remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), {"cpu": 0, "memory": 1})
+    _quiet_libraries(sweep.verbose)
+    console = console_callback(sweep)
     if resume:
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=space.fork)
+        internal = getattr(tuner, "_local_tuner", None)  # the restored RunConfig is the pickled one: this run's console
+        if internal is not None:
+            run_config = internal.get_run_config()
+            run_config.verbose = 1 if sweep.verbose else 0
+            run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, SweepConsole)] + [console]
     else:
         searcher = TaggedOptunaSearch(
             space=DefineByRun(space.parameters),
@@ -222,21 +237,38 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 # a trial's driver lost with its node is retried (same name: its TorchTrainer resumes from
                 # its checkpoint, its MLflow run is reused) as often as its workers may be
                 failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
-                verbose=1,
+                callbacks=[console],
+                verbose=1 if sweep.verbose else 0,  # Tune's status and result tables: --verbose
             ),
         )
     started = time.perf_counter()
     tuner.fit()
     if baseline_ref is not None:
         try:
-            ray.get(baseline_ref)
+            baseline = ray.get(baseline_ref)
         except Exception as exc:  # the baseline failed: the sweep's trials still count
             log.warning("the full-training baseline failed: %s", exc)
+        else:
+            if progress is None:  # in fork mode, the trunk's progress said it
+                log.info("baseline %s_baseline: finished: %s", sweep.name, objectives_text(baseline, [o.metric for o in space.objectives]))
+    if progress is not None:
+        progress.stop()
     reconcile_study(sweep)
     table = finish_sweep(sweep)
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"sweep_wall_time_s": time.perf_counter() - started})
     tracking.end_run(sweep.tracking_uri, sweep.parent_run_id, "FINISHED")
     return table
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Without --verbose: no Optuna INFO lines ("A new study created"), no Tune tables, one line per failed trial (ours, not Tune's trace)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+        # Tune's new output engine prints its experiment table and paths even at verbose=0; the legacy one is silent
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def _start_trunk(sweep: Sweep) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 
 from prelora_ray.checkpoint import CheckpointError, load_state_file
 from prelora_ray.config import TrainSettings
-from prelora_ray.orchestration.ray_hooks import progress_logging
+from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.trainer import TrainingLoop
 
 CHECKPOINT_FILE = "state.pt"
@@ -196,7 +196,7 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
     cfg = TrainSettings.from_dict(config["settings"])
-    progress_logging()
+    apply_console(**(config.get("console") or {}))  # our epoch lines, Ray's report dumps: fit_run decides
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
     fault = dict(config.get("fault") or {})
