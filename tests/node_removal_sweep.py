@@ -41,6 +41,7 @@ def space_file(workdir: Path) -> Path:
         "num_samples": NUM_TRIALS,
         "max_concurrent": NUM_TRIALS,
         "baseline": False,
+        "fork": False,  # each trial its own whole run: the node lost is one of theirs (fork mode always runs a trunk)
     }
     path = workdir / "noderm.yaml"
     path.write_text(yaml.safe_dump(data))
