@@ -6,6 +6,7 @@ report with a checkpoint. Ray-free: the surroundings come in as a `Runtime` and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -445,8 +446,9 @@ class TrainingLoop:
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
             self.state.history.append({**{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}, "wall_time": time.time()})
             self.state.epoch = epoch + 1
+            snapshot = functools.cache(self.state_dict)  # built at most once per epoch (trunk file and report)
             if self.trunk is not None:  # before the report: the trunk's files are never behind its checkpoints
-                self.trunk.after_epoch(epoch, metrics, self.state_dict)
+                self.trunk.after_epoch(epoch, metrics, snapshot)
             self.sink.log_metrics({k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH)}, step=epoch)
             if self.runtime.rank == 0:
                 log.info(
@@ -457,7 +459,7 @@ class TrainingLoop:
             report.update({k: v for k, v in self.summary().items() if isinstance(v, (int, float))})
             changed = self.state.switch_epoch == epoch or self.state.freeze_epoch == epoch
             due = (epoch + 1) % self.cfg.cluster.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or changed
-            self.runtime.report(report, self.state_dict() if due else None)
+            self.runtime.report(report, snapshot() if due else None)
         return self.summary()
 
     def export_merged(self, path: str | Path) -> Path:

@@ -22,6 +22,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process runs: steady on a busy 2-CPU box, and the same
+    count everywhere a result is compared exactly (float sums depend on it: a fork and its trunk too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def sqlite_uri(tmp_path):
     """A fresh MLflow sqlite store in the test's temp dir."""

@@ -37,21 +37,15 @@ SETTINGS = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest)
+
+
 def settings(k: int, m: int, tau: float, zeta: float, stat: str, *extra: str) -> TrainSettings:
     return TrainSettings.load(None, [*BASE, f"prelora.k={k}", f"prelora.m={m}", f"prelora.tau={tau}", f"prelora.zeta={zeta}", f"prelora.window_stat={stat}", *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the trunk and every fork must use the same (float sums depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def trunk(tmp_path_factory):
+def trunk(tmp_path_factory, one_thread):
     """The trunk: full training of the base config, every family's norms recorded, a checkpoint each epoch."""
     folder = tmp_path_factory.mktemp("trunk")
     cfg = TrainSettings.load(None, [*BASE, "strategy=full", f"prelora.modules={','.join(MODULE_FAMILIES)}"])
@@ -70,7 +64,7 @@ class StopAtSwitch(LocalRuntime):
 
 
 @pytest.fixture(scope="module")
-def live_switches():
+def live_switches(one_thread):
     """The switch epoch and ranks a live run from scratch gives for each setting (-1: never)."""
     out = {}
     for setting in SETTINGS:

@@ -38,6 +38,9 @@ BASE = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest)
+
+
 def cfg(*extra: str) -> TrainSettings:
     return TrainSettings.load(None, [*BASE, *extra])
 
@@ -48,17 +51,8 @@ def run(settings: TrainSettings, runtime: LocalRuntime | None = None) -> tuple[T
     return loop, runtime, loop.run()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: fast and steady on a busy 2-CPU box (results are compared within a process)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def reference():
+def reference(one_thread):
     """The uninterrupted run every other test compares against."""
     return run(cfg())
 

@@ -10,7 +10,9 @@ every node sees, as Ray Train's own `storage_path` already must be.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +66,9 @@ def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
 
 def mark_trunk_failed(folder: Path, exc: BaseException) -> None:
     """Record the trunk's failure unless it already is (the Ray task and the sweep driver both may)."""
-    if fork.read_status(folder).get("state") != "failed":
-        fork.write_status(folder, "failed", error=f"{type(exc).__name__}: {exc}", run_id=fork.read_status(folder).get("run_id", ""))
+    status = fork.read_status(folder)
+    if status.get("state") != "failed":
+        fork.write_status(folder, "failed", error=f"{type(exc).__name__}: {exc}", run_id=status.get("run_id", ""))
 
 
 def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkPlan:
@@ -73,13 +76,13 @@ def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkP
     folder = trunk_dir(sweep)
     last_note = time.monotonic()
     while True:
-        status = fork.read_status(folder)
+        status = fork.read_status(folder)  # before the plan: a trunk finished by then has written all its history
         plan = fork.plan_fork(cfg, folder)
         if plan is not None:
             return plan
         if status.get("state") == "failed":
             raise TrunkFailed(f"the trunk {sweep.name}_baseline failed, so {run_name} cannot fork: {status.get('error')}")
-        if status.get("state") == "finished" and fork.plan_fork(cfg, folder) is None:
+        if status.get("state") == "finished":
             raise TrunkFailed(f"the trunk {sweep.name}_baseline finished but its history in {folder} is incomplete")
         if sweep.verbose and time.monotonic() - last_note > PROGRESS_EVERY_S:  # else the driver shows the trunk's progress
             log.info("%s waits for the trunk (epoch %d/%d)", run_name, len(fork.read_history(folder)), cfg.epochs)
@@ -94,13 +97,18 @@ def _prepare(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, st
     )
 
 
-def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
-    """The trunk's per-epoch metrics in the trial's run (once: a resumed trial does not copy again)."""
+def _copy_once(run: PreparedRun, copy: Callable[[], None]) -> None:
+    """Copy curves into the trial's run once: a resumed or retried trial does not copy them again."""
     c = tracking.client(run.tracking_uri)
     if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) == "true":
         return
-    tracking.log_history(run.tracking_uri, run.mlflow_run_id, history)
+    copy()
     c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
+
+
+def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
+    """The trunk's per-epoch metrics in the trial's run."""
+    _copy_once(run, lambda: tracking.log_history(run.tracking_uri, run.mlflow_run_id, history))
 
 
 def _set_tags(run: PreparedRun, tags: dict[str, str]) -> None:
@@ -177,21 +185,12 @@ def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str,
         run_name, holder.get("report", {}).get(M.SWITCH_EPOCH, "?"), holder.get("owner"),
     )
     _set_tags(run, {M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
-    c = tracking.client(run.tracking_uri)
-    if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) != "true":
-        tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id)
-        c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
+    _copy_once(run, lambda: tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id))
     try:
-        text = Path(c.download_artifacts(holder["run_id"], "ranks.json", tempfile_dir())).read_text()
+        with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
+            text = Path(tracking.client(run.tracking_uri).download_artifacts(holder["run_id"], "ranks.json", tmp)).read_text()
         tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, "ranks.json")
     except Exception:  # the twin's artifact is missing: the metrics still say it all
         log.warning("%s: could not copy ranks.json from run %s", run_name, holder["run_id"])
     end_run(run, "FINISHED")
     return {**holder["report"], "epochs_trained": 0}
-
-
-def tempfile_dir() -> str:
-    """A fresh temporary folder."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="prelora-")

@@ -282,8 +282,9 @@ def _start_trunk(sweep: Sweep) -> Any:
 
     folder = trunk_dir(sweep)
     if _baseline_done(sweep):
-        if fork.read_status(folder).get("state") != "finished":
-            fork.write_status(folder, "finished", run_id=fork.read_status(folder).get("run_id", ""))
+        status = fork.read_status(folder)
+        if status.get("state") != "finished":
+            fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
         return None
     ref = ray.remote(num_cpus=0, max_retries=0)(_run_trunk).remote(sweep)
 

@@ -185,7 +185,6 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
         return {"trunk": fork.TrunkWriter(config["trunk"]["folder"], int(config["trunk"]["every"]))}
     if config.get("fork"):
         spec = config["fork"]
-        from prelora_ray.checkpoint import load_state_file
         from prelora_ray.trainer import ForkStart
 
         history = fork.read_history(spec["folder"])
@@ -207,10 +206,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         return_freed_memory_to_os()
     sink = None
     if config.get("mlflow_run_id") and runtime.rank == 0:
-        from prelora_ray.tracking import MlflowSink
-
         from prelora_ray import metrics as M
-        from prelora_ray.tracking import last_step
+        from prelora_ray.tracking import MlflowSink, last_step
 
         # a restarted or re-run worker re-trains the epochs after its last checkpoint; what an earlier
         # attempt already logged stays, once (deterministic runs log the same values again anyway)
