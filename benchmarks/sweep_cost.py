@@ -1,10 +1,12 @@
 """Cost of a fork-from-trunk sweep vs the same sweep trained from scratch ("naive"), in one run.
 
-    python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30]
+    python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30] [--trial-executor tune]
 
 Both sweeps use search_spaces/quickstart.yaml's space on digits with `--model` (default vit-digits, as
 measured; the quickstart itself now uses vit-digits-wide, which switches earlier) and `deterministic: true`,
-max_concurrent 1 and the same sampler and seed; only `fork` differs. Each runs through
+max_concurrent 1, the same trial executor (`--trial-executor`, default tune as the quickstart: each
+trial trains in its Tune trial process; ray_train: a TorchTrainer per trial, ~15-25 s of start-up
+each on 2 CPUs) and the same sampler and seed; only `fork` differs. Each runs through
 make_sweep/run_sweep in its own temp folder (its own sqlite MLflow store, Optuna db and storage),
 on one Ray instance with 2 CPUs; fork first, then naive. Reported: epochs trained (the parent
 run's `epochs_trained_total`), wall time (perf_counter around run_sweep), and per trial, matched on
@@ -39,7 +41,7 @@ def space_for(args: argparse.Namespace, fork: bool):
     data["name"] = f"sweepcost-{'fork' if fork else 'naive'}"
     # the model of the measured figures (README): the quickstart's own model may change
     data["base"] = {**data["base"], "epochs": args.epochs, "deterministic": True, "model": {"preset": args.model}}
-    data.update(num_samples=args.num_samples, max_concurrent=1, sampler={"type": args.sampler, "seed": args.seed}, fork=fork)
+    data.update(num_samples=args.num_samples, max_concurrent=1, sampler={"type": args.sampler, "seed": args.seed}, fork=fork, trial_executor=args.trial_executor)
     space = parse_search_space(data, path=f"{data['name']}.yaml", raw_text=yaml.safe_dump(data, sort_keys=False))
     assert space.fork is fork
     return space
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="random", choices=["random", "tpe", "nsga2", "qmc"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="vit-digits", help="model.preset of both sweeps (default vit-digits, as measured)")
+    ap.add_argument("--trial-executor", default="tune", choices=["tune", "ray_train"], help="how both sweeps' trials train (default tune)")
     args = ap.parse_args()
     from prelora_ray.orchestration.train import init_ray
 
@@ -109,7 +112,7 @@ def main() -> None:
     pairs, unmatched = pair_trials(result["fork"], result["naive"])
     base = {k: next(r for r in v["runs"] if r["role"] == "baseline") for k, v in result.items()}
 
-    print(f"\n{args.num_samples} trials + baseline, quickstart space, {args.epochs} epochs, sampler {args.sampler} seed {args.seed}, max_concurrent 1")
+    print(f"\n{args.num_samples} trials + baseline, quickstart space, {args.epochs} epochs, sampler {args.sampler} seed {args.seed}, max_concurrent 1, trial_executor {args.trial_executor}")
     short = {"prelora.tau": "tau", "prelora.zeta": "zeta", "prelora.k": "k", "prelora.m": "m", "prelora.warmup": "wu", "prelora.r_min": "rmin", "prelora.r_max": "rmax"}
     head = f"{'tau':>6}{'zeta':>6}{'k':>3}{'m':>3}{'wu':>4}{'rmin':>5}{'rmax':>5} | {'sw fork':>7}{'sw naive':>9} | {'acc fork':>9}{'acc naive':>10}{'same':>6} | {'ep':>3} {'how':<7}| pareto f/n"
     print(head + "\n" + "-" * len(head))

@@ -16,8 +16,9 @@ import yaml
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
 
-TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "baseline", "experiment", "fork")
+TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork")
 FORK_KEYS = ("enabled", "every")
+TRIAL_EXECUTORS = ("ray_train", "tune")
 # keys a fork-mode sweep may sample: they act only at or after the switch, so every trial's full phase
 # is the trunk's (the other prelora.* keys, only window_unit excepted, decide the switch itself)
 POST_SWITCH_OPTIM_KEYS = ("optim.lora_lr", "optim.carry_optimizer_state")
@@ -71,6 +72,7 @@ class SearchSpace:
     seed: int | None = 0
     num_samples: int = 8
     max_concurrent: int = 2
+    trial_executor: str = "ray_train"  # ray_train: a TorchTrainer per trial; tune: one worker in the trial's own process
     baseline: bool = True
     experiment: str | None = None
     description: str = ""
@@ -250,6 +252,13 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     max_concurrent = data.get("max_concurrent", 2)
     if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool) or max_concurrent < 1:
         raise _err(path, "max_concurrent", f"must be an integer >= 1, got {max_concurrent!r}")
+    executor = data.get("trial_executor", "ray_train")
+    if executor not in TRIAL_EXECUTORS:
+        raise _err(path, "trial_executor", f"must be one of {', '.join(TRIAL_EXECUTORS)}, got {executor!r}")
+    if executor == "tune" and base.cluster.num_workers != 1:
+        raise _err(path, "trial_executor", f"tune runs each trial's one worker in the trial's own process: it needs base.cluster.num_workers 1, got {base.cluster.num_workers} (use ray_train)")
+    if executor == "tune" and "cluster.num_workers" in params:
+        raise _err(path, "trial_executor", "tune runs one worker per trial: cluster.num_workers cannot be sampled (use ray_train)")
     baseline = data.get("baseline", True)
     if not isinstance(baseline, bool):
         raise _err(path, "baseline", f"must be true or false, got {baseline!r}")
@@ -270,6 +279,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         seed=seed,
         num_samples=num_samples,
         max_concurrent=max_concurrent,
+        trial_executor=executor,
         baseline=baseline,
         experiment=data.get("experiment"),
         fork=fork,

@@ -49,13 +49,15 @@ def _no_fault_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def two_sweeps(tmp_path_factory):
-    """Two real small sweeps ("small", "other" with --verbose: 3 trials + baseline each) in one MLflow store, via the CLI."""
+    """Two real small sweeps in one MLflow store, via the CLI, 3 trials + baseline each: "small" (its trials train in
+    their Tune trial processes, trial_executor tune; deterministic) and "other" (a TorchTrainer per trial; --verbose)."""
     from tests.test_tune import _space, _tune
 
     root = tmp_path_factory.mktemp("sweeps")
     outputs = {}
     for name, seed in (("small", 1), ("other", 2)):
-        proc = _tune(root, str(_space(root, name, 3, seed=seed)), *(["--verbose"] if name == "other" else []))
+        extra = {"trial_executor": "tune", "base": {"deterministic": True}} if name == "small" else {}
+        proc = _tune(root, str(_space(root, name, 3, seed=seed, **extra)), *(["--verbose"] if name == "other" else []))
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]
         outputs[name] = out

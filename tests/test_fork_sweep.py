@@ -91,9 +91,28 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
 
 
 def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
-    """The Ray trial (forked from the trunk's checkpoint) against a from-scratch run of its config."""
+    """The Ray trial (forked from the trunk's checkpoint, on a TorchTrainer) against a from-scratch run of its config."""
     root, _, client, _, children = fork_sweep
     origin = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never") and M.FORK_REUSED_TAG not in c.data.tags)
+    _assert_equals_from_scratch(root, client, origin)
+
+
+def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweeps):
+    """trial_executor tune ("small" of two_sweeps): the forked trial trains in its Tune trial's process, no TorchTrainer,
+    with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
+    root, _ = two_sweeps
+    client, _, children = _children(root, "small")
+    trained = [c for c in children if c.data.tags.get(M.ROLE_TAG) == "trial" and int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0]
+    assert trained, [c.data.tags for c in children]
+    for c in trained:
+        name = c.info.run_name
+        assert not (root / "ray" / "small" / "train" / name).exists()  # Ray Train's run folder: none
+        assert list((root / "ray" / "small" / name).glob("checkpoint_*"))  # Ray Tune's checkpoints of the trial
+    assert (root / "ray" / "small" / "train" / "small_baseline").exists()  # the trunk still is a TorchTrainer run
+    _assert_equals_from_scratch(root, client, trained[0])
+
+
+def _assert_equals_from_scratch(root, client, origin) -> None:
     from prelora_ray.config import TrainSettings
     from prelora_ray.runtime import LocalRuntime
     from prelora_ray.trainer import TrainingLoop

@@ -40,6 +40,19 @@ def test_shipped_spaces_load(name):
 def test_quickstart_is_digits_with_at_least_8_trials():
     space = load_search_space(SPACES / "quickstart.yaml")
     assert space.base.data.name == "digits" and space.num_samples >= 8 and space.baseline
+    # one trial at a time, each inside its Tune trial process (no TorchTrainer start-up per trial)
+    assert space.max_concurrent == 1 and space.trial_executor == "tune" and space.fork
+
+
+def test_trial_executor_defaults_to_ray_train_and_sets_the_trials_resources(tmp_path):
+    from prelora_ray.orchestration.tune import trial_resources
+
+    space = load_search_space(_write(tmp_path, GOOD))
+    assert space.trial_executor == "ray_train" and trial_resources(space) == {"cpu": 0, "memory": 1}
+    data = _mutate(["trial_executor"], "tune")
+    data["base"]["cluster"] = {"cpus_per_worker": 2}
+    space = load_search_space(_write(tmp_path, data))
+    assert trial_resources(space) == {"cpu": 2, "gpu": 0}  # the trial's process is its worker
 
 
 def test_paper_space_has_the_papers_ranges():
@@ -83,6 +96,9 @@ def _mutate(path_keys, value):
         (_mutate(["parameters"], {}), "parameters"),
         (_mutate(["num_samples"], 0), "num_samples"),
         (_mutate(["sampler"], {"type": "cmaes"}), "sampler.type"),
+        (_mutate(["trial_executor"], "local"), "trial_executor"),
+        ({**_mutate(["trial_executor"], "tune"), "base": {"epochs": 3, "cluster": {"num_workers": 2}}}, "trial_executor"),
+        (_mutate(["parameters", "cluster.num_workers"], {"type": "categorical", "values": [1, 2]}) | {"trial_executor": "tune"}, "trial_executor"),
     ],
 )
 def test_bad_space_names_file_and_key(tmp_path, data, key):
@@ -165,3 +181,17 @@ def test_fork_refusal_comes_from_the_cli_before_ray_starts(tmp_path):
     code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
     proc = subprocess.run([sys.executable, "-c", code, "tune", str(_write(tmp_path, data))], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parameters.optim.lr" in proc.stderr, proc.stderr
+
+
+def test_tune_executor_trials_wait_for_the_trunks_workers_only_where_they_could_take_its_cpus(tmp_path, monkeypatch):
+    import ray
+
+    from prelora_ray.orchestration.tune import _trials_could_starve_the_trunk
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    data = _mutate(["trial_executor"], "tune")
+    data["base"]["cluster"] = {"cpus_per_worker": 1}
+    space = load_search_space(_write(tmp_path, data))
+    assert not _trials_could_starve_the_trunk(space, 1)  # the quickstart: one trial and the trunk fit on 2 CPUs
+    assert _trials_could_starve_the_trunk(space, 2)  # two waiting trials would hold both CPUs
+    assert not _trials_could_starve_the_trunk(load_search_space(_write(tmp_path, GOOD)), 8)  # ray_train drivers hold nothing

@@ -16,13 +16,15 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1) -> Path:
+def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1, *, base: dict | None = None, **top) -> Path:
+    """A small sweep on digits; `base` adds to the base config, `top` to the file's top-level keys (e.g. trial_executor)."""
     data = {
         "name": name,
         "base": {
             "epochs": epochs,
             "prelora": {"k": 2, "m": 1, "warmup": 1},
             "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+            **(base or {}),
         },
         "parameters": {
             "prelora.tau": {"type": "loguniform", "low": 20.0, "high": 80.0},
@@ -36,6 +38,7 @@ def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: i
         "num_samples": num_samples,
         "max_concurrent": 2,
         "baseline": True,
+        **top,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))

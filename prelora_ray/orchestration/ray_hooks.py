@@ -14,6 +14,7 @@ import sys
 # controller still lives; a local Ray started without the dashboard (ray[default] is not installed)
 # has none, and the cleaner logs a warning every second for the whole run and never cleans anything.
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+TUNE_CHECKPOINT_LOGGER = "ray.train._internal.storage"
 
 
 def quiet_without_state_api() -> None:
@@ -53,6 +54,8 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
     progress_logging()
     logging.getLogger("prelora_ray").setLevel(logging.INFO if verbose or progress else logging.WARNING)
     logging.getLogger(ray_report_logger()).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    # a trial that trains in its own process (trial_executor: tune): "Checkpoint successfully created at ..." per epoch
+    logging.getLogger(TUNE_CHECKPOINT_LOGGER).setLevel(logging.NOTSET if verbose else logging.WARNING)
     if "mlflow" in sys.modules:  # else MLFLOW_LOGGING_LEVEL below applies when it is imported
         logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
     if verbose:

@@ -94,6 +94,21 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
+def loop_config(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True) -> dict[str, Any]:
+    """What a run's worker gets: its settings, MLflow run, export folder, faults to inject, console."""
+    from prelora_ray.orchestration.worker import fault_from_env
+
+    return {
+        "settings": run.cfg.to_dict(),
+        "mlflow_uri": run.tracking_uri,
+        "mlflow_run_id": run.mlflow_run_id,
+        "export_dir": str(Path(run.cfg.output_dir) / run.name / "merged"),
+        "fault": fault_from_env(),
+        "console": {"verbose": verbose, "progress": epoch_lines},
+        **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
+    }
+
+
 def fit_run(
     run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True,
 ) -> dict[str, Any]:
@@ -108,7 +123,7 @@ def fit_run(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from prelora_ray.orchestration.worker import fault_from_env, train_worker
+    from prelora_ray.orchestration.worker import train_worker
 
     cfg = run.cfg
     callbacks = []
@@ -118,15 +133,7 @@ def fit_run(
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "settings": cfg.to_dict(),
-            "mlflow_uri": run.tracking_uri,
-            "mlflow_run_id": run.mlflow_run_id,
-            "export_dir": str(Path(cfg.output_dir) / run.name / "merged"),
-            "fault": fault_from_env(),
-            "console": {"verbose": verbose, "progress": epoch_lines},
-            **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
-        },
+        train_loop_config=loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines),
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -146,11 +153,31 @@ def fit_run(
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
-    summary = dict(result.return_value or {})
+    return finish_run(run, dict(result.return_value or {}))
+
+
+def fit_in_trial(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True) -> dict[str, Any]:
+    """`trial_executor: tune`: the run's one worker in this Ray Tune trial's own process, no TorchTrainer.
+
+    Same loop, summary and MLflow logging as `fit_run`; reports and checkpoints go to Ray Tune, which
+    retries the trial from its last checkpoint (the sweep's `cluster.max_failures`).
+    """
+    from prelora_ray.orchestration.worker import run_in_trial
+
+    try:
+        summary = run_in_trial(loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines))
+    except BaseException as exc:
+        end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    return finish_run(run, summary)
+
+
+def finish_run(run: PreparedRun, summary: dict[str, Any]) -> dict[str, Any]:
+    """Log the summary (or keep it on disk if MLflow is down) and mark the run FINISHED."""
     try:
         log_summary(run, summary)
     except Exception as exc:  # MLflow down at the end: keep everything locally, say where
-        path = Path(cfg.cluster.storage_path) / run.name / "summary.json"
+        path = Path(run.cfg.cluster.storage_path) / run.name / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2, default=str))
         log.warning("could not log the summary to MLflow (%s); the summary and per-epoch history are in %s", type(exc).__name__, path)

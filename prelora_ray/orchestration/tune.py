@@ -24,7 +24,7 @@ from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.train import fit_run, init_ray, prepare_run, preflight
+from prelora_ray.orchestration.train import fit_in_trial, fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.sweep_record import load_sweep
@@ -134,6 +134,8 @@ def _run_one(
     )
     if on_prepared is not None:
         on_prepared(run)
+    if role == "trial" and sweep.space.trial_executor == "tune":
+        return fit_in_trial(run, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
     return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 
@@ -201,10 +203,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
         baseline_ref = _start_trunk(sweep)
         if baseline_ref is not None:
             progress = TrunkProgress(sweep).start()
+            if _trials_could_starve_the_trunk(space, max_concurrent or space.max_concurrent):
+                # its trials hold their CPUs while they wait for it: its workers must be placed first, or
+                # max_concurrent trials could take every CPU and wait for a trunk that never starts
+                _wait_for_trunk_start(sweep)
     elif space.baseline and not _baseline_done(sweep):
         remote = ray.remote(num_cpus=0)(_run_one)
         baseline_ref = remote.remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), trial_resources(space))
     _quiet_libraries(sweep.verbose)
     console = console_callback(sweep)
     if resume:
@@ -230,6 +236,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or space.max_concurrent),
                 num_samples=num_samples or space.num_samples,
                 trial_dirname_creator=lambda t: f"{sweep.name}_{t.trial_id}",
+                # a finished trial's process serves the next trial: torch, transformers, PEFT and MLflow are imported once
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
@@ -237,6 +245,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 # a trial's driver lost with its node is retried (same name: its TorchTrainer resumes from
                 # its checkpoint, its MLflow run is reused) as often as its workers may be
                 failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=space.base.cluster.checkpoints_to_keep),  # trial_executor tune
                 callbacks=[console],
                 verbose=1 if sweep.verbose else 0,  # Tune's status and result tables: --verbose
             ),
@@ -260,6 +269,15 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     return table
 
 
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What a trial's Tune process holds: nothing under ray_train (its TorchTrainer's workers hold the CPUs and
+    GPUs), its one worker's CPUs and GPU under `trial_executor: tune`."""
+    if space.trial_executor == "tune":
+        cluster = space.base.cluster
+        return {"cpu": cluster.cpus_per_worker, "gpu": 1 if cluster.use_gpu else 0}
+    return {"cpu": 0, "memory": 1}  # a bare {"cpu": 0} is refused
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """Without --verbose: no Optuna INFO lines ("A new study created"), no Tune tables, one line per failed trial (ours, not Tune's trace)."""
     import optuna
@@ -269,6 +287,39 @@ def _quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         # Tune's new output engine prints its experiment table and paths even at verbose=0; the legacy one is silent
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # trial_executor tune: a trial checkpointing every epoch makes Tune snapshot its experiment state
+        # every `checkpoints_to_keep` epochs, and warn about it each time
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def _trials_could_starve_the_trunk(space: SearchSpace, concurrent: int) -> bool:
+    """trial_executor tune: can `concurrent` waiting trials and the trunk's workers not all fit in the cluster now?"""
+    if space.trial_executor != "tune":
+        return False  # their drivers hold nothing
+    import ray
+
+    c = space.base.cluster
+    have = ray.cluster_resources()
+    cpus = (concurrent + c.num_workers) * c.cpus_per_worker
+    gpus = (concurrent + c.num_workers) if c.use_gpu else 0
+    return cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0)
+
+
+def _wait_for_trunk_start(sweep: Sweep) -> None:
+    """Until the trunk has written an epoch (its workers hold their resources: a resumed trunk rewrites its
+    history), finished, or failed."""
+    from prelora_ray import fork
+    from prelora_ray.orchestration.forking import POLL_S, trunk_dir
+
+    folder = trunk_dir(sweep)
+    history = folder / fork.HISTORY_FILE
+
+    def stamp() -> int | None:
+        return history.stat().st_mtime_ns if history.exists() else None
+
+    before = stamp()
+    while stamp() == before and fork.read_status(folder).get("state") not in ("finished", "failed"):
+        time.sleep(POLL_S)
 
 
 def _start_trunk(sweep: Sweep) -> Any:
@@ -286,6 +337,7 @@ def _start_trunk(sweep: Sweep) -> Any:
         if status.get("state") != "finished":
             fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
         return None
+    fork.write_status(folder, "running")  # now, not when the task starts: a failed trunk's old status must not end a wait for it
     ref = ray.remote(num_cpus=0, max_retries=0)(_run_trunk).remote(sweep)
 
     def watch() -> None:

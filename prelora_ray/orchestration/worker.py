@@ -83,15 +83,18 @@ class RayRuntime:
         A corrupt or truncated one is reported by file name and the previous checkpoint of the run
         (a sibling `checkpoint_*` folder) is used instead; only when none is readable does it fail.
         """
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as folder:
-            try:
-                return load_checkpoint_dir(folder)
-            except CheckpointError as exc:
-                log.warning("%s; trying the run's previous checkpoints", exc)
-                return load_previous_checkpoint(Path(ckpt.path), exc)
+        return _load_checkpoint(ray.train.get_checkpoint())
+
+
+def _load_checkpoint(ckpt: Any) -> dict[str, Any] | None:
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as folder:
+        try:
+            return load_checkpoint_dir(folder)
+        except CheckpointError as exc:
+            log.warning("%s; trying the run's previous checkpoints", exc)
+            return load_previous_checkpoint(Path(ckpt.path), exc)
 
 
 def load_previous_checkpoint(bad: Path, error: CheckpointError) -> dict[str, Any]:
@@ -195,13 +198,21 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
     cfg = TrainSettings.from_dict(config["settings"])
-    apply_console(**(config.get("console") or {}))  # our epoch lines, Ray's report dumps: fit_run decides
-    threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
-    torch.set_num_threads(threads)
+    return run_loop(config, cfg, RayRuntime(_run_fault(config, cfg)))
+
+
+def _run_fault(config: dict[str, Any], cfg: TrainSettings) -> dict[str, str]:
     fault = dict(config.get("fault") or {})
     if fault.get(FAULT_RUN_ENV) and fault[FAULT_RUN_ENV] not in (cfg.name or ""):
         fault = {}
-    runtime = RayRuntime(fault)
+    return fault
+
+
+def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[str, Any]:
+    """One worker's whole run (a Ray Train worker, or a trial's own process: TuneRuntime): loop, export, summary."""
+    apply_console(**(config.get("console") or {}))  # our epoch lines, Ray Train's dumps: the driver decides
+    threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
+    torch.set_num_threads(threads)
     if runtime.device.type == "cpu" and cfg.cluster.release_memory:
         return_freed_memory_to_os()
     sink = None
@@ -230,3 +241,47 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             {"rank": runtime.rank, "switch_epoch": loop.state.switch_epoch, "freeze_epoch": loop.state.freeze_epoch, "ranks": loop.state.ranks}
         )
     return summary
+
+
+class TuneRuntime(RayRuntime):
+    """A single-worker run inside its Ray Tune trial's own process (`trial_executor: tune`): no Train workers.
+
+    Reports and checkpoints go to Ray Tune (`tune.report`, `tune.get_checkpoint`), which retries a
+    failed trial from its last checkpoint; the device is the trial's GPU if it was given one.
+    """
+
+    def __init__(self, fault: dict[str, str] | None = None) -> None:  # not RayRuntime's: no Ray Train context here
+        self.fault = fault or {}
+        self.rank, self.world_size = 0, 1
+        gpus = ray.get_gpu_ids()
+        self.device = torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """On the trial's device (one worker: no DDP)."""
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """The epoch's metrics (and checkpoint) to Ray Tune."""
+        from ray import tune
+
+        if state is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(metrics)
+        maybe_inject_fault(int(metrics.get("epoch", -1)), self.rank, self.fault)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The trial's last checkpoint, after Ray Tune retried it (or --resume restored it)."""
+        from ray import tune
+
+        return _load_checkpoint(tune.get_checkpoint())
+
+
+def run_in_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """`trial_executor: tune`: the same loop as a Ray Train worker, in the calling Tune trial's process."""
+    cfg = TrainSettings.from_dict(config["settings"])
+    if cfg.cluster.num_workers != 1:
+        raise ValueError(f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: use trial_executor ray_train")
+    return run_loop(config, cfg, TuneRuntime(_run_fault(config, cfg)))
