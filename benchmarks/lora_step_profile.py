@@ -149,7 +149,7 @@ def section_optimizer(args: argparse.Namespace) -> dict:
     for preset, image, kind in cases:
         if preset == "vit-digits":
             torch.manual_seed(0)
-            model = build_model(ModelSettings(), num_classes=10, image_size=8, num_channels=1)
+            model = build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
             if kind != "full":
                 s = PreLoRASettings()
                 model = inject_lora(model, ranks_for(PRESETS[preset].num_layers, 2, 16, prefix=False), s)

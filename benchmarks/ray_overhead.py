@@ -43,7 +43,7 @@ def main() -> None:
     from prelora_ray.orchestration.train import init_ray, run_train
 
     tmp = tempfile.mkdtemp()
-    base = [f"epochs={args.epochs}", "tracking.enabled=false", f"cluster.cpus_per_worker={args.threads}", f"cluster.torch_threads={args.threads}",
+    base = [f"epochs={args.epochs}", "tracking.enabled=false", "model.preset=vit-digits", f"cluster.cpus_per_worker={args.threads}", f"cluster.torch_threads={args.threads}",
             f"cluster.storage_path={tmp}/ray", f"output_dir={tmp}/out", *args.set]
     t0 = time.perf_counter()
     init_ray(None, num_cpus=args.threads)

@@ -35,7 +35,7 @@ def write_yaml(tmp_path, data, name: str = "config.yaml"):
 def test_defaults_construct_and_validate():
     cfg = TrainSettings()
     assert cfg.strategy == "prelora" and cfg.epochs >= 1
-    assert cfg.data.name == "digits" and cfg.model.preset == "vit-digits"
+    assert cfg.data.name == "digits" and cfg.model.preset == "vit-digits-wide"
     p = cfg.prelora
     assert p.k >= 2 and p.m >= 1 and p.tau > 0 and p.zeta > 0 and p.warmup >= 0
     assert p.r_min <= p.r_max and p.alpha_scale == 2.0  # lora_alpha = 2 * rank, the paper's scale

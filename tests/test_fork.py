@@ -22,7 +22,7 @@ from prelora_ray.trainer import ForkStart, TrainingLoop
 
 EPOCHS = 12
 BASE = [
-    f"epochs={EPOCHS}", "deterministic=true", "tracking.enabled=false", "data.name=synthetic", "data.image_size=8",
+    f"epochs={EPOCHS}", "deterministic=true", "tracking.enabled=false", "data.name=synthetic", "data.image_size=8", "model.preset=vit-digits",
     "data.synthetic_samples=256", "data.batch_size=32", "prelora.warmup=2",
 ]
 # (k, m, tau, zeta, window_stat): switch epochs spread over the run, and one that never passes

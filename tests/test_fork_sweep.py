@@ -25,6 +25,7 @@ def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: 
         "base": {
             "epochs": EPOCHS,
             "deterministic": True,
+            "model": {"preset": "vit-digits"},
             "prelora": {"k": 2, "m": 1, "warmup": 1, "zeta": 50.0},
             "cluster": {"num_workers": 1, "cpus_per_worker": 1},
         },

@@ -26,7 +26,7 @@ FAMILIES = tuple(FAMILY_MODULES)
 def vit(layers: int = 4, seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
     if layers == 4:
-        return build_model(ModelSettings(), num_classes=10, image_size=8, num_channels=1)
+        return build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
     cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, num_labels=10)
     return ViTForImageClassification(cfg)
 

@@ -219,7 +219,7 @@ def test_layer_norms_include_the_lora_delta():
     from prelora_ray.switch import inject_lora, merge_lora
 
     torch.manual_seed(0)
-    model = build_model(ModelSettings(), num_classes=10, image_size=8, num_channels=1)
+    model = build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
     names = family_module_names(model, ["query", "mlp_out"])
     before = layer_norms(model, names)
     peft_model = inject_lora(model, {"query": [2, 4, 8, 2], "mlp_out": [4, 4, 4, 4]}, PreLoRASettings())

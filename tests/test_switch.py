@@ -20,7 +20,7 @@ FAMILIES = tuple(FAMILY_MODULES)
 def tiny_vit(seed: int = 0) -> nn.Module:
     """vit-digits: 4 layers, hidden 64, 8x8 single-channel input."""
     torch.manual_seed(seed)
-    return build_model(ModelSettings(), num_classes=10, image_size=8, num_channels=1).eval()
+    return build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1).eval()
 
 
 def vit12(seed: int = 0) -> ViTForImageClassification:

@@ -25,6 +25,7 @@ STEPS_PER_EPOCH = 8  # 256 samples / batch 32
 BASE = [
     f"epochs={EPOCHS}",
     "deterministic=true",
+    "model.preset=vit-digits",
     "tracking.enabled=false",
     "data.name=synthetic",
     "data.image_size=8",

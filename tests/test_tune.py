@@ -24,6 +24,7 @@ def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: i
             "epochs": epochs,
             "prelora": {"k": 2, "m": 1, "warmup": 1},
             "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+            "model": {"preset": "vit-digits"},
             **(base or {}),
         },
         "parameters": {
