@@ -113,7 +113,6 @@ def main() -> None:
     base = {k: next(r for r in v["runs"] if r["role"] == "baseline") for k, v in result.items()}
 
     print(f"\n{args.num_samples} trials + baseline, quickstart space, {args.epochs} epochs, sampler {args.sampler} seed {args.seed}, max_concurrent 1, trial_executor {args.trial_executor}")
-    short = {"prelora.tau": "tau", "prelora.zeta": "zeta", "prelora.k": "k", "prelora.m": "m", "prelora.warmup": "wu", "prelora.r_min": "rmin", "prelora.r_max": "rmax"}
     head = f"{'tau':>6}{'zeta':>6}{'k':>3}{'m':>3}{'wu':>4}{'rmin':>5}{'rmax':>5} | {'sw fork':>7}{'sw naive':>9} | {'acc fork':>9}{'acc naive':>10}{'same':>6} | {'ep':>3} {'how':<7}| pareto f/n"
     print(head + "\n" + "-" * len(head))
     for p in pairs:
