@@ -162,3 +162,27 @@ def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(t
 
     study = optuna.load_study(study_name="tf", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
+
+
+def test_a_tune_executor_trial_killed_mid_run_is_retried_from_its_tune_checkpoint_exactly(tmp_path):
+    """trial_executor tune: the trial's process dies (os._exit) after a LoRA epoch's checkpoint; Ray Tune retries
+    the trial (cluster.max_failures 1), which resumes from its own checkpoint, not from the fork, and ends equal
+    to a from-scratch run, each epoch logged once."""
+    path = _fork_space(tmp_path, "tk", 1, [40.0], seed=0)
+    data = yaml.safe_load(open(path))
+    data["trial_executor"] = "tune"
+    data["base"]["cluster"]["max_failures"] = 1
+    open(path, "w").write(yaml.safe_dump(data))
+    marker = tmp_path / "fired"
+    env = {**os.environ, "PRELORA_FAULT_EPOCH": "4", "PRELORA_FAULT_MODE": "exit", "PRELORA_FAULT_RUN": "!_baseline",
+           "PRELORA_FAULT_MARKER": str(marker)}
+    proc = _tune(tmp_path, path, env=env)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert marker.exists() and "retrying it" in out, out[-3000:]
+    client, _, children = _children(tmp_path, "tk")
+    trial = next(c for c in children if c.data.tags[M.ROLE_TAG] == "trial")
+    assert trial.info.status == "FINISHED" and int(trial.data.tags[M.FORK_EPOCH_TAG]) < 4  # it forked before the fault
+    assert json.loads(trial.data.tags[M.RESUMED_AT_TAG]) == [5]  # from its epoch-4 checkpoint, not from the trunk again
+    assert [s for s, _ in _history(client, trial.info.run_id)] == list(range(EPOCHS))
+    _assert_equals_from_scratch(tmp_path, client, trial)

@@ -236,8 +236,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or space.max_concurrent),
                 num_samples=num_samples or space.num_samples,
                 trial_dirname_creator=lambda t: f"{sweep.name}_{t.trial_id}",
-                # a finished trial's process serves the next trial: torch, transformers, PEFT and MLflow are imported once
-                reuse_actors=True,
+                # trial_executor tune: a finished trial's process serves the next trial, so torch, transformers, PEFT
+                # and MLflow are imported once. Not under ray_train, where the driver imports little: a reused driver
+                # starts the next trial sooner, which made a SIGKILL land between a trial's start and Tune's
+                # experiment snapshot more often, leaving an orphan trial run on --resume (test_tune's killed sweep)
+                reuse_actors=space.trial_executor == "tune",
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,

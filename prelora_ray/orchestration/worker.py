@@ -115,7 +115,7 @@ FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
 FAULT_MARKER_ENV = "PRELORA_FAULT_MARKER"
 FAULT_MODE_ENV = "PRELORA_FAULT_MODE"
 FAULT_BATCH_ENV = "PRELORA_FAULT_BATCH"
-FAULT_RUN_ENV = "PRELORA_FAULT_RUN"  # only runs whose name contains this (e.g. _baseline: the trunk)
+FAULT_RUN_ENV = "PRELORA_FAULT_RUN"  # only runs whose name contains this (e.g. _baseline: the trunk); "!text": only those without it
 
 
 def fault_from_env() -> dict[str, str]:
@@ -203,7 +203,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def _run_fault(config: dict[str, Any], cfg: TrainSettings) -> dict[str, str]:
     fault = dict(config.get("fault") or {})
-    if fault.get(FAULT_RUN_ENV) and fault[FAULT_RUN_ENV] not in (cfg.name or ""):
+    wanted = fault.get(FAULT_RUN_ENV)
+    if wanted and (wanted[1:] in (cfg.name or "") if wanted.startswith("!") else wanted not in (cfg.name or "")):
         fault = {}
     return fault
 
