@@ -24,7 +24,7 @@ from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.train import fit_in_trial, fit_run, init_ray, prepare_run, preflight
+from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.sweep_record import load_sweep
@@ -134,8 +134,14 @@ def _run_one(
     )
     if on_prepared is not None:
         on_prepared(run)
-    if sweep.space.trial_executor == "tune":  # in a trial's Tune process, or the baseline's Ray task (`baseline_task`)
-        return fit_in_trial(run, in_task=role != "trial", loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
+    return fit_sweep_run(sweep, run, in_trial=role == "trial", tune_callback=tune_callback, loop_extra=loop_extra)
+
+
+def fit_sweep_run(sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a sweep's run: under `trial_executor: tune` in this process (a trial's Tune process, or the baseline's
+    Ray task: `baseline_task`), else with a TorchTrainer (reporting to Tune with `tune_callback`)."""
+    if sweep.space.trial_executor == "tune":
+        return fit_in_trial(run, in_task=not in_trial, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
     return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 

@@ -7,6 +7,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,14 @@ log = logging.getLogger("prelora_ray")
 def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder written by RayRuntime.report: plain data only, a CheckpointError naming a bad file."""
     return load_state_file(Path(path) / CHECKPOINT_FILE)
+
+
+@contextmanager
+def saved_state(state: dict[str, Any]) -> Iterator[str]:
+    """A temporary checkpoint folder holding `state` (Ray copies it into the run's storage on report)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        yield tmp
 
 
 class RayRuntime:
@@ -71,8 +81,7 @@ class RayRuntime:
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Every worker reports; rank 0 attaches the checkpoint (weights are the same everywhere)."""
         if self.rank == 0 and state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            with saved_state(state) as tmp:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -267,8 +276,7 @@ class TuneRuntime(RayRuntime):
         from ray import tune
 
         if state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            with saved_state(state) as tmp:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(metrics)
