@@ -138,7 +138,11 @@ def _assert_equals_from_scratch(root, client, origin) -> None:
 
 
 def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(tmp_path):
+    """trial_executor tune (no TorchTrainer start-ups; the trunk raises in its Ray task, which is not retried)."""
     space = _fork_space(tmp_path, "tf", 3, [0.000001, 40.0], seed=0)
+    data = yaml.safe_load(open(space))
+    data["trial_executor"] = "tune"
+    open(space, "w").write(yaml.safe_dump(data))
     env = {**os.environ, "PRELORA_FAULT_EPOCH": "2", "PRELORA_FAULT_MODE": "raise", "PRELORA_FAULT_RUN": "_baseline",
            "PRELORA_FAULT_MARKER": str(tmp_path / "fired")}
     proc = _tune(tmp_path, space, env=env)

@@ -227,7 +227,7 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
 
 
 def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
-    space = yaml.safe_load(_space(tmp_path, "nan", 3).read_text())
+    space = yaml.safe_load(_space(tmp_path, "nan", 3, trial_executor="tune").read_text())  # no TorchTrainer start-up per trial
     space["base"]["optim"] = {"grad_clip": None, "lr_warmup_epochs": 0}
     space["parameters"] = {"optim.lr": {"type": "categorical", "values": [0.001, 1000000.0]}, "prelora.tau": {"type": "uniform", "low": 20, "high": 80}}
     space["sampler"] = {"type": "random", "seed": 5}  # draws lr = 1e6, 1e-3, 1e-3
