@@ -134,6 +134,7 @@ class PreLoRASettings:
     zero_rank_below: float | None = _f(None, "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.")
     trainable_after_freeze: tuple[str, ...] = _f((), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none).")
     min_switch_epoch: int = _f(0, "Earliest epoch (0-based) at whose end the switch may happen.")
+    switch_at_epoch: int | None = _f(None, "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).")
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
@@ -219,6 +220,13 @@ class TrainSettings:
     def __post_init__(self) -> None:
         _check(self.strategy in ("prelora", "full"), "strategy", self.strategy, "prelora or full")
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        at = self.prelora.switch_at_epoch
+        if at is not None:
+            lo, hi = switch_epoch_range(self)
+            _check(self.prelora.window_unit == "epoch", "prelora.switch_at_epoch", at, "only with prelora.window_unit=epoch")
+            _check(lo <= at <= hi, "prelora.switch_at_epoch", at,
+                   f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
+                   f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -271,6 +279,13 @@ class TrainSettings:
         for key, value in dotted.items():
             set_dotted(data, key, value, root=type(self))
         return type(self).from_dict(data)
+
+
+def switch_epoch_range(cfg: TrainSettings) -> tuple[int, int]:
+    """First and last epoch a switch can happen at: once k*m epochs are recorded (Algorithm 1 and 2 need
+    k windows), and early enough for the warmup and at least one LoRA-only epoch (hi < lo: none)."""
+    p = cfg.prelora
+    return p.k * p.m - 1, cfg.epochs - 2 - p.warmup
 
 
 def _plain(value: Any) -> Any:

@@ -215,14 +215,16 @@ class TrainingLoop:
     def _norms(self) -> dict[str, list[float]]:
         return layer_norms(self.model, self.family_names)
 
-    def _decide(self) -> tuple[bool, dict[str, list[int]]]:
+    def _decide(self, *, forced: bool = False) -> tuple[bool, dict[str, list[int]]]:
         """Algorithm 1 (and 2 if it passes) at a window boundary; every worker gets rank 0's answer.
+
+        `forced` (prelora.switch_at_epoch): passed without Algorithm 1, ranks from Algorithm 2 as usual.
 
         Weights are synchronized and losses all-reduced, so each worker's own decision should agree;
         the local decisions are gathered and kept as a check, and rank 0's is used.
         """
         p = self.cfg.prelora
-        passed = self.monitor.passed(p.tau, p.zeta)
+        passed = forced or self.monitor.passed(p.tau, p.zeta)
         ranks = self.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below) if passed else {}
         local = {"passed": passed, "ranks": ranks}
         if self.runtime.world_size > 1:
@@ -243,7 +245,8 @@ class TrainingLoop:
         self.state.phase, self.state.ranks, self.state.switch_epoch = Phase.WARMUP, ranks, self.state.epoch
         self._rebuild()
         if self.runtime.rank == 0:
-            log.info("epoch %d: partial convergence test passed; LoRA injected with ranks %s", self.state.epoch, ranks)
+            why = "prelora.switch_at_epoch" if self.cfg.prelora.switch_at_epoch is not None else "partial convergence test passed"
+            log.info("epoch %d: %s; LoRA injected with ranks %s", self.state.epoch, why, ranks)
         self.sink.log_dict({"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json")
 
     def _adapter_seed(self) -> int:
@@ -264,6 +267,11 @@ class TrainingLoop:
             return
         if loss is not None:
             self.monitor.record(self._norms(), loss)
+        at = self.cfg.prelora.switch_at_epoch
+        if at is not None:  # the switch epoch is given: Algorithm 1 is not asked
+            if self.state.epoch == at:
+                self._switch(self._decide(forced=True)[1])
+            return
         if self.monitor.at_boundary() and self.state.epoch >= self.cfg.prelora.min_switch_epoch:
             passed, ranks = self._decide()
             if passed:
