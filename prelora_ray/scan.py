@@ -25,6 +25,7 @@ GRID_KEYS = ("name", "tau", "zeta", "k", "m")
 # Table 1 of the PreLoRA paper (τ for weights, ζ for loss, in percent); k = m = 3 epochs of a 300-epoch run
 PAPER_GRID = (("Exp1", 1.00, 5.00), ("Exp2", 0.50, 2.50), ("Exp3", 0.25, 1.00))
 PAPER_EPOCHS, PAPER_K, PAPER_M = 300, 3, 3
+LANDING_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")  # not the curves' blue and red
 TABLE_COLUMNS = ("switch_epoch", M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup", M.TRAINABLE_FRACTION, "epochs_trained")
 
 
@@ -189,7 +190,7 @@ def plot_scan(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: S
     landed = [g for g in landings if g["switch_epoch"] >= 0]
     for i, g in enumerate(landed):
         for ax in (acc_ax, time_ax):
-            ax.axvline(g["switch_epoch"], color=f"C{2 + i % 6}", linestyle=":", linewidth=1.5,
+            ax.axvline(g["switch_epoch"], color=LANDING_COLORS[i % len(LANDING_COLORS)], linestyle=":", linewidth=1.5,
                        label=f"{g['setting']} (τ={g['tau']:g}, ζ={g['zeta']:g}, k={g['k']}, m={g['m']}) lands at {g['switch_epoch']}" if ax is acc_ax else None)
     never = [g["setting"] for g in landings if g["switch_epoch"] < 0]
     if never:
