@@ -185,6 +185,9 @@ def plot_scan(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: S
     for ax, key, label, color in panels:
         ax.plot(x, [r[key] for r in rows], "o-", color=color, label="switch at this epoch (scan point)")
         ax.axhline(trunk[key], color="0.35", linestyle="--", label=f"trunk, full training ({trunk[key]:.4g})")
+        values = [r[key] for r in rows] + [trunk[key]]  # the reference line inside the axes, off the frame
+        pad = 0.08 * ((max(values) - min(values)) or abs(trunk[key]) or 1.0)
+        ax.set_ylim(min(values) - pad, max(values) + pad)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     landed = [g for g in landings if g["switch_epoch"] >= 0]

@@ -100,6 +100,21 @@ def test_grid_file_keys_default_to_the_config(tmp_path):
     assert [(g.name, g.tau, g.zeta, g.k, g.m) for g in grid] == [("open", 50.0, 50.0, 2, 1), ("shut", 1e-6, 50.0, 2, 1)]
 
 
+def test_table_and_plot_from_records(tmp_path):
+    trunk = S.trunk_row([{M.EPOCH: e, M.EPOCH_TIME_S: 2.0, M.VAL_ACC: 0.5 + e / 10, M.TRAINABLE_FRACTION: 1.0} for e in range(4)])
+    rows = [S.point_row(e, {M.FINAL_VAL_ACC: 0.7, M.BEST_VAL_ACC: 0.75, M.MEAN_EPOCH_TIME_S: 1.6, M.TRAINABLE_FRACTION: 0.1, "epochs_trained": 3 - e}, 2.0)
+            for e in (1, 2)]
+    landings = [{"setting": "a", "tau": 1.0, "zeta": 5.0, "k": 2, "m": 1, "switch_epoch": 1},
+                {"setting": "b", "tau": 0.5, "zeta": 2.0, "k": 2, "m": 1, "switch_epoch": 3},
+                {"setting": "c", "tau": 0.1, "zeta": 1.0, "k": 2, "m": 1, "switch_epoch": -1}]
+    assert trunk[M.FINAL_VAL_ACC] == pytest.approx(0.8) and trunk["epochs_trained"] == 4 and rows[0]["speedup"] == pytest.approx(1.25)
+    lines = S.format_table(trunk, rows, landings).splitlines()
+    assert lines[0] == S.TABLE_HEADER and lines[1].endswith("never: c") and lines[2].split()[0] == "1" and lines[2].endswith("a")
+    assert lines[-1] == "grid settings between the scanned epochs: b@3"
+    with open(S.plot_scan(trunk, rows, landings, tmp_path / "scan.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "5"], r"--epochs 5 is invalid: an epoch in \[1, 3\]"),
     (["--set", "prelora.warmup=4"], "no epoch can be scanned"),
@@ -157,6 +172,7 @@ def test_scan_logs_the_trunk_a_child_per_point_with_fork_lineage_and_the_table(s
     assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + sum(EPOCHS - e - 1 for e in POINTS)
     with open(client.download_artifacts(parent.info.run_id, "scan.png", str(root)), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"point  {S.TABLE_HEADER}" in out and out.count("point       ") == len(POINTS)  # a line per point as it finished
     assert S.TABLE_HEADER in out and "mlflow ui --backend-store-uri" in out and f"#/experiments/{parent.info.experiment_id}/runs" in out
     assert grid.set_index("setting").loc["shut", "switch_epoch"] == -1
 
