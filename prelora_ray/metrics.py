@@ -41,6 +41,7 @@ FORK_TRUNK_RUN_TAG = "fork.trunk_run_id"
 FORK_EPOCH_TAG = "fork.epoch"  # the trunk checkpoint the trial started from (epochs it did not train)
 FORK_SWITCH_TAG = "fork.switch_epoch"  # the replayed switch epoch, or "never"
 FORK_REUSED_TAG = "fork.reused_from"  # MLflow run id of the trial whose result this one reuses
+LOST_TAG = "prelora.lost"  # a trial run the sweep lost: started just before a kill, unknown to Ray Tune's snapshot
 FORK_COPIED_TAG = "fork.copied"  # the trunk's epochs before the fork are in this run (copied once)
 EPOCHS_TRAINED_TOTAL = "epochs_trained_total"
 SCAN_TAG = "prelora.scan"  # a switch-epoch scan's name, on its parent and its points

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -109,7 +110,8 @@ def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweep
         name = c.info.run_name
         assert not (root / "ray" / "small" / "train" / name).exists()  # Ray Train's run folder: none
         assert list((root / "ray" / "small" / name).glob("checkpoint_*"))  # Ray Tune's checkpoints of the trial
-    assert (root / "ray" / "small" / "train" / "small_baseline").exists()  # the trunk still is a TorchTrainer run
+    trunk_checkpoints = sorted(p.name for p in (root / "ray" / "small" / "train" / "small_baseline").iterdir())
+    assert trunk_checkpoints and all(re.fullmatch(r"checkpoint_\d{6}", n) for n in trunk_checkpoints), trunk_checkpoints  # its Ray task's, not Ray Train's
     _assert_equals_from_scratch(root, client, trained[0])
 
 
@@ -186,3 +188,31 @@ def test_a_tune_executor_trial_killed_mid_run_is_retried_from_its_tune_checkpoin
     assert json.loads(trial.data.tags[M.RESUMED_AT_TAG]) == [5]  # from its epoch-4 checkpoint, not from the trunk again
     assert [s for s, _ in _history(client, trial.info.run_id)] == list(range(EPOCHS))
     _assert_equals_from_scratch(tmp_path, client, trial)
+
+
+def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_path):
+    """trial_executor tune: the trunk trains in its own Ray task's process (no TorchTrainer). Killed (os._exit) after its
+    epoch-3 checkpoint, Ray re-runs the task (cluster.max_failures 1), which resumes there; it ends equal to a
+    from-scratch full run, each epoch logged once, and its never-switching trial takes its result."""
+    path = _fork_space(tmp_path, "tt", 1, [0.000001], seed=0)
+    data = yaml.safe_load(open(path))
+    data["trial_executor"] = "tune"
+    data["base"]["cluster"]["max_failures"] = 1
+    open(path, "w").write(yaml.safe_dump(data))
+    marker = tmp_path / "fired"
+    env = {**os.environ, "PRELORA_FAULT_EPOCH": "3", "PRELORA_FAULT_MODE": "exit", "PRELORA_FAULT_RUN": "_baseline",
+           "PRELORA_FAULT_MARKER": str(marker)}
+    proc = _tune(tmp_path, path, env=env)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert marker.exists(), out[-3000:]
+    client, _, children = _children(tmp_path, "tt")
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [4], trunk.data.tags
+    assert [s for s, _ in _history(client, trunk.info.run_id)] == list(range(EPOCHS))
+    kept = sorted(p.name for p in (tmp_path / "ray" / "tt" / "train" / "tt_baseline").iterdir())
+    assert kept == [f"checkpoint_{e:06d}" for e in (EPOCHS - 2, EPOCHS - 1)], kept  # cluster.checkpoints_to_keep 2
+    _assert_equals_from_scratch(tmp_path, client, trunk)
+    trial = next(c for c in children if c.data.tags[M.ROLE_TAG] == "trial")
+    assert trial.info.status == "FINISHED" and trial.data.tags[M.FORK_SWITCH_TAG] == "never"
+    assert trial.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]

@@ -13,6 +13,9 @@ import mlflow
 import pytest
 import yaml
 
+from prelora_ray import metrics as M
+from prelora_ray.search_space import load_search_space
+
 pytestmark = pytest.mark.slow
 
 
@@ -168,6 +171,11 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     assert resumed.returncode == 0, out[-3000:]
     client, parent, children = _children(tmp_path, "killed")
     trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
+    # a kill between a trial's start and Ray Tune's snapshot loses that trial (Tune runs another in its place):
+    # at most one per kill, ended KILLED and tagged lost, never left RUNNING (test_lost_trial_runs_are_ended)
+    lost = [c for c in trials if c.data.tags.get(M.LOST_TAG) == "true"]
+    assert len(lost) <= 2 and all(c.info.status == "KILLED" for c in lost), [(c.info.run_name, c.info.status) for c in lost]
+    trials = [c for c in trials if c not in lost]
     names = [c.data.tags["mlflow.runName"] for c in trials]
     assert len(names) == len(set(names)) == 4, names  # the requested number, none twice
     assert all(c.info.status == "FINISHED" for c in trials)
@@ -187,6 +195,35 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
+
+
+def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_path):
+    """At a sweep's end, a trial run still RUNNING that Ray Tune knows died silently (FAILED); one it does not know was
+    lost to a kill before Tune's snapshot (KILLED, tagged lost, its Optuna trial FAIL); finished runs are untouched."""
+    import optuna
+
+    from prelora_ray import tracking
+    from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
+    from prelora_ray.orchestration.tune import _optuna_storage, make_sweep, mark_lost_trials
+
+    sweep = make_sweep(load_search_space(_space(tmp_path, "lost", 3)), name="lost", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage_path=str(tmp_path))
+    sweep.parent_run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, "lost", params={}, tags={M.ROLE_TAG: "parent"})
+    study = optuna.create_study(study_name="lost", storage=_optuna_storage(sweep), directions=["maximize", "minimize"])
+    ids = {}
+    for tid, status in (("a", "FINISHED"), ("b", "RUNNING"), ("c", "RUNNING")):
+        ids[tid] = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, f"lost_{tid}", params={}, parent_run_id=sweep.parent_run_id,
+                                      tags={M.ROLE_TAG: "trial", "trial_id": tid})
+        if status == "FINISHED":
+            tracking.end_run(sweep.tracking_uri, ids[tid])
+        study.ask().set_user_attr(TUNE_TRIAL_ATTR, tid)
+    assert mark_lost_trials(sweep, {"lost_a", "lost_b"}) == ["lost_c"]
+    c = tracking.client(sweep.tracking_uri)
+    runs = {tid: c.get_run(run_id) for tid, run_id in ids.items()}
+    assert [runs[t].info.status for t in "abc"] == ["FINISHED", "FAILED", "KILLED"]
+    assert runs["c"].data.tags.get(M.LOST_TAG) == "true" and M.LOST_TAG not in runs["b"].data.tags
+    states = {t.user_attrs[TUNE_TRIAL_ATTR]: t.state for t in optuna.load_study(study_name="lost", storage=_optuna_storage(sweep)).trials}
+    assert states["c"] == optuna.trial.TrialState.FAIL and states["a"] == states["b"] == optuna.trial.TrialState.RUNNING
+    assert mark_lost_trials(sweep, {"lost_a", "lost_b"}) == []  # nothing RUNNING is left
 
 
 def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):

@@ -20,7 +20,7 @@ from prelora_ray import fork
 from prelora_ray import metrics as M
 from prelora_ray import tracking
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
-from prelora_ray.orchestration.train import PreparedRun, end_run, fit_in_trial, fit_run, log_summary, prepare_run
+from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
 
 if TYPE_CHECKING:
     from prelora_ray.orchestration.tune import Sweep
@@ -145,14 +145,12 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     try:
         _copy_trunk_epochs(run, switch_marked(history[: plan.fork_epoch], plan.switch.epoch, cfg.prelora.warmup))
         start = {"fork": {"folder": str(folder), "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
-        if sweep.space.trial_executor == "tune":
-            summary = fit_in_trial(run, loop_extra=start, verbose=sweep.verbose, epoch_lines=sweep.verbose)
-        else:
-            summary = fit_run(run, tune_callback=True, loop_extra=start, verbose=sweep.verbose, epoch_lines=sweep.verbose)
+        from prelora_ray.orchestration.tune import final_report, fit_sweep_run
+
+        summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)
     except BaseException as exc:
         registry.fail(key, run_name, f"{type(exc).__name__}: {exc}")
         raise
-    from prelora_ray.orchestration.tune import final_report
 
     registry.finish(key, run_name, run_id=run.mlflow_run_id, report=final_report(summary))
     return summary

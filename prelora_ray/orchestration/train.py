@@ -156,16 +156,21 @@ def fit_run(
     return finish_run(run, dict(result.return_value or {}))
 
 
-def fit_in_trial(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True) -> dict[str, Any]:
-    """`trial_executor: tune`: the run's one worker in this Ray Tune trial's own process, no TorchTrainer.
+def fit_in_trial(
+    run: PreparedRun, *, in_task: bool = False, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True,
+) -> dict[str, Any]:
+    """`trial_executor: tune`: the run's one worker in this process, no TorchTrainer.
 
-    Same loop, summary and MLflow logging as `fit_run`; reports and checkpoints go to Ray Tune, which
-    retries the trial from its last checkpoint (the sweep's `cluster.max_failures`).
+    Same loop, summary and MLflow logging as `fit_run`. In a Ray Tune trial's process, reports and
+    checkpoints go to Ray Tune, which retries the trial from its last checkpoint (the sweep's
+    `cluster.max_failures`). With `in_task` (a sweep's baseline or trunk, a plain Ray task) the checkpoints
+    are folders under `<storage_path>/<run name>`, where a re-run of the task resumes.
     """
     from prelora_ray.orchestration.worker import run_in_trial
 
+    folder = Path(run.cfg.cluster.storage_path) / run.name if in_task else None
     try:
-        summary = run_in_trial(loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines))
+        summary = run_in_trial(loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder)
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise

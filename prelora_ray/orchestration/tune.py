@@ -24,7 +24,7 @@ from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.train import fit_in_trial, fit_run, init_ray, prepare_run, preflight
+from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, init_ray, prepare_run, preflight
 from prelora_ray.search_space import SearchSpace
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.sweep_record import load_sweep
@@ -134,8 +134,14 @@ def _run_one(
     )
     if on_prepared is not None:
         on_prepared(run)
-    if role == "trial" and sweep.space.trial_executor == "tune":
-        return fit_in_trial(run, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
+    return fit_sweep_run(sweep, run, in_trial=role == "trial", tune_callback=tune_callback, loop_extra=loop_extra)
+
+
+def fit_sweep_run(sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a sweep's run: under `trial_executor: tune` in this process (a trial's Tune process, or the baseline's
+    Ray task: `baseline_task`), else with a TorchTrainer (reporting to Tune with `tune_callback`)."""
+    if sweep.space.trial_executor == "tune":
+        return fit_in_trial(run, in_task=not in_trial, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
     return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 
@@ -208,8 +214,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 # max_concurrent trials could take every CPU and wait for a trunk that never starts
                 _wait_for_trunk_start(sweep)
     elif space.baseline and not _baseline_done(sweep):
-        remote = ray.remote(num_cpus=0)(_run_one)
-        baseline_ref = remote.remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
+        baseline_ref = baseline_task(space, _run_one).remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), trial_resources(space))
     _quiet_libraries(sweep.verbose)
     console = console_callback(sweep)
@@ -254,7 +259,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             ),
         )
     started = time.perf_counter()
-    tuner.fit()
+    grid = tuner.fit()
     if baseline_ref is not None:
         try:
             baseline = ray.get(baseline_ref)
@@ -265,6 +270,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 log.info("baseline %s_baseline: finished: %s", sweep.name, objectives_text(baseline, [o.metric for o in space.objectives]))
     if progress is not None:
         progress.stop()
+    mark_lost_trials(sweep, {Path(r.path).name for r in grid if r.path})
     reconcile_study(sweep)
     table = finish_sweep(sweep)
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"sweep_wall_time_s": time.perf_counter() - started})
@@ -279,6 +285,19 @@ def trial_resources(space: SearchSpace) -> dict[str, float]:
         cluster = space.base.cluster
         return {"cpu": cluster.cpus_per_worker, "gpu": 1 if cluster.use_gpu else 0}
     return {"cpu": 0, "memory": 1}  # a bare {"cpu": 0} is refused
+
+
+def baseline_task(space: SearchSpace, fn: Any) -> Any:
+    """The Ray task of the sweep's baseline (the trunk in fork mode). Under `trial_executor: tune` it trains in the
+    task's own process, which holds its one worker's CPUs (and GPU) and is re-run from its last checkpoint when the
+    process dies (`cluster.max_failures` times; an error raised in it fails it). Otherwise it drives a TorchTrainer,
+    whose workers hold the resources and whose FailureConfig retries, and holds nothing itself."""
+    import ray
+
+    c = space.base.cluster
+    if space.trial_executor == "tune":
+        return ray.remote(num_cpus=c.cpus_per_worker, num_gpus=1 if c.use_gpu else 0, max_retries=c.max_failures)(fn)
+    return ray.remote(num_cpus=0, max_retries=0)(fn)
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -341,7 +360,7 @@ def _start_trunk(sweep: Sweep) -> Any:
             fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
         return None
     fork.write_status(folder, "running")  # now, not when the task starts: a failed trunk's old status must not end a wait for it
-    ref = ray.remote(num_cpus=0, max_retries=0)(_run_trunk).remote(sweep)
+    ref = baseline_task(sweep.space, _run_trunk).remote(sweep)
 
     def watch() -> None:
         try:
@@ -352,6 +371,38 @@ def _start_trunk(sweep: Sweep) -> Any:
     threading.Thread(target=watch, name="trunk-watcher", daemon=True).start()
     log.info("sweep %s: fork mode, the trunk (%s_baseline) runs ahead of the trials; records in %s", sweep.name, sweep.name, folder)
     return ref
+
+
+def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
+    """End the trial runs still RUNNING once the sweep is over (`known`: the run names of Ray Tune's trials).
+
+    One Tune knows was ended by a process that died without a word: FAILED. One it does not know is lost: the sweep
+    was killed after it started and before Ray Tune's experiment snapshot held it, so --resume ran a new trial in
+    its place. It is marked KILLED and `prelora.lost`, and its Optuna trial FAIL (not left RUNNING for the
+    sampler). Returns the lost runs' names.
+    """
+    import optuna
+
+    from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
+
+    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'RUNNING' and tags.`{M.ROLE_TAG}` = 'trial'")
+    lost: dict[str, str] = {}
+    for _, row in runs.iterrows():
+        name = str(row.get("tags.mlflow.runName"))
+        if name in known:
+            tracking.end_run(sweep.tracking_uri, row["run_id"], "FAILED", "the trial's process ended without reporting its end (killed?)")
+            continue
+        lost[str(row.get("tags.trial_id"))] = name
+        tracking.client(sweep.tracking_uri).set_tag(row["run_id"], M.LOST_TAG, "true")
+        tracking.end_run(sweep.tracking_uri, row["run_id"], "KILLED", "lost: the sweep was stopped before Ray Tune recorded this trial; a new trial ran in its place")
+    if not lost:
+        return []
+    storage = _optuna_storage(sweep)
+    for t in optuna.load_study(study_name=sweep.name, storage=storage).trials:
+        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get(TUNE_TRIAL_ATTR) in lost:
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    log.warning("sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED", sweep.name, ", ".join(sorted(lost.values())))
+    return sorted(lost.values())
 
 
 def reconcile_study(sweep: Sweep) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,14 @@ log = logging.getLogger("prelora_ray")
 def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder written by RayRuntime.report: plain data only, a CheckpointError naming a bad file."""
     return load_state_file(Path(path) / CHECKPOINT_FILE)
+
+
+@contextmanager
+def saved_state(state: dict[str, Any]) -> Iterator[str]:
+    """A temporary checkpoint folder holding `state` (Ray copies it into the run's storage on report)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        yield tmp
 
 
 class RayRuntime:
@@ -70,8 +81,7 @@ class RayRuntime:
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Every worker reports; rank 0 attaches the checkpoint (weights are the same everywhere)."""
         if self.rank == 0 and state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            with saved_state(state) as tmp:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -266,8 +276,7 @@ class TuneRuntime(RayRuntime):
         from ray import tune
 
         if state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+            with saved_state(state) as tmp:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(metrics)
@@ -280,9 +289,55 @@ class TuneRuntime(RayRuntime):
         return _load_checkpoint(tune.get_checkpoint())
 
 
-def run_in_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """`trial_executor: tune`: the same loop as a Ray Train worker, in the calling Tune trial's process."""
+class FolderRuntime(TuneRuntime):
+    """A single-worker run in a plain Ray task (`trial_executor: tune`'s trunk and baseline): no Train workers, no Tune.
+
+    Checkpoints are folders `checkpoint_<epoch>` under `folder`, the newest `keep` kept; a re-run of the
+    task (a retry after its process died, or the sweep's --resume) resumes from the newest readable one.
+    """
+
+    def __init__(self, folder: str | Path, keep: int, fault: dict[str, str] | None = None) -> None:
+        super().__init__(fault)
+        self.folder, self.keep = Path(folder), keep
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        """Write the checkpoint (into a temporary folder renamed when complete), drop the oldest."""
+        if state is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            final = self.folder / f"checkpoint_{int(metrics.get('epoch', -1)):06d}"
+            partial = self.folder / f".partial-{final.name}"  # a process killed while writing leaves no checkpoint_ folder
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            torch.save(state, partial / CHECKPOINT_FILE)
+            if final.exists():  # a retried run re-reports an epoch: the new state replaces it
+                shutil.rmtree(final)
+            partial.rename(final)
+            for old in self._checkpoints()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        maybe_inject_fault(int(metrics.get("epoch", -1)), self.rank, self.fault)
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.folder.glob("checkpoint_*") if p.is_dir()) if self.folder.is_dir() else []
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint folder's state (an unreadable one is reported and the one before it used)."""
+        found = self._checkpoints()
+        if not found:
+            return None
+        try:
+            return load_checkpoint_dir(found[-1])
+        except CheckpointError as exc:
+            log.warning("%s; trying the run's previous checkpoints", exc)
+            return load_previous_checkpoint(found[-1], exc)
+
+
+def run_in_trial(config: dict[str, Any], *, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+    """`trial_executor: tune`: the same loop as a Ray Train worker, in the calling process: a Tune trial's (reports
+    and checkpoints to Ray Tune) or, with `checkpoint_dir`, a plain Ray task's (checkpoints in that folder)."""
     cfg = TrainSettings.from_dict(config["settings"])
     if cfg.cluster.num_workers != 1:
         raise ValueError(f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: use trial_executor ray_train")
-    return run_loop(config, cfg, TuneRuntime(_run_fault(config, cfg)))
+    fault = _run_fault(config, cfg)
+    if checkpoint_dir is not None:
+        return run_loop(config, cfg, FolderRuntime(checkpoint_dir, cfg.cluster.checkpoints_to_keep, fault))
+    return run_loop(config, cfg, TuneRuntime(fault))
