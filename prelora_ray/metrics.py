@@ -44,5 +44,5 @@ FORK_REUSED_TAG = "fork.reused_from"  # MLflow run id of the trial whose result 
 LOST_TAG = "prelora.lost"  # a trial run the sweep lost: started just before a kill, unknown to Ray Tune's snapshot
 FORK_COPIED_TAG = "fork.copied"  # the trunk's epochs before the fork are in this run (copied once)
 EPOCHS_TRAINED_TOTAL = "epochs_trained_total"
-SCAN_TAG = "prelora.scan"  # a switch-epoch scan's name, on its parent and its points
 EPOCHS_NAIVE_TOTAL = "epochs_naive_total"  # what the same trials and baseline would train from scratch
+SCAN_TAG = "prelora.scan"  # a switch-epoch scan's name, on its parent and its points
