@@ -26,6 +26,8 @@ EXTRA_TRAINABLE = ("head", "norms", "embeddings", "biases")
 
 MODEL_PRESETS = ("vit-digits", "vit-digits-wide", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+STRATEGIES = ("prelora", "full")
+"""Training strategies: the names of `prelora_ray.strategies.REGISTRY` (each with its own section, if any)."""
 
 
 def _f(default: Any, doc: str, **kwargs: Any) -> Any:
@@ -217,7 +219,7 @@ class TrainSettings:
     tracking: TrackingSettings = _nested(TrackingSettings, "MLflow.")
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("prelora", "full"), "strategy", self.strategy, "prelora or full")
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy, " or ".join(STRATEGIES))
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
 
     # -- construction ---------------------------------------------------------------------------

@@ -19,16 +19,21 @@ from prelora_ray.models import family_module_names
 
 
 class Phase(str, enum.Enum):
-    """Training phases, in order."""
+    """Training phases. Their numbers (`index`, MLflow's `phase_index`) are fixed in PHASE_INDEX."""
 
     FULL = "full"
     WARMUP = "warmup"
     LORA = "lora"
+    RELORA = "relora"
 
     @property
     def index(self) -> int:
-        """0, 1, 2: the phase as a number (for MLflow metrics)."""
-        return list(Phase).index(self)
+        """The phase as a stable number (MLflow's `phase_index`): see PHASE_INDEX."""
+        return PHASE_INDEX[self]
+
+
+PHASE_INDEX: dict[Phase, int] = {Phase.FULL: 0, Phase.WARMUP: 1, Phase.LORA: 2, Phase.RELORA: 3}
+"""Stored in every MLflow run as `phase_index`: never renumber; a new phase takes the next free number."""
 
 
 ADAPTER = "default"
