@@ -31,7 +31,7 @@ from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
 from prelora_ray.strategies import build as build_strategy
-from prelora_ray.switch import Phase, merge_lora, unwrap
+from prelora_ray.switch import Phase, is_adapter_param, merge_lora, unwrap
 
 log = logging.getLogger("prelora_ray")
 
@@ -165,7 +165,7 @@ class TrainingLoop:
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            if "lora_" in name:
+            if is_adapter_param(name):
                 lora.append(param)
             elif param.ndim >= 2:
                 decay.append(param)
