@@ -29,6 +29,7 @@ from prelora_ray.data import DatasetBundle, build_datasets
 from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
+from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
 from prelora_ray.strategies import build as build_strategy
 from prelora_ray.switch import Phase, is_adapter_param, merge_lora, unwrap
@@ -54,17 +55,6 @@ class ForkStart:
 
     state: dict[str, Any]
     snapshots: list[tuple[dict[str, list[float]], float]]
-
-
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at an optimizer step: linear warmup, then the schedule."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * shape
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
