@@ -20,6 +20,7 @@ LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
 SWITCH_EPOCH = "switch_epoch"
 FREEZE_EPOCH = "freeze_epoch"
 RANKS = "ranks"  # {family: [rank per layer]}
+RELORA_MERGES = "relora_merges"  # strategy relora_prelora: merges so far (cumulative, per epoch)
 
 # run summary
 MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time per epoch"

@@ -348,9 +348,12 @@ def _extra_group(name: str, group: str) -> bool:
 
 
 def set_trainable(model: nn.Module, phase: Phase, settings: PreLoRASettings) -> None:
-    """requires_grad for a phase: all (FULL), base and LoRA (WARMUP), LoRA plus chosen groups (LORA)."""
+    """requires_grad for a phase: all (FULL), base and LoRA (WARMUP), LoRA plus chosen groups (LORA),
+    everything but the adapted layers' base weights (RELORA: ReLoRA trains embeddings, norms, biases and head in full)."""
     for name, param in model.named_parameters():
-        if phase is not Phase.LORA or is_adapter_param(name):
+        if phase is Phase.RELORA:
+            param.requires_grad_(is_adapter_param(name) or not name.endswith(".base_layer.weight"))
+        elif phase is not Phase.LORA or is_adapter_param(name):
             param.requires_grad_(True)
         else:
             param.requires_grad_(any(_extra_group(name, g) for g in settings.trainable_after_freeze))

@@ -29,7 +29,6 @@ from prelora_ray.data import DatasetBundle, build_datasets
 from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
-from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
 from prelora_ray.strategies import build as build_strategy
 from prelora_ray.switch import Phase, is_adapter_param, merge_lora, unwrap
@@ -187,17 +186,11 @@ class TrainingLoop:
         del old
 
     def _set_lr(self) -> float:
-        o = self.cfg.optim
-        factor = lr_factor(
-            self.state.step,
-            total_steps=self.total_steps,
-            warmup_steps=int(o.lr_warmup_epochs * self.steps_per_epoch),
-            schedule=o.schedule,
-            min_ratio=o.min_lr_ratio,
-        )
+        """Set each group's LR for the next step from the strategy's schedule; returns the base LR."""
+        factor = self.strategy.lr_factor(self, self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        return o.lr * factor
+        return self.cfg.optim.lr * factor
 
     def norms(self) -> dict[str, list[float]]:
         """Family -> per-layer norms of the effective weights (W, or W + s·B·A with adapters)."""

@@ -18,7 +18,8 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.switch import Phase, injected_ranks
-from prelora_ray.trainer import TrainingLoop, lr_factor, train
+from prelora_ray.optim import lr_factor
+from prelora_ray.trainer import TrainingLoop, train
 
 EPOCHS = 12
 STEPS_PER_EPOCH = 8  # 256 samples / batch 32

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
+from prelora_ray.optim import lr_factor
 from prelora_ray.switch import Phase
 
 if TYPE_CHECKING:
@@ -37,6 +38,12 @@ class Strategy:
         """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load."""
         for param in loop.model.parameters():
             param.requires_grad_(True)
+
+    def lr_factor(self, loop: TrainingLoop, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer `step`: `optim.*`'s warmup and schedule."""
+        o = self.cfg.optim
+        warmup = int(o.lr_warmup_epochs * loop.steps_per_epoch)
+        return lr_factor(step, total_steps=loop.total_steps, warmup_steps=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio)
 
     def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
         """After each optimizer step (`loss`: the step's all-worker mean when `step_losses`, else None)."""

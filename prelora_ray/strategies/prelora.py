@@ -39,11 +39,12 @@ class PreLoRA(Strategy):
 
     name = "prelora"
     section = "prelora"
+    state_class: type[PreLoRAState] = PreLoRAState
 
     def __init__(self, cfg: TrainSettings) -> None:
         super().__init__(cfg)
         self.settings = cfg.prelora
-        self.state = PreLoRAState()
+        self.state = self.state_class()
         self.monitor = ConvergenceMonitor(k=self.settings.k, m=self.settings.m, window_stat=self.settings.window_stat)
 
     @property
@@ -75,14 +76,22 @@ class PreLoRA(Strategy):
 
     def _after_unit(self, loop: TrainingLoop, loss: float | None) -> None:
         """Record one window unit (None: it is recorded already); at a boundary in the FULL phase, maybe switch."""
-        if loop.state.phase is not Phase.FULL:
+        if not self._measuring(loop.state.phase):
             return
         if loss is not None:
             self.monitor.record(loop.norms(), loss)
-        if self.monitor.at_boundary() and loop.state.epoch >= self.settings.min_switch_epoch:
+        if self.monitor.at_boundary() and self._may_switch(loop):
             passed, ranks = self._decide(loop)
             if passed:
                 self._switch(loop, ranks)
+
+    def _measuring(self, phase: Phase) -> bool:
+        """Whether Algorithm 1's windows record the units of `phase` (PreLoRA: FULL only)."""
+        return phase is Phase.FULL
+
+    def _may_switch(self, loop: TrainingLoop) -> bool:
+        """Whether the test may run at this boundary (besides having k windows)."""
+        return loop.state.epoch >= self.settings.min_switch_epoch
 
     # -- measure -> decide -> apply ------------------------------------------------------------------
     def _decide(self, loop: TrainingLoop) -> tuple[bool, dict[str, list[int]]]:
@@ -151,7 +160,7 @@ class PreLoRA(Strategy):
         """Inverse of state_dict."""
         state = dict(state)
         self.monitor.load_state_dict(state.pop("monitor"))
-        self.state = PreLoRAState(**state)
+        self.state = self.state_class(**state)
 
     def fork_state(self, snapshots: list[tuple[dict[str, list[float]], float]], start: int) -> dict[str, Any]:
         """No switch yet, and Algorithm 1's windows rebuilt from the trunk's per-epoch snapshots before `start`.
@@ -160,4 +169,4 @@ class PreLoRA(Strategy):
         """
         p = self.settings
         window = [({f: norms[f] for f in p.modules}, loss) for norms, loss in snapshots[max(0, start - p.k * p.m) : start]]
-        return {**dataclasses.asdict(PreLoRAState()), "monitor": {"snapshots": window, "units": start, "k": p.k, "m": p.m}}
+        return {**dataclasses.asdict(self.state_class()), "monitor": {"snapshots": window, "units": start, "k": p.k, "m": p.m}}
