@@ -104,6 +104,12 @@ def test_interrupted_run_resumes_exactly(reference, stop_after):
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
 
 
+def test_start_epoch_0_is_relora_from_the_first_step():
+    loop = TrainingLoop(cfg("epochs=2", "relora.start_epoch=0", "prelora.min_switch_epoch=5"), LocalRuntime())
+    loop.run()
+    assert [(h[M.PHASE], h[M.RELORA_MERGES]) for h in loop.state.history] == [("relora", 1), ("relora", 3)]  # merges at 5, 10, 15
+
+
 @pytest.mark.parametrize(
     "override, key",
     [("relora.rank=0", "relora.rank"), ("relora.prune=1.0", "relora.prune"), ("relora.prune=-0.1", "relora.prune"),
