@@ -207,7 +207,7 @@ def test_the_grid_replay_gives_the_switch_epoch_of_a_live_threshold_run(small_sc
             loop.run()
     finally:
         torch.set_num_threads(threads)
-    assert isinstance(loop.runtime, LocalRuntime) and loop.state.switch_epoch == landed
+    assert isinstance(loop.runtime, LocalRuntime) and loop.strategy.state.switch_epoch == landed
 
 
 @pytest.mark.slow
