@@ -170,6 +170,17 @@ def test_min_switch_epoch_delays_the_switch():
     assert phases(runtime) == ["full", "full", "full", "warmup"]
 
 
+def test_switch_at_epoch_switches_there_whatever_algorithm_1_says_with_algorithm_2_ranks():
+    settings = cfg("epochs=5", "prelora.warmup=1", "prelora.switch_at_epoch=2")
+    assert first_passing_epoch(run(settings.replace(**{"prelora.switch_at_epoch": None}))[1].reports, settings) == 1
+    loop, runtime, summary = run(settings)  # Algorithm 1 would pass at 1: not asked
+    assert summary[M.SWITCH_EPOCH] == 2 and summary[M.FREEZE_EPOCH] == 3
+    assert phases(runtime) == ["full", "full", "full", "warmup", "lora"]
+    p = settings.prelora
+    assert loop.strategy.monitor.units == 3 and loop.strategy.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == summary[M.RANKS]
+    assert [d["epoch"] for d in loop.strategy.decisions] == [2]
+
+
 def test_warmup_0_freezes_at_the_switch():
     _, runtime, summary = run(cfg("epochs=4", "prelora.warmup=0"))
     assert summary[M.SWITCH_EPOCH] == summary[M.FREEZE_EPOCH] == 1
