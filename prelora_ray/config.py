@@ -253,6 +253,8 @@ class TrainSettings:
                    f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}")
         if self.strategy == "relora_prelora":
             _check(self.relora.start_epoch < self.epochs, "relora.start_epoch", self.relora.start_epoch, f"< epochs ({self.epochs})")
+            _check(at is None or at >= self.relora.start_epoch, "prelora.switch_at_epoch", at,
+                   f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

@@ -110,6 +110,20 @@ def test_start_epoch_0_is_relora_from_the_first_step():
     assert [(h[M.PHASE], h[M.RELORA_MERGES]) for h in loop.state.history] == [("relora", 1), ("relora", 3)]  # merges at 5, 10, 15
 
 
+def test_switch_at_epoch_is_the_per_layer_switch_out_of_relora_before_min_switch_epoch():
+    loop = TrainingLoop(cfg("prelora.switch_at_epoch=2"), LocalRuntime())  # min_switch_epoch=3: a given epoch ignores it, as in prelora
+    summary = loop.run()
+    assert [h[M.PHASE] for h in loop.state.history] == ["full", "relora", "relora", "warmup", "lora", "lora"]
+    assert summary[M.SWITCH_EPOCH] == 2 and summary[M.FREEZE_EPOCH] == 3
+    assert set(injected_ranks(loop.model).values()) <= {2, 4, 8, 16}
+
+
+def test_switch_at_epoch_before_the_relora_phase_is_a_one_line_error():
+    with pytest.raises(ValueError) as err:
+        cfg("relora.start_epoch=2", "prelora.switch_at_epoch=1")
+    assert "prelora.switch_at_epoch=1 is invalid: >= relora.start_epoch (2)" in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "override, key",
     [("relora.rank=0", "relora.rank"), ("relora.prune=1.0", "relora.prune"), ("relora.prune=-0.1", "relora.prune"),

@@ -7,6 +7,7 @@ re-initialised (B = 0, A redrawn), their AdamW moments pruned by magnitude, and 
 restarts (jagged cosine). Algorithm 1 reads the effective weights W + s·B·A, which a merge leaves
 unchanged, at window boundaries during RELORA; when it passes, the uniform adapters are merged
 away and PreLoRA's per-layer ranks go in: WARMUP for w epochs, then LORA, as in `prelora`.
+`prelora.switch_at_epoch` works as in `prelora` (the config requires it to be in RELORA: >= start_epoch).
 """
 
 from __future__ import annotations
