@@ -199,6 +199,7 @@ def replay_switch(
     families: Sequence[str] | None = None,
     tie_rank: str = "min",
     zero_rank_below: float | None = None,
+    switch_at_epoch: int | None = None,
 ) -> SwitchPoint | None:
     """Replay Algorithm 1 (and 2) on a recorded per-unit history, as the live loop would run them.
 
@@ -206,9 +207,17 @@ def replay_switch(
     (i + 1) % m == 0 and i >= min_switch_epoch, over the last k·m units; the first pass is returned
     with Algorithm 2's ranks over its last two windows. None: it never passes on this history.
     `families` restricts the test to those module families (the trial's `prelora.modules`).
+    `switch_at_epoch` skips Algorithm 1: the switch is at that unit (None until the history holds it),
+    with Algorithm 2's ranks over the k windows ending there.
     """
     if families is not None:
         history = [({f: norms[f] for f in families}, loss) for norms, loss in history]
+    if switch_at_epoch is not None:
+        if len(history) <= switch_at_epoch:
+            return None
+        per_layer, _ = window_values(history[: switch_at_epoch + 1], k, m, window_stat)
+        ranks = assign_ranks(last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below)
+        return SwitchPoint(epoch=switch_at_epoch, ranks=ranks)
     for i in range(k * m - 1, len(history)):
         if (i + 1) % m or i < min_switch_epoch:
             continue

@@ -1,4 +1,4 @@
-"""`prelora-ray`: train (one run), tune (a sweep), best (export a config), pareto (plots)."""
+"""`prelora-ray`: train (one run), tune (a sweep), scan (the switch-epoch curve), best (export a config), pareto (plots)."""
 
 from __future__ import annotations
 
@@ -143,11 +143,62 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _epoch_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated epochs, e.g. 9,15,21") from None
+
+
+def _scan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scan", help="the accuracy/time curve over the switch epoch: forks of one trunk, and where threshold settings land")
+    p.add_argument("--config", help="train config YAML (the scan's base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--every", type=int, help="a switch epoch every N epochs after the first Algorithm 1 could run")
+    which.add_argument("--epochs", type=_epoch_list, help="switch epochs, comma-separated (0-based), e.g. 9,15,21")
+    p.add_argument("--grid", help="YAML list of (name, tau, zeta, k, m) to replay on the trunk (default: the paper's Exp1-3)")
+    p.add_argument("--name", help="scan name; the same name reuses its finished trunk (default: scan-<dataset>-<time>)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the config's tracking.experiment)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
+    p.add_argument("--storage", help="Ray results folder (default: the config's cluster.storage_path)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto")
+    p.add_argument("--trial-executor", choices=("ray_train", "tune"), help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Validate config, candidates and grid; then trunk, forks, replay; print the table."""
+    from prelora_ray import scan
+
+    cfg = TrainSettings.load(args.config, args.overrides)
+    cfg = cfg.replace(**{"strategy": "prelora", "prelora.switch_at_epoch": None})
+    candidates = scan.candidate_epochs(cfg, every=args.every, epochs=args.epochs)
+    grid = scan.load_grid(args.grid, cfg) if args.grid else scan.default_grid(cfg)
+    _console_env(args.verbose)
+    from prelora_ray.orchestration.scan import make_scan, run_scan
+
+    sweep = make_scan(cfg, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment,
+                      trial_executor=args.trial_executor, verbose=args.verbose)
+    log.info("scan %s: switch epochs %s of %d, %s, MLflow %s", sweep.name, ",".join(map(str, candidates)), cfg.epochs, sweep.space.trial_executor, sweep.tracking_uri)
+    result = run_scan(sweep, candidates, grid, address=args.address)
+    print(f"\nscan {sweep.name} ({cfg.model.preset} on {cfg.data.name}, {cfg.epochs} epochs; speedup = trunk epoch time / point epoch time):")
+    print(scan.format_table(result["trunk"], result["rows"], result["landings"]))
+    if result["failed"]:
+        print(f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; run again with --name {sweep.name}")
+    print(f"\nscan.csv, grid.csv and scan.png on parent run {sweep.parent_run_id} in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id})")
+    print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)))
+    print(f"config at a point: prelora-ray best --experiment {sweep.experiment} --scan {sweep.name} --switch-epoch E (or --pick earliest-within=0.5)")
+    return 1 if result["failed"] else 0
+
+
 def _best_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("best", help="write a train config from a sweep's chosen Pareto trial")
+    p = sub.add_parser("best", help="write a train config from a sweep's chosen Pareto trial, or from a scan's point")
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--sweep", help="sweep name (default: the newest sweep in the experiment)")
-    p.add_argument("--pick", default="knee", help="knee (default), max-acc, min-time or fastest-within=POINTS")
+    p.add_argument("--scan", help="scan name: export a config switching at --switch-epoch, or --pick earliest-within=POINTS")
+    p.add_argument("--switch-epoch", type=int, help="with --scan: the switch epoch (0-based)")
+    p.add_argument("--pick", help="knee (default), max-acc, min-time or fastest-within=POINTS; with --scan: earliest-within=POINTS")
     p.add_argument("--out", default="best.yaml", help="where to write the config (default best.yaml)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
 
@@ -155,8 +206,21 @@ def _best_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_best(args: argparse.Namespace) -> int:
     """Export the picked trial's config."""
     from prelora_ray import tracking
+
+    if args.scan:
+        if args.sweep:
+            raise ValueError("give --sweep or --scan, not both")
+        from prelora_ray.orchestration.scan import export_scan_config
+
+        epoch, how, _ = export_scan_config(tracking.resolve_uri(args.tracking_uri), args.experiment, args.scan, switch_epoch=args.switch_epoch, pick=args.pick, out=args.out)
+        print(f"{args.out}: switch at epoch {epoch} via {how}")
+        print(f"final run: prelora-ray train --config {args.out}")
+        return 0
+    if args.switch_epoch is not None:
+        raise ValueError("--switch-epoch needs --scan NAME")
     from prelora_ray.orchestration.tune import SWITCH_PARAMS, export_best
 
+    args.pick = args.pick or "knee"
     row, cfg = export_best(tracking.resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.pick, args.out)
     flat = cfg.flat()
     print(f"{args.out}: trial {row['run_name']} ({args.pick}): " + ", ".join(f"{k.split('.')[-1]}={flat[k]}" for k in SWITCH_PARAMS))
@@ -164,7 +228,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "scan": cmd_scan, "best": cmd_best}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _tune_parser(sub)
+    _scan_parser(sub)
     _best_parser(sub)
     try:  # the pareto verb lives in analysis/, which depends only on metric names
         from analysis.cli import register

@@ -26,6 +26,8 @@ EXTRA_TRAINABLE = ("head", "norms", "embeddings", "biases")
 
 MODEL_PRESETS = ("vit-digits", "vit-digits-wide", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+STRATEGIES = ("prelora", "full", "relora_prelora")
+"""Training strategies: the names of `prelora_ray.strategies.REGISTRY` (each with its own section, if any)."""
 
 
 def _f(default: Any, doc: str, **kwargs: Any) -> Any:
@@ -134,6 +136,7 @@ class PreLoRASettings:
     zero_rank_below: float | None = _f(None, "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.")
     trainable_after_freeze: tuple[str, ...] = _f((), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none).")
     min_switch_epoch: int = _f(0, "Earliest epoch (0-based) at whose end the switch may happen.")
+    switch_at_epoch: int | None = _f(None, "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).")
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
@@ -159,6 +162,27 @@ class PreLoRASettings:
         bad = [g for g in self.trainable_after_freeze if g not in EXTRA_TRAINABLE]
         _check(not bad, "prelora.trainable_after_freeze", bad, f"groups from {', '.join(EXTRA_TRAINABLE)}")
         _check(self.min_switch_epoch >= 0, "prelora.min_switch_epoch", self.min_switch_epoch, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class ReLoRASettings:
+    """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer switch."""
+
+    start_epoch: int = _f(2, "First epoch (0-based) of the RELORA phase; FULL before it.")
+    rank: int = _f(16, "Uniform LoRA rank of every target layer in RELORA (the paper: 256 on ViT-L).")
+    merge_every: int = _f(30, "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.")
+    prune: float = _f(0.9, "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).")
+    rewarm_steps: int = _f(5, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100).")
+    alpha_scale: float = _f(2.0, "LoRA scale s = lora_alpha / rank of the uniform adapters (prelora.alpha_scale is the per-layer phase's).")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.start_epoch, int) and self.start_epoch >= 0, "relora.start_epoch", self.start_epoch, "an integer >= 0")
+        _check(isinstance(self.rank, int) and self.rank >= 1, "relora.rank", self.rank, "an integer >= 1")
+        _check(isinstance(self.merge_every, int) and self.merge_every >= 1, "relora.merge_every", self.merge_every, "an integer >= 1 (optimizer steps)")
+        _check(0 <= self.prune < 1, "relora.prune", self.prune, "a fraction in [0, 1)")
+        _check(isinstance(self.rewarm_steps, int) and 0 <= self.rewarm_steps < self.merge_every, "relora.rewarm_steps", self.rewarm_steps,
+               f"an integer in [0, relora.merge_every) = [0, {self.merge_every})")
+        _check(self.alpha_scale > 0, "relora.alpha_scale", self.alpha_scale, "a number > 0")
 
 
 @dataclass(kw_only=True)
@@ -202,7 +226,7 @@ class TrackingSettings:
 class TrainSettings:
     """One training run: `prelora-ray train` takes exactly this."""
 
-    strategy: str = _f("prelora", "prelora (full -> warmup -> LoRA) or full (the baseline: never switches).")
+    strategy: str = _f("prelora", "prelora (full -> warmup -> LoRA), full (the baseline: never switches) or relora_prelora (full -> ReLoRA -> warmup -> LoRA).")
     epochs: int = _f(40, "Training epochs.")
     seed: int = _f(0, "Seed of weights, data order and augmentation.")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: exact resume on CPU, slower on GPU.")
@@ -213,12 +237,24 @@ class TrainSettings:
     data: DataSettings = _nested(DataSettings, "The data.")
     optim: OptimSettings = _nested(OptimSettings, "The optimizer and schedule.")
     prelora: PreLoRASettings = _nested(PreLoRASettings, "The PreLoRA switch.")
+    relora: ReLoRASettings = _nested(ReLoRASettings, "The ReLoRA phase of strategy relora_prelora.")
     cluster: ClusterSettings = _nested(ClusterSettings, "Ray Train workers.")
     tracking: TrackingSettings = _nested(TrackingSettings, "MLflow.")
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("prelora", "full"), "strategy", self.strategy, "prelora or full")
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy, " or ".join(STRATEGIES))
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        at = self.prelora.switch_at_epoch
+        if at is not None:
+            lo, hi = switch_epoch_range(self)
+            _check(self.prelora.window_unit == "epoch", "prelora.switch_at_epoch", at, "only with prelora.window_unit=epoch")
+            _check(lo <= at <= hi, "prelora.switch_at_epoch", at,
+                   f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
+                   f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}")
+        if self.strategy == "relora_prelora":
+            _check(self.relora.start_epoch < self.epochs, "relora.start_epoch", self.relora.start_epoch, f"< epochs ({self.epochs})")
+            _check(at is None or at >= self.relora.start_epoch, "prelora.switch_at_epoch", at,
+                   f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -271,6 +307,13 @@ class TrainSettings:
         for key, value in dotted.items():
             set_dotted(data, key, value, root=type(self))
         return type(self).from_dict(data)
+
+
+def switch_epoch_range(cfg: TrainSettings) -> tuple[int, int]:
+    """First and last epoch a switch can happen at: once k*m epochs are recorded (Algorithm 1 and 2 need
+    k windows), and early enough for the warmup and at least one LoRA-only epoch (hi < lo: none)."""
+    p = cfg.prelora
+    return p.k * p.m - 1, cfg.epochs - 2 - p.warmup
 
 
 def _plain(value: Any) -> Any:

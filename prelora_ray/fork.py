@@ -37,6 +37,7 @@ _CKPT = re.compile(r"epoch_(\d+)\.pt$")
 # keys that only decide *when* the switch happens and which ranks it gives: two trials that differ
 # only in these, and land on the same switch epoch and ranks, train exactly the same after it
 SWITCH_DECISION_KEYS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.window_stat", "prelora.min_switch_epoch",
+                        "prelora.switch_at_epoch",
                         "prelora.r_min", "prelora.r_max", "prelora.tie_rank", "prelora.zero_rank_below")
 # keys that name or place a run without changing what it computes
 RUN_IDENTITY_KEYS = ("name", "output_dir", "tracking.run_name", "tracking.uri", "tracking.experiment", "tracking.enabled", "cluster.storage_path")
@@ -152,7 +153,7 @@ def replay_for(cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> SwitchP
     p = cfg.prelora
     return replay_switch(
         snapshots(history, p.modules), tau=p.tau, zeta=p.zeta, k=p.k, m=p.m, r_min=p.r_min, r_max=p.r_max, window_stat=p.window_stat,
-        min_switch_epoch=p.min_switch_epoch, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below,
+        min_switch_epoch=p.min_switch_epoch, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below, switch_at_epoch=p.switch_at_epoch,
     )
 
 

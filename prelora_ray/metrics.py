@@ -7,8 +7,8 @@ VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 EPOCH_TIME_S = "epoch_time_s"  # training only, validation excluded
 THROUGHPUT = "throughput_img_s"  # all workers' training images / epoch_time_s
-PHASE = "phase"  # "full" | "warmup" | "lora" (string, in Ray reports)
-PHASE_INDEX = "phase_index"  # 0 | 1 | 2 (numeric, for MLflow)
+PHASE = "phase"  # "full" | "warmup" | "lora" | "relora" (string, in Ray reports)
+PHASE_INDEX = "phase_index"  # fixed numbers, switch.PHASE_INDEX: 0 full, 1 warmup, 2 lora, 3 relora (MLflow)
 TRAINABLE_PARAMS = "trainable_params"
 TRAINABLE_FRACTION = "trainable_fraction"  # trainable / parameters of the plain ViT
 PEAK_MEM_MB = "peak_mem_mb"  # CUDA max allocated in the epoch on GPU; process peak RSS on CPU
@@ -20,6 +20,7 @@ LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
 SWITCH_EPOCH = "switch_epoch"
 FREEZE_EPOCH = "freeze_epoch"
 RANKS = "ranks"  # {family: [rank per layer]}
+RELORA_MERGES = "relora_merges"  # strategy relora_prelora: merges so far (cumulative, per epoch)
 
 # run summary
 MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time per epoch"
@@ -45,3 +46,4 @@ LOST_TAG = "prelora.lost"  # a trial run the sweep lost: started just before a k
 FORK_COPIED_TAG = "fork.copied"  # the trunk's epochs before the fork are in this run (copied once)
 EPOCHS_TRAINED_TOTAL = "epochs_trained_total"
 EPOCHS_NAIVE_TOTAL = "epochs_naive_total"  # what the same trials and baseline would train from scratch
+SCAN_TAG = "prelora.scan"  # a switch-epoch scan's name, on its parent and its points

@@ -1,8 +1,8 @@
 """Measurements for Algorithm 1 and 2: per-layer weight norms and the sliding windows over them.
 
-Torch only (no Ray, no PEFT). A layer's norm is the Frobenius norm of its effective weight: the
-plain weight before the switch, W + s·B·A after it (found by duck typing on PEFT's LoRA layers, so
-this module need not import PEFT).
+Torch only (no Ray, no PEFT import). A layer's norm is the Frobenius norm of its effective weight:
+the plain weight before the switch, W + s·B·A after it (`switch.effective_weight`: the PEFT module
+knows the adapters, this one does not).
 """
 
 from __future__ import annotations
@@ -14,28 +14,22 @@ import torch
 from torch import nn
 
 from prelora_ray.algorithms import assign_ranks, family_means, last_window_changes, partial_convergence_test, window_values
+from prelora_ray.switch import adapter_root, effective_weight
 
 
 @torch.no_grad()
 def effective_weight_norm(module: nn.Module) -> float:
     """Frobenius norm of a linear's weight (bias excluded), with any active LoRA delta added."""
-    base = getattr(module, "base_layer", None)
-    if base is None:
-        return float(torch.linalg.vector_norm(module.weight.detach().float()))
-    weight = base.weight.detach().float()
-    for adapter in getattr(module, "active_adapters", []):
-        if adapter in getattr(module, "lora_A", {}):
-            weight = weight + module.get_delta_weight(adapter).float()
-    return float(torch.linalg.vector_norm(weight))
+    return float(torch.linalg.vector_norm(effective_weight(module).float()))
 
 
 def layer_norms(model: nn.Module, names: Mapping[str, list[str]]) -> dict[str, list[float]]:
     """Family -> per-layer norms, for the module names of `models.family_module_names`.
 
-    `model` is the unwrapped model: the plain ViT, or the PEFT model (whose names carry a
-    `base_model.model.` prefix, resolved here).
+    `model` is the unwrapped model: the plain ViT, or the PEFT model (its names resolved by
+    `switch.adapter_root`).
     """
-    root = model.base_model.model if hasattr(model, "peft_config") else model
+    root = adapter_root(model)
     return {family: [effective_weight_norm(root.get_submodule(n)) for n in layer_names] for family, layer_names in names.items()}
 
 

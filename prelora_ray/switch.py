@@ -1,12 +1,15 @@
-"""Applying the switch to a model: the only module that imports PEFT.
+"""Applying the switch to a model: the only module that imports PEFT or knows its names.
 
-inject (LoRA with per-layer ranks, output unchanged), set which parameters train in each phase,
-and merge the adapters back into a plain ViT.
+inject (LoRA with per-layer ranks, output unchanged, checked), set which parameters train in each
+phase, the adapter primitives every strategy needs (each adapter's delta s·B·A, fold it into the
+base, re-initialise, is-adapter-parameter, the effective weight), and merge the adapters back into a
+plain ViT.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import re
 import warnings
 from typing import Any
@@ -19,16 +22,21 @@ from prelora_ray.models import family_module_names
 
 
 class Phase(str, enum.Enum):
-    """Training phases, in order."""
+    """Training phases. Their numbers (`index`, MLflow's `phase_index`) are fixed in PHASE_INDEX."""
 
     FULL = "full"
     WARMUP = "warmup"
     LORA = "lora"
+    RELORA = "relora"
 
     @property
     def index(self) -> int:
-        """0, 1, 2: the phase as a number (for MLflow metrics)."""
-        return list(Phase).index(self)
+        """The phase as a stable number (MLflow's `phase_index`): see PHASE_INDEX."""
+        return PHASE_INDEX[self]
+
+
+PHASE_INDEX: dict[Phase, int] = {Phase.FULL: 0, Phase.WARMUP: 1, Phase.LORA: 2, Phase.RELORA: 3}
+"""Stored in every MLflow run as `phase_index`: never renumber; a new phase takes the next free number."""
 
 
 ADAPTER = "default"
@@ -85,17 +93,29 @@ def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRA
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 peft_model = get_peft_model(model, config)
-    root = peft_model.base_model.model
     lean_lora_forward(peft_model, True)
+    check_injection(peft_model, targets, settings.alpha_scale)
+    return peft_model
+
+
+def check_injection(model: nn.Module, targets: dict[str, int], scale: float) -> None:
+    """Raise RuntimeError unless exactly `targets` carry an adapter, each of its rank and of scale alpha/r = `scale`.
+
+    A raise, not an assert: it must hold under `python -O` too, since a silently mis-ranked layer
+    (PEFT ignores a pattern key that matches nothing) is the bug of the paper's own code.
+    """
+    root = adapter_root(model)
     for name, rank in targets.items():
         module = root.get_submodule(name)
         got_r = getattr(module, "r", {}).get(ADAPTER)
         got_scale = getattr(module, "scaling", {}).get(ADAPTER)
-        assert got_r == rank, f"{name}: PEFT gave rank {got_r}, assigned {rank}"
-        assert abs(got_scale - settings.alpha_scale) < 1e-9, f"{name}: LoRA scale {got_scale}, expected {settings.alpha_scale}"
-    injected = {n for n, mod in root.named_modules() if hasattr(mod, "lora_A")}
-    assert injected == set(targets), f"LoRA on {sorted(injected ^ set(targets))} differs from the assignment"
-    return peft_model
+        if got_r != rank:
+            raise RuntimeError(f"{name}: PEFT gave LoRA rank {got_r}, assigned {rank}")
+        if got_scale is None or abs(got_scale - scale) > 1e-9:
+            raise RuntimeError(f"{name}: LoRA scale {got_scale}, expected {scale}")
+    injected = set(_adapter_modules(model))
+    if injected != set(targets):
+        raise RuntimeError(f"LoRA on {sorted(injected ^ set(targets))} differs from the assignment")
 
 
 class _LeanForward:
@@ -239,8 +259,79 @@ def lean_lora_forward(model: nn.Module, enabled: bool = True) -> int:
 
 def injected_ranks(model: nn.Module) -> dict[str, int]:
     """Module name -> LoRA rank actually present in a PEFT model (for checks and reports)."""
-    root = model.base_model.model if hasattr(model, "peft_config") else model
-    return {n: mod.r[ADAPTER] for n, mod in root.named_modules() if hasattr(mod, "lora_A") and ADAPTER in mod.r}
+    return {n: mod.r[ADAPTER] for n, mod in _adapter_modules(model).items()}
+
+
+def adapter_root(model: nn.Module) -> nn.Module:
+    """The ViT inside a PEFT model (module names as on the plain model), or the model itself."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+def _adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name (plain-model names) -> LoRA layer carrying the adapter, in model order."""
+    return {n: mod for n, mod in adapter_root(model).named_modules() if hasattr(mod, "lora_A") and ADAPTER in mod.lora_A}
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """A linear's weight as the forward sees it, detached: W, or W + s·B·A for each active adapter."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight.detach()
+    weight = base.weight.detach()
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+@torch.no_grad()
+def adapter_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> s·B·A of its adapter (shape of the base weight)."""
+    return {name: mod.get_delta_weight(ADAPTER).detach() for name, mod in _adapter_modules(model).items()}
+
+
+@torch.no_grad()
+def fold_adapters(model: nn.Module) -> int:
+    """W += s·B·A in every adapter's base layer, then B = 0: the model computes the same function.
+
+    In place (the tensors keep their identity, so an optimizer's references stay valid); A is
+    kept, so re-initialise it next (`reinit_adapters`) for a fresh low-rank direction. Returns the
+    number of folded modules.
+    """
+    modules = _adapter_modules(model)
+    for mod in modules.values():
+        base = mod.get_base_layer().weight
+        base.add_(mod.get_delta_weight(ADAPTER).to(base.dtype))
+        mod.lora_B[ADAPTER].weight.zero_()
+    return len(modules)
+
+
+@torch.no_grad()
+def reinit_adapters(model: nn.Module, *, seed: int) -> int:
+    """B = 0 and A freshly drawn (PEFT's and ReLoRA's Kaiming-uniform, a = √5), in place.
+
+    Never both zero: with A = B = 0 neither gets a gradient (ReLoRA's issue #18). A comes from its
+    own generator seeded with `seed` (the global RNG is untouched), so a resumed run redraws the
+    same A. Returns the number of re-initialised modules.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    modules = _adapter_modules(model)
+    for mod in modules.values():
+        a = mod.lora_A[ADAPTER].weight
+        bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform_(a=√5): gain √(2/6), bound gain·√(3/fan_in)
+        fresh = torch.rand(a.shape, generator=generator, dtype=torch.float32).mul_(2 * bound).sub_(bound)
+        a.copy_(fresh.to(a.device, a.dtype))
+        mod.lora_B[ADAPTER].weight.zero_()
+    return len(modules)
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter (by its name in the PEFT model, with or without a DDP prefix) is an adapter's.
+
+    PEFT names every LoRA tensor `lora_<part>` (`lora_A`, `lora_B`, `lora_embedding_A`, DoRA's
+    `lora_magnitude_vector`); base weights, `modules_to_save` copies and the head never carry it.
+    """
+    return "lora_" in name
 
 
 def _extra_group(name: str, group: str) -> bool:
@@ -257,9 +348,12 @@ def _extra_group(name: str, group: str) -> bool:
 
 
 def set_trainable(model: nn.Module, phase: Phase, settings: PreLoRASettings) -> None:
-    """requires_grad for a phase: all (FULL), base and LoRA (WARMUP), LoRA plus chosen groups (LORA)."""
+    """requires_grad for a phase: all (FULL), base and LoRA (WARMUP), LoRA plus chosen groups (LORA),
+    everything but the adapted layers' base weights (RELORA: ReLoRA trains embeddings, norms, biases and head in full)."""
     for name, param in model.named_parameters():
-        if phase is not Phase.LORA or "lora_" in name:
+        if phase is Phase.RELORA:
+            param.requires_grad_(is_adapter_param(name) or not name.endswith(".base_layer.weight"))
+        elif phase is not Phase.LORA or is_adapter_param(name):
             param.requires_grad_(True)
         else:
             param.requires_grad_(any(_extra_group(name, g) for g in settings.trainable_after_freeze))

@@ -1,11 +1,13 @@
-"""The training loop: FULL -> (test passes) -> WARMUP for w epochs -> LORA, or FULL throughout.
+"""The training loop; what changes phase (switch, freeze) is the strategy's (`prelora_ray.strategies`).
 
-Reads top to bottom: for each epoch, train, evaluate, record norms, maybe switch or freeze,
-report with a checkpoint. Ray-free: the surroundings come in as a `Runtime` and a `MetricsSink`.
+Reads top to bottom: for each epoch, train (strategy.after_step after each step, after_train_pass
+at the end), evaluate, strategy.after_epoch, report with a checkpoint. Ray-free: the surroundings
+come in as a `Runtime` and a `MetricsSink`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -26,25 +28,22 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.data import DatasetBundle, build_datasets
 from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
-from prelora_ray.monitor import ConvergenceMonitor, layer_norms
+from prelora_ray.monitor import layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
-from prelora_ray.switch import Phase, inject_lora, merge_lora, set_trainable, unwrap
+from prelora_ray.strategies import build as build_strategy
+from prelora_ray.switch import Phase, is_adapter_param, merge_lora, unwrap
 
 log = logging.getLogger("prelora_ray")
 
 
 @dataclass(kw_only=True)
 class LoopState:
-    """Everything about the run's progress that a checkpoint must restore."""
+    """The run's progress that every strategy shares (the strategy checkpoints its own beside it)."""
 
     epoch: int = 0  # next epoch to run
     step: int = 0  # optimizer steps taken
-    phase: Phase = Phase.FULL
-    switch_epoch: int = -1  # epoch at whose end (or during which, step windows) LoRA went in
-    freeze_epoch: int = -1  # epoch at whose end the base froze
-    ranks: dict[str, list[int]] = field(default_factory=dict)
+    phase: Phase = Phase.FULL  # set by the strategy
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
-    decisions: list[dict[str, Any]] = field(default_factory=list)  # per-worker switch decisions
     resumed_at: list[int] = field(default_factory=list)  # epochs at which the run resumed from a checkpoint
     forked_from: int = -1  # the trunk epoch this run started from (fork-from-trunk sweeps), -1: none
 
@@ -55,17 +54,6 @@ class ForkStart:
 
     state: dict[str, Any]
     snapshots: list[tuple[dict[str, list[float]], float]]
-
-
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at an optimizer step: linear warmup, then the schedule."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * shape
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -109,7 +97,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class TrainingLoop:
-    """One PreLoRA (or full) training run on one worker."""
+    """One training run on one worker, of the strategy `cfg.strategy` names."""
 
     def __init__(
         self, cfg: TrainSettings, runtime: Runtime, sink: MetricsSink | None = None, *, data: DatasetBundle | None = None,
@@ -129,8 +117,7 @@ class TrainingLoop:
         self.plain_params = sum(p.numel() for p in self.model.parameters())
         self.family_names = family_module_names(self.model, cfg.prelora.modules)
         self.state = LoopState()
-        p = cfg.prelora
-        self.monitor = ConvergenceMonitor(k=p.k, m=p.m, window_stat=p.window_stat)
+        self.strategy = build_strategy(cfg)
         self.train_loader, self.sampler = self._train_loader()
         self.val_loader = self._val_loader()
         self.steps_per_epoch = len(self.train_loader)
@@ -167,7 +154,7 @@ class TrainingLoop:
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            if "lora_" in name:
+            if is_adapter_param(name):
                 lora.append(param)
             elif param.ndim >= 2:
                 decay.append(param)
@@ -180,7 +167,7 @@ class TrainingLoop:
         ]
         return [g for g in groups if g["params"]]
 
-    def _rebuild(self) -> None:
+    def rebuild(self) -> None:
         """New DDP wrapper and optimizer after requires_grad changed (DDP would fail otherwise).
 
         With carry_optimizer_state, AdamW moments of parameters that keep training survive; those of
@@ -199,75 +186,15 @@ class TrainingLoop:
         del old
 
     def _set_lr(self) -> float:
-        o = self.cfg.optim
-        factor = lr_factor(
-            self.state.step,
-            total_steps=self.total_steps,
-            warmup_steps=int(o.lr_warmup_epochs * self.steps_per_epoch),
-            schedule=o.schedule,
-            min_ratio=o.min_lr_ratio,
-        )
+        """Set each group's LR for the next step from the strategy's schedule; returns the base LR."""
+        factor = self.strategy.lr_factor(self, self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
-        return o.lr * factor
+        return self.cfg.optim.lr * factor
 
-    # -- the switch --------------------------------------------------------------------------------
-    def _norms(self) -> dict[str, list[float]]:
+    def norms(self) -> dict[str, list[float]]:
+        """Family -> per-layer norms of the effective weights (W, or W + s·B·A with adapters)."""
         return layer_norms(self.model, self.family_names)
-
-    def _decide(self) -> tuple[bool, dict[str, list[int]]]:
-        """Algorithm 1 (and 2 if it passes) at a window boundary; every worker gets rank 0's answer.
-
-        Weights are synchronized and losses all-reduced, so each worker's own decision should agree;
-        the local decisions are gathered and kept as a check, and rank 0's is used.
-        """
-        p = self.cfg.prelora
-        passed = self.monitor.passed(p.tau, p.zeta)
-        ranks = self.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below) if passed else {}
-        local = {"passed": passed, "ranks": ranks}
-        if self.runtime.world_size > 1:
-            gathered = self.runtime.all_gather_object(local)
-            if passed or any(d["passed"] for d in gathered):
-                self.state.decisions.append({"epoch": self.state.epoch, "workers": gathered})
-                if any(d != gathered[0] for d in gathered):
-                    log.warning("workers disagreed on the switch decision; using rank 0's: %s", gathered)
-            local = gathered[0]
-        elif passed:
-            self.state.decisions.append({"epoch": self.state.epoch, "workers": [local]})
-        return local["passed"], local["ranks"]
-
-    def _switch(self, ranks: dict[str, list[int]]) -> None:
-        """Inject LoRA with the assigned ranks; base and LoRA train together (WARMUP)."""
-        self.model = inject_lora(unwrap(self.wrapped), ranks, self.cfg.prelora, seed=self._adapter_seed())
-        set_trainable(self.model, Phase.WARMUP, self.cfg.prelora)
-        self.state.phase, self.state.ranks, self.state.switch_epoch = Phase.WARMUP, ranks, self.state.epoch
-        self._rebuild()
-        if self.runtime.rank == 0:
-            log.info("epoch %d: partial convergence test passed; LoRA injected with ranks %s", self.state.epoch, ranks)
-        self.sink.log_dict({"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json")
-
-    def _adapter_seed(self) -> int:
-        """Seed of the adapters' initial A: from the run's seed and the switch epoch, not the training's RNG stream."""
-        return (self.cfg.seed * 1_000_003 + self.state.epoch * 7919 + 17) % 2**63
-
-    def _freeze(self) -> None:
-        """Freeze the base: only LoRA (and the configured groups) train from here (LORA)."""
-        set_trainable(self.model, Phase.LORA, self.cfg.prelora)
-        self.state.phase, self.state.freeze_epoch = Phase.LORA, self.state.epoch
-        self._rebuild()
-        if self.runtime.rank == 0:
-            log.info("epoch %d: base frozen; %s", self.state.epoch, self._trainable_text())
-
-    def _after_unit(self, loss: float | None) -> None:
-        """Record one window unit (None: it is recorded already); at a boundary in the FULL phase, maybe switch."""
-        if self.state.phase is not Phase.FULL or self.cfg.strategy != "prelora":
-            return
-        if loss is not None:
-            self.monitor.record(self._norms(), loss)
-        if self.monitor.at_boundary() and self.state.epoch >= self.cfg.prelora.min_switch_epoch:
-            passed, ranks = self._decide()
-            if passed:
-                self._switch(ranks)
 
     # -- epochs ------------------------------------------------------------------------------------
     def train_one_epoch(self) -> dict[str, float]:
@@ -277,7 +204,7 @@ class TrainingLoop:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
-        per_step = self.cfg.prelora.window_unit == "step"
+        per_step = self.strategy.step_losses
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
         start = time.perf_counter()
         for images, labels in self.train_loader:
@@ -295,9 +222,11 @@ class TrainingLoop:
             batch_loss = loss.detach().double() * labels.numel()
             loss_sum += batch_loss.cpu()
             count += labels.numel()
+            step_loss = None
             if per_step:
                 step_sum = self.runtime.all_reduce_sum(torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)]))
-                self._after_unit(float(step_sum[0] / step_sum[1]))
+                step_loss = float(step_sum[0] / step_sum[1])
+            self.strategy.after_step(self, step_loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         epoch_time = time.perf_counter() - start
@@ -305,8 +234,7 @@ class TrainingLoop:
         train_loss = float(total[0] / total[1])
         if not math.isfinite(train_loss):  # every worker sees the same all-reduced value: all stop together
             raise FloatingPointError(f"epoch {self.state.epoch}: training loss is {train_loss} (diverged: lower optim.lr?)")
-        if not per_step:
-            self._after_unit(train_loss)
+        self.strategy.after_train_pass(self, train_loss)  # may switch phase (epoch windows)
         return {M.TRAIN_LOSS: train_loss, M.EPOCH_TIME_S: epoch_time, M.THROUGHPUT: float(total[1]) / epoch_time, M.LR: lr}
 
     @torch.no_grad()
@@ -328,18 +256,18 @@ class TrainingLoop:
     def _trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def _trainable_text(self) -> str:
+    def trainable_text(self) -> str:
+        """Trainable parameters, as a count and a percentage of the plain ViT's."""
         n = self._trainable()
         return f"{n:,} trainable parameters ({100 * n / self.plain_params:.2f}% of {self.plain_params:,})"
 
     def _epoch_metrics(self, epoch: int, phase: Phase, trainable: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
-        norms = self._norms()
+        norms = self.norms()
         out: dict[str, Any] = {M.EPOCH: epoch, M.PHASE: phase.value, M.PHASE_INDEX: phase.index, **train, **val}
         out[M.TRAINABLE_PARAMS] = trainable
         out[M.TRAINABLE_FRACTION] = trainable / self.plain_params
         out[M.PEAK_MEM_MB] = peak_memory_mb(self.device)
-        out[M.SWITCH_EPOCH] = self.state.switch_epoch
-        out[M.FREEZE_EPOCH] = self.state.freeze_epoch
+        out.update(self.strategy.event_metrics())
         for family, values in norms.items():
             out[f"{M.NORM_PREFIX}{family}"] = sum(values) / len(values)
             for layer, value in enumerate(values):
@@ -349,7 +277,7 @@ class TrainingLoop:
     def summary(self) -> dict[str, Any]:
         """Run summary over the history (a fork's includes the trunk's epochs before the fork)."""
         s = self.state
-        out = summarize(s.history, switch_epoch=s.switch_epoch, freeze_epoch=s.freeze_epoch, ranks=s.ranks)
+        out = summarize(s.history, **self.strategy.summary())
         out["resumed_at"] = list(s.resumed_at)
         out["forked_from"] = s.forked_from
         out["epochs_trained"] = sum(1 for e in s.history if e[M.EPOCH] >= max(s.forked_from, 0))
@@ -357,32 +285,30 @@ class TrainingLoop:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """A checkpoint: weights (PEFT keys after the switch), optimizer, progress, norms, RNG."""
+        """A checkpoint: weights (PEFT keys after the switch), optimizer, progress, the strategy's state, RNG."""
         s = self.state
         return {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "loop": {**s.__dict__, "phase": s.phase.value},
-            "monitor": self.monitor.state_dict(),
+            "strategy": self.strategy.state_dict(),
             "rng": rng_state(),
         }
 
-    def load_state_dict(self, ckpt: dict[str, Any], *, monitor: dict[str, Any] | None = None) -> None:
-        """Restore a checkpoint: re-inject LoRA with its ranks first when it was taken after the switch.
+    def load_state_dict(self, ckpt: dict[str, Any], *, strategy_state: dict[str, Any] | None = None) -> None:
+        """Restore a checkpoint: the strategy reshapes the model for its phase (e.g. re-injects LoRA) before the weights load.
 
-        `monitor` replaces the checkpoint's own window state (a fork rebuilds it from the trunk's history).
+        `strategy_state` replaces the checkpoint's own (a fork starts the strategy afresh from the trunk's history).
         """
-        loop = dict(ckpt["loop"])
+        loop, saved = _split_legacy(ckpt)
         loop["phase"] = Phase(loop["phase"])
         self.state = LoopState(**loop)
-        if self.state.phase is not Phase.FULL:
-            self.model = inject_lora(unwrap(self.wrapped), self.state.ranks, self.cfg.prelora, seed=0)  # A is loaded next
-        set_trainable(self.model, self.state.phase, self.cfg.prelora)
+        self.strategy.load_state_dict(saved if strategy_state is None else strategy_state)
+        self.strategy.prepare(self, self.state.phase)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer = None
-        self._rebuild()
+        self.rebuild()
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.monitor.load_state_dict(ckpt["monitor"] if monitor is None else monitor)
         set_rng_state(ckpt["rng"])
 
     def start_from_fork(self, fork: ForkStart) -> None:
@@ -398,25 +324,23 @@ class TrainingLoop:
         start = int(loop["epoch"])
         if len(fork.snapshots) < start:
             raise ValueError(f"the trunk's history has {len(fork.snapshots)} epochs, the fork needs the {start} before its checkpoint")
-        p = self.cfg.prelora
-        window = [({f: norms[f] for f in p.modules}, loss) for norms, loss in fork.snapshots[max(0, start - p.k * p.m) : start]]
-        self.load_state_dict(fork.state, monitor={"snapshots": window, "units": start, "k": p.k, "m": p.m})
-        self.state.resumed_at, self.state.decisions, self.state.forked_from = [], [], start
+        self.load_state_dict(fork.state, strategy_state=self.strategy.fork_state(fork.snapshots, start))
+        self.state.resumed_at, self.state.forked_from = [], start
         if start > 0:
             self._decide_at_end_of(start - 1)
 
     def _decide_at_end_of(self, epoch: int) -> None:
-        """The decision a live run takes at the end of `epoch`, taken after loading a checkpoint from then.
+        """The decisions a live run takes at the end of `epoch`, taken after loading a checkpoint from then.
 
-        A fork from the trunk's checkpoint at the end of the switch epoch switches here, and the
-        freeze follows at once when w = 0, as in `run()`; that epoch's record then says so.
+        Its training loss is in the windows already (None below). A fork from the trunk's checkpoint
+        at the end of the switch epoch switches here, and the freeze follows at once when w = 0, as
+        in `run()`; that epoch's record then says so.
         """
-        self.state.epoch = epoch
-        self._after_unit(None)
-        if self.state.switch_epoch == epoch:
-            if self.state.phase is Phase.WARMUP and self.cfg.prelora.warmup == 0:
-                self._freeze()
-            self.state.history[-1].update({M.SWITCH_EPOCH: self.state.switch_epoch, M.FREEZE_EPOCH: self.state.freeze_epoch})
+        self.state.epoch, phase = epoch, self.state.phase
+        self.strategy.after_train_pass(self, None)
+        self.strategy.after_epoch(self)
+        if self.state.phase is not phase:
+            self.state.history[-1].update(self.strategy.event_metrics())
         self.state.epoch = epoch + 1
 
     # -- the run -----------------------------------------------------------------------------------
@@ -433,16 +357,15 @@ class TrainingLoop:
             if self.runtime.rank == 0:
                 log.info("forked from the trunk at epoch %d", self.state.epoch)
         else:
-            set_trainable(self.model, Phase.FULL, self.cfg.prelora)
-            self._rebuild()
+            self.strategy.prepare(self, self.state.phase)
+            self.rebuild()
         if self.trunk is not None:
             self.trunk.start(self.state.epoch, self.state_dict)
         for epoch in range(self.state.epoch, self.cfg.epochs):
             phase, trainable = self.state.phase, self._trainable()
-            train = self.train_one_epoch()  # may switch mid-epoch with step windows
+            train = self.train_one_epoch()  # the strategy may change phase during it (switch)
             val = self.evaluate()
-            if self.state.phase is Phase.WARMUP and epoch >= self.state.switch_epoch + self.cfg.prelora.warmup:
-                self._freeze()
+            self.strategy.after_epoch(self)  # ... and after it (freeze)
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
             self.state.history.append({**{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}, "wall_time": time.time()})
             self.state.epoch = epoch + 1
@@ -457,7 +380,7 @@ class TrainingLoop:
                 )
             report = {k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}
             report.update({k: v for k, v in self.summary().items() if isinstance(v, (int, float))})
-            changed = self.state.switch_epoch == epoch or self.state.freeze_epoch == epoch
+            changed = self.state.phase is not phase
             due = (epoch + 1) % self.cfg.cluster.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or changed
             self.runtime.report(report, snapshot() if due else None)
         return self.summary()
@@ -469,6 +392,20 @@ class TrainingLoop:
         merged.save_pretrained(path)
         self.model = self.wrapped = merged
         return path
+
+
+def _split_legacy(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loop's fields and the strategy's state of a checkpoint.
+
+    Checkpoints written before strategies/ (main at 2a433b9 and earlier) kept the switch's fields in
+    "loop" and the windows in "monitor": those move to the strategy's state, so they still resume.
+    """
+    loop = dict(ckpt["loop"])
+    if "strategy" in ckpt:
+        return loop, ckpt["strategy"]
+    own = {f.name for f in dataclasses.fields(LoopState)}
+    saved = {k: loop.pop(k) for k in list(loop) if k not in own}
+    return loop, {**saved, "monitor": ckpt["monitor"]} if "monitor" in ckpt else saved
 
 
 def train(cfg: TrainSettings, runtime: Runtime | None = None, sink: MetricsSink | None = None, *, export_to: str | Path | None = None) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def live_switches(one_thread):
             loop.run()
         except StopTraining:
             pass
-        out[setting] = (loop.state.switch_epoch, loop.state.ranks)
+        out[setting] = (loop.strategy.state.switch_epoch, loop.strategy.state.ranks)
     return out
 
 

@@ -12,7 +12,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, build_model
 from prelora_ray import switch
-from prelora_ray.switch import ADAPTER, Phase, inject_lora, injected_ranks, merge_lora, rank_by_module, set_trainable
+from prelora_ray.switch import ADAPTER, PHASE_INDEX, Phase, inject_lora, injected_ranks, merge_lora, rank_by_module, set_trainable
 
 FAMILIES = tuple(FAMILY_MODULES)
 
@@ -251,9 +251,10 @@ def test_lora_phase_drops_gradients_of_frozen_weights():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
-def test_phase_order_and_index():
-    assert [p.value for p in Phase] == ["full", "warmup", "lora"]
-    assert [p.index for p in Phase] == [0, 1, 2]
+def test_phase_index_is_fixed_per_phase_not_by_enum_order():
+    # stored MLflow runs hold these numbers: a new phase takes the next free one, none is renumbered
+    assert {p.value: p.index for p in Phase} == {"full": 0, "warmup": 1, "lora": 2, "relora": 3}
+    assert PHASE_INDEX == {p: p.index for p in Phase} and len(set(PHASE_INDEX.values())) == len(Phase)
 
 
 # -- merged export ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.switch import Phase, injected_ranks
-from prelora_ray.trainer import TrainingLoop, lr_factor, train
+from prelora_ray.optim import lr_factor
+from prelora_ray.trainer import TrainingLoop, train
 
 EPOCHS = 12
 STEPS_PER_EPOCH = 8  # 256 samples / batch 32
@@ -133,8 +134,8 @@ def test_the_model_carries_the_assigned_ranks(reference):
         assert [got[f"vit.layers.{i}.{FAMILY_MODULES[family]}"] for i in range(4)] == family_ranks
     # Algorithm 2 over the monitor as it stood at the switch (it records nothing afterwards)
     p = cfg().prelora
-    assert loop.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == ranks
-    assert loop.monitor.units == summary[M.SWITCH_EPOCH] + 1
+    assert loop.strategy.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == ranks
+    assert loop.strategy.monitor.units == summary[M.SWITCH_EPOCH] + 1
 
 
 def test_lr_schedule_runs_on_across_the_phase_changes(reference):
@@ -169,6 +170,17 @@ def test_min_switch_epoch_delays_the_switch():
     assert phases(runtime) == ["full", "full", "full", "warmup"]
 
 
+def test_switch_at_epoch_switches_there_whatever_algorithm_1_says_with_algorithm_2_ranks():
+    settings = cfg("epochs=5", "prelora.warmup=1", "prelora.switch_at_epoch=2")
+    assert first_passing_epoch(run(settings.replace(**{"prelora.switch_at_epoch": None}))[1].reports, settings) == 1
+    loop, runtime, summary = run(settings)  # Algorithm 1 would pass at 1: not asked
+    assert summary[M.SWITCH_EPOCH] == 2 and summary[M.FREEZE_EPOCH] == 3
+    assert phases(runtime) == ["full", "full", "full", "warmup", "lora"]
+    p = settings.prelora
+    assert loop.strategy.monitor.units == 3 and loop.strategy.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == summary[M.RANKS]
+    assert [d["epoch"] for d in loop.strategy.decisions] == [2]
+
+
 def test_warmup_0_freezes_at_the_switch():
     _, runtime, summary = run(cfg("epochs=4", "prelora.warmup=0"))
     assert summary[M.SWITCH_EPOCH] == summary[M.FREEZE_EPOCH] == 1
@@ -183,7 +195,7 @@ def test_full_strategy_never_switches():
     assert not hasattr(loop.model, "peft_config")
     assert not any("lora_" in n for n, _ in loop.model.named_parameters())
     assert all(p.requires_grad for p in loop.model.parameters())
-    assert loop.monitor.units == 0  # the test is never even run
+    assert not hasattr(loop.strategy, "monitor") and loop.strategy.state_dict() == {}  # the test is never even run
 
 
 def test_no_switch_when_the_thresholds_are_never_met():
@@ -236,8 +248,8 @@ def test_step_windows_switch_mid_epoch_and_train_to_the_end():
     k, m = settings.prelora.k, settings.prelora.m
     # the first boundary is at optimizer step k·m = 6, inside epoch 0 (8 steps), and passes at τ = ζ = 50
     assert summary[M.SWITCH_EPOCH] == 0
-    assert loop.monitor.units == k * m == 6  # recording stopped at the switch: it happened at step 6
-    assert loop.monitor.units % STEPS_PER_EPOCH != 0  # mid-epoch
+    assert loop.strategy.monitor.units == k * m == 6  # recording stopped at the switch: it happened at step 6
+    assert loop.strategy.monitor.units % STEPS_PER_EPOCH != 0  # mid-epoch
     assert summary[M.FREEZE_EPOCH] == 1  # switch epoch + w
     assert phases(runtime) == ["full", "warmup", "lora", "lora"]
     assert loop.state.step == 4 * STEPS_PER_EPOCH  # every step of every epoch ran
@@ -252,16 +264,16 @@ def test_step_windows_resume_exactly_with_a_window_spanning_the_checkpoint():
     # the 10 step snapshots, and the resumed run must decide at step 10 exactly as the uninterrupted one
     settings = cfg("epochs=4", "prelora.window_unit=step", "prelora.m=5", "prelora.warmup=1")
     ref_loop, ref_runtime, ref = run(settings)
-    assert ref[M.SWITCH_EPOCH] == 1 and ref_loop.monitor.units == 10
+    assert ref[M.SWITCH_EPOCH] == 1 and ref_loop.strategy.monitor.units == 10
     first = LocalRuntime(stop_after_epoch=0)
     with pytest.raises(StopTraining):
         run(settings, first)
-    assert first.checkpoints[-1]["monitor"]["units"] == STEPS_PER_EPOCH
+    assert first.checkpoints[-1]["strategy"]["monitor"]["units"] == STEPS_PER_EPOCH
     loop, resumed, summary = run(settings, LocalRuntime(resume_from=first.checkpoints[-1]))
     for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS, M.FINAL_VAL_ACC):
         assert summary[key] == ref[key], key
     assert [h[M.TRAIN_LOSS] for h in loop.state.history] == [h[M.TRAIN_LOSS] for h in ref_loop.state.history]
-    assert loop.monitor.units == 10
+    assert loop.strategy.monitor.units == 10
 
 
 # -- merged export ----------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
         loop.train_loader = FaultyLoader(loop, runtime.fault, runtime.rank)
     summary = loop.run()
     summary["history"] = loop.state.history
-    summary["decisions"] = loop.state.decisions
+    summary["decisions"] = loop.strategy.decisions
     summary["worker_rank"] = runtime.rank
     if sink is not None:
         summary["unsent_metrics"] = len(sink.flush())
@@ -249,7 +249,7 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
     if runtime.world_size > 1:
         # every worker's view of the switch, so the driver can check they agree
         summary["all_workers"] = runtime.all_gather_object(
-            {"rank": runtime.rank, "switch_epoch": loop.state.switch_epoch, "freeze_epoch": loop.state.freeze_epoch, "ranks": loop.state.ranks}
+            {"rank": runtime.rank, **{k: summary[k] for k in ("switch_epoch", "freeze_epoch", "ranks")}}
         )
     return summary
 

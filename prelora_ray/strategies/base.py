@@ -1,0 +1,79 @@
+"""The hooks a training strategy gives the loop, and the state every strategy shares.
+
+A strategy owns its phase changes and what they need (which parameters train, when adapters go in,
+its own progress for checkpoints); the loop (`trainer.TrainingLoop`) only calls the hooks, in this
+order each epoch: `after_step` after every optimizer step, `after_train_pass` at the end of the
+training pass (before validation), `after_epoch` after validation. No Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from prelora_ray import metrics as M
+from prelora_ray.config import TrainSettings
+from prelora_ray.optim import lr_factor
+from prelora_ray.switch import Phase
+
+if TYPE_CHECKING:
+    from prelora_ray.trainer import TrainingLoop
+
+
+class Strategy:
+    """Full training with no phase change: the defaults every hook falls back to."""
+
+    name: ClassVar[str]
+    section: ClassVar[str | None] = None
+    """The strategy's own section of `TrainSettings` (None: it has no settings)."""
+
+    def __init__(self, cfg: TrainSettings) -> None:
+        self.cfg = cfg
+
+    @property
+    def step_losses(self) -> bool:
+        """Whether `after_step` needs each step's all-worker mean loss (one all-reduce per step)."""
+        return False
+
+    def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
+        """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load."""
+        for param in loop.model.parameters():
+            param.requires_grad_(True)
+
+    def lr_factor(self, loop: TrainingLoop, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer `step`: `optim.*`'s warmup and schedule."""
+        o = self.cfg.optim
+        warmup = int(o.lr_warmup_epochs * loop.steps_per_epoch)
+        return lr_factor(step, total_steps=loop.total_steps, warmup_steps=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio)
+
+    def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
+        """After each optimizer step (`loss`: the step's all-worker mean when `step_losses`, else None)."""
+
+    def after_train_pass(self, loop: TrainingLoop, loss: float | None) -> None:
+        """After the epoch's last step, before validation (`loss`: the epoch's all-worker mean; None: recorded already)."""
+
+    def after_epoch(self, loop: TrainingLoop) -> None:
+        """After validation, before the epoch's report and checkpoint."""
+
+    def event_metrics(self) -> dict[str, Any]:
+        """Per-epoch event metrics; every strategy reports these two (-1: never) so all runs share one set."""
+        return {M.SWITCH_EPOCH: -1, M.FREEZE_EPOCH: -1}
+
+    def summary(self) -> dict[str, Any]:
+        """Keyword arguments of `fork.summarize` beyond the history (switch and freeze epochs, ranks)."""
+        return {}
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        """Per-worker switch decisions taken so far (for the driver's agreement check)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own progress, for an exact resume (plain data only: see checkpoint.py)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of state_dict; called before `prepare` when a checkpoint loads."""
+
+    def fork_state(self, snapshots: list[tuple[dict[str, list[float]], float]], start: int) -> dict[str, Any]:
+        """The state a run forked from a full-training trunk checkpoint at `start` begins with."""
+        return {}

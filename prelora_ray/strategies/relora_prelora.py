@@ -1,0 +1,131 @@
+"""`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): FULL -> RELORA -> (Algorithm 1) -> WARMUP -> LORA.
+
+FULL until `relora.start_epoch`; then RELORA: LoRA of a uniform rank on the target families
+(`prelora.modules`) while embeddings, norms, biases and the head keep training in full, as in ReLoRA.
+Every `relora.merge_every` optimizer steps the adapters are folded into the base and
+re-initialised (B = 0, A redrawn), their AdamW moments pruned by magnitude, and the learning rate
+restarts (jagged cosine). Algorithm 1 reads the effective weights W + s·B·A, which a merge leaves
+unchanged, at window boundaries during RELORA; when it passes, the uniform adapters are merged
+away and PreLoRA's per-layer ranks go in: WARMUP for w epochs, then LORA, as in `prelora`.
+`prelora.switch_at_epoch` works as in `prelora` (the config requires it to be in RELORA: >= start_epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from prelora_ray import metrics as M
+from prelora_ray.config import TrainSettings
+from prelora_ray.optim import jagged_cosine_factor, prune_moments
+from prelora_ray.strategies.prelora import PreLoRA, PreLoRAState
+from prelora_ray.switch import Phase, fold_adapters, inject_lora, is_adapter_param, merge_lora, reinit_adapters, set_trainable, unwrap
+
+if TYPE_CHECKING:
+    from prelora_ray.trainer import TrainingLoop
+
+log = logging.getLogger("prelora_ray")
+
+
+@dataclass(kw_only=True)
+class ReLoRAState(PreLoRAState):
+    """PreLoRA's progress plus the merges so far (the schedule's position is a function of the step)."""
+
+    relora_merges: int = 0  # merges (fold + re-init + prune + LR restart) done in RELORA
+
+
+class ReLoRAPreLoRA(PreLoRA):
+    """PreLoRA with a ReLoRA phase between full training and the per-layer switch."""
+
+    name = "relora_prelora"
+    section = "relora"
+    state_class = ReLoRAState
+
+    def __init__(self, cfg: TrainSettings) -> None:
+        super().__init__(cfg)
+        self.relora = cfg.relora
+
+    # -- which parameters train ------------------------------------------------------------------
+    def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
+        """RELORA: re-inject the uniform adapters (A is loaded next); other phases as PreLoRA (a fresh start at
+        `start_epoch` 0 goes into RELORA at once)."""
+        if phase is Phase.FULL and loop.state.epoch == 0 and self.relora.start_epoch == 0:
+            super().prepare(loop, phase)
+            self._enter_relora(loop, rebuild=False)
+        elif phase is Phase.RELORA:
+            loop.model = self._inject_uniform(loop, seed=0)
+            set_trainable(loop.model, Phase.RELORA, self.settings)
+        else:
+            super().prepare(loop, phase)
+
+    def _enter_relora(self, loop: TrainingLoop, *, rebuild: bool = True) -> None:
+        """Uniform adapters on the target families (B = 0: the function is unchanged); their base weights freeze."""
+        seed = self._adapter_seed(loop.state.epoch) ^ 0x5EED
+        loop.model = self._inject_uniform(loop, seed=seed)
+        set_trainable(loop.model, Phase.RELORA, self.settings)
+        loop.state.phase = Phase.RELORA
+        if rebuild:
+            loop.rebuild()
+        if loop.runtime.rank == 0:
+            log.info("epoch %d: ReLoRA phase, uniform rank %d; %s", loop.state.epoch, self.relora.rank, loop.trainable_text())
+
+    def _inject_uniform(self, loop: TrainingLoop, *, seed: int) -> nn.Module:
+        """`relora.rank` on every layer of the target families, at scale `relora.alpha_scale`."""
+        ranks = {family: [self.relora.rank] * len(names) for family, names in loop.family_names.items() if family in self.settings.modules}
+        return inject_lora(unwrap(loop.wrapped), ranks, dataclasses.replace(self.settings, alpha_scale=self.relora.alpha_scale), seed=seed)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
+        """Merge every `merge_every` steps of RELORA; then the windows, as PreLoRA (step windows)."""
+        if loop.state.phase is Phase.RELORA and (loop.state.step - self._start_step(loop)) % self.relora.merge_every == 0:
+            self._merge(loop)
+        super().after_step(loop, loss)
+
+    def after_epoch(self, loop: TrainingLoop) -> None:
+        """Enter RELORA at the end of the epoch before `start_epoch`; the freeze, as PreLoRA."""
+        if loop.state.phase is Phase.FULL and loop.state.epoch + 1 == self.relora.start_epoch:
+            self._enter_relora(loop)
+        super().after_epoch(loop)
+
+    def lr_factor(self, loop: TrainingLoop, step: int) -> float:
+        """In RELORA the jagged cosine (0 at each merge, back on the cosine `rewarm_steps` later); else the loop's schedule."""
+        if loop.state.phase is not Phase.RELORA:
+            return super().lr_factor(loop, step)
+        o = self.cfg.optim
+        return jagged_cosine_factor(
+            step, total_steps=loop.total_steps, warmup_steps=int(o.lr_warmup_epochs * loop.steps_per_epoch), min_ratio=o.min_lr_ratio,
+            first_restart=self._start_step(loop) + self.relora.merge_every, restart_every=self.relora.merge_every,
+            rewarm_steps=self.relora.rewarm_steps,
+        )
+
+    def _start_step(self, loop: TrainingLoop) -> int:
+        return self.relora.start_epoch * loop.steps_per_epoch
+
+    def _merge(self, loop: TrainingLoop) -> None:
+        """Fold s·B·A into the base, redraw A with B = 0, prune the adapters' AdamW moments (ReLoRA's reset)."""
+        fold_adapters(loop.model)
+        self.state.relora_merges += 1
+        reinit_adapters(loop.model, seed=(self.cfg.seed * 1_000_003 + self.state.relora_merges * 104_729) % 2**63)
+        adapters = [p for n, p in loop.model.named_parameters() if is_adapter_param(n)]
+        prune_moments(loop.optimizer, adapters, keep=1.0 - self.relora.prune)
+
+    # -- Algorithm 1 runs during RELORA; the switch first merges the uniform adapters away ------------
+    def _measuring(self, phase: Phase) -> bool:
+        return phase in (Phase.FULL, Phase.RELORA)
+
+    def _switching_phase(self, phase: Phase) -> bool:
+        return phase is Phase.RELORA
+
+    def _switch(self, loop: TrainingLoop, ranks: dict[str, list[int]]) -> None:
+        """Fold the uniform adapters into the base and remove them, then PreLoRA's per-layer switch."""
+        loop.model = merge_lora(unwrap(loop.wrapped))
+        loop.wrapped = loop.model
+        super()._switch(loop, ranks)
+
+    def event_metrics(self) -> dict[str, Any]:
+        """PreLoRA's events plus the cumulative merges."""
+        return {**super().event_metrics(), M.RELORA_MERGES: self.state.relora_merges}
