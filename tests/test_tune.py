@@ -133,7 +133,7 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     finishes with the requested trials, each once, no finished trunk epoch or finished trial trained again."""
     import json
 
-    space = _space(tmp_path, "killed", 4, epochs=8)
+    space = _space(tmp_path, "killed", 4, epochs=8, trial_executor="tune")  # trunk and trials in-process: no TorchTrainer start-ups
     trunk_history = tmp_path / "ray" / "killed" / "trunk" / "history.json"
 
     def trunk_epochs() -> int:
