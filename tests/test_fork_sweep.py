@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = 6
 
 
-def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: int) -> str:
+def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: int, *, trial_executor: str = "ray_train", max_failures: int = 0) -> str:
     data = {
         "name": name,
         "base": {
@@ -28,17 +28,24 @@ def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: 
             "deterministic": True,
             "model": {"preset": "vit-digits"},
             "prelora": {"k": 2, "m": 1, "warmup": 1, "zeta": 50.0},
-            "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+            "cluster": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": max_failures},
         },
         # tau 1e-6 never passes; 40 and 60 both pass at the first boundary, with the same ranks
         "parameters": {"prelora.tau": {"type": "categorical", "values": taus}},
         "sampler": {"type": "random", "seed": seed},
         "num_samples": num_samples,
         "max_concurrent": 2,
+        "trial_executor": trial_executor,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def _fault_env(tmp_path, *, epoch: int, mode: str, run: str) -> dict[str, str]:
+    """The driver's environment injecting one fault (marker file `fired`: once) into the runs `run` selects."""
+    return {**os.environ, "PRELORA_FAULT_EPOCH": str(epoch), "PRELORA_FAULT_MODE": mode, "PRELORA_FAULT_RUN": run,
+            "PRELORA_FAULT_MARKER": str(tmp_path / "fired")}
 
 
 def _history(client, run_id: str, key: str = M.VAL_ACC) -> list[tuple[int, float]]:
@@ -139,12 +146,8 @@ def _assert_equals_from_scratch(root, client, origin) -> None:
 
 def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(tmp_path):
     """trial_executor tune (no TorchTrainer start-ups; the trunk raises in its Ray task, which is not retried)."""
-    space = _fork_space(tmp_path, "tf", 3, [0.000001, 40.0], seed=0)
-    data = yaml.safe_load(open(space))
-    data["trial_executor"] = "tune"
-    open(space, "w").write(yaml.safe_dump(data))
-    env = {**os.environ, "PRELORA_FAULT_EPOCH": "2", "PRELORA_FAULT_MODE": "raise", "PRELORA_FAULT_RUN": "_baseline",
-           "PRELORA_FAULT_MARKER": str(tmp_path / "fired")}
+    space = _fork_space(tmp_path, "tf", 3, [0.000001, 40.0], seed=0, trial_executor="tune")
+    env = _fault_env(tmp_path, epoch=2, mode="raise", run="_baseline")
     proc = _tune(tmp_path, space, env=env)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]  # the sweep ends (no hang) with the trunk's failure on its waiting trials
@@ -174,15 +177,9 @@ def test_a_tune_executor_trial_killed_mid_run_is_retried_from_its_tune_checkpoin
     """trial_executor tune: the trial's process dies (os._exit) after a LoRA epoch's checkpoint; Ray Tune retries
     the trial (cluster.max_failures 1), which resumes from its own checkpoint, not from the fork, and ends equal
     to a from-scratch run, each epoch logged once."""
-    path = _fork_space(tmp_path, "tk", 1, [40.0], seed=0)
-    data = yaml.safe_load(open(path))
-    data["trial_executor"] = "tune"
-    data["base"]["cluster"]["max_failures"] = 1
-    open(path, "w").write(yaml.safe_dump(data))
+    path = _fork_space(tmp_path, "tk", 1, [40.0], seed=0, trial_executor="tune", max_failures=1)
     marker = tmp_path / "fired"
-    env = {**os.environ, "PRELORA_FAULT_EPOCH": "4", "PRELORA_FAULT_MODE": "exit", "PRELORA_FAULT_RUN": "!_baseline",
-           "PRELORA_FAULT_MARKER": str(marker)}
-    proc = _tune(tmp_path, path, env=env)
+    proc = _tune(tmp_path, path, env=_fault_env(tmp_path, epoch=4, mode="exit", run="!_baseline"))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     assert marker.exists() and "retrying it" in out, out[-3000:]
@@ -198,15 +195,9 @@ def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_p
     """trial_executor tune: the trunk trains in its own Ray task's process (no TorchTrainer). Killed (os._exit) after its
     epoch-3 checkpoint, Ray re-runs the task (cluster.max_failures 1), which resumes there; it ends equal to a
     from-scratch full run, each epoch logged once, and its never-switching trial takes its result."""
-    path = _fork_space(tmp_path, "tt", 1, [0.000001], seed=0)
-    data = yaml.safe_load(open(path))
-    data["trial_executor"] = "tune"
-    data["base"]["cluster"]["max_failures"] = 1
-    open(path, "w").write(yaml.safe_dump(data))
+    path = _fork_space(tmp_path, "tt", 1, [0.000001], seed=0, trial_executor="tune", max_failures=1)
     marker = tmp_path / "fired"
-    env = {**os.environ, "PRELORA_FAULT_EPOCH": "3", "PRELORA_FAULT_MODE": "exit", "PRELORA_FAULT_RUN": "_baseline",
-           "PRELORA_FAULT_MARKER": str(marker)}
-    proc = _tune(tmp_path, path, env=env)
+    proc = _tune(tmp_path, path, env=_fault_env(tmp_path, epoch=3, mode="exit", run="_baseline"))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     assert marker.exists(), out[-3000:]
