@@ -1,7 +1,8 @@
-"""Shared set-up of the phase benchmarks: the same model in FULL, WARMUP, LORA and LORA+frozen-prefix.
+"""Shared set-up of the phase benchmarks: the same model in FULL, WARMUP, LORA, LORA+frozen-prefix and RELORA.
 
 A phase is built the way the training loop builds it: LoRA injected by prelora_ray.switch with
-per-layer ranks, requires_grad set by `set_trainable`, an AdamW over the trainable parameters.
+per-layer ranks (RELORA: one uniform rank, `relora_rank`), requires_grad set by `set_trainable`, an
+AdamW over the trainable parameters.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from prelora_ray.models import FAMILY_MODULES, PRESETS, build_model
 from prelora_ray.switch import Phase, inject_lora, set_trainable
 
 RESULTS = Path(__file__).parent / "results"
-PHASES = ("full", "warmup", "lora", "lora_prefix")
+PHASES = ("full", "warmup", "lora", "lora_prefix", "relora")
+
+
+def relora_rank(preset: str) -> int:
+    """The RELORA phase's uniform rank: hidden/4, the paper's ratio (256 on ViT-L's 1024)."""
+    return max(1, PRESETS[preset].hidden_size // 4)
 
 
 def ranks_for(num_layers: int, *, r_min: int = 8, r_max: int = 64, frozen_prefix: bool = False) -> dict[str, list[int]]:
@@ -42,6 +48,9 @@ def build_phase(preset: str, phase: str, *, image_size: int, num_classes: int = 
     layers = PRESETS[preset].num_layers
     if phase == "full":
         set_trainable(model, Phase.FULL, settings)
+    elif phase == "relora":  # uniform rank on every target layer; embeddings, norms, biases, head train in full
+        model = inject_lora(model, {f: [relora_rank(preset)] * layers for f in FAMILY_MODULES}, settings).to(device)
+        set_trainable(model, Phase.RELORA, settings)
     else:
         model = inject_lora(model, ranks_for(layers, frozen_prefix=phase == "lora_prefix"), settings).to(device)
         set_trainable(model, Phase.WARMUP if phase == "warmup" else Phase.LORA, settings)

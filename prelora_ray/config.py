@@ -168,11 +168,11 @@ class PreLoRASettings:
 class ReLoRASettings:
     """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer switch."""
 
-    start_epoch: int = _f(2, "First epoch (0-based) of the RELORA phase; FULL before it.")
+    start_epoch: int = _f(5, "First epoch (0-based) of the RELORA phase; FULL before it (the paper: \"several\" full epochs).")
     rank: int = _f(16, "Uniform LoRA rank of every target layer in RELORA (the paper: 256 on ViT-L).")
-    merge_every: int = _f(30, "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.")
+    merge_every: int = _f(100, "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.")
     prune: float = _f(0.9, "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).")
-    rewarm_steps: int = _f(5, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100).")
+    rewarm_steps: int = _f(50, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100).")
     alpha_scale: float = _f(2.0, "LoRA scale s = lora_alpha / rank of the uniform adapters (prelora.alpha_scale is the per-layer phase's).")
 
     def __post_init__(self) -> None:

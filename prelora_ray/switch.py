@@ -9,6 +9,7 @@ plain ViT.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import re
 import warnings
@@ -323,6 +324,15 @@ def reinit_adapters(model: nn.Module, *, seed: int) -> int:
         a.copy_(fresh.to(a.device, a.dtype))
         mod.lora_B[ADAPTER].weight.zero_()
     return len(modules)
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of every parameter's name and bytes, on the CPU: equal iff the weights are bit-identical."""
+    digest = hashlib.sha256()
+    for name, param in unwrap(model).named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def is_adapter_param(name: str) -> bool:

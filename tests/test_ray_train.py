@@ -28,12 +28,19 @@ def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
     )
 
 
-def test_two_workers_reach_identical_switch_and_ranks(ray_local, tmp_path, sqlite_uri):
-    cfg = _cfg(tmp_path, sqlite_uri, "cluster.num_workers=2", "cluster.cpus_per_worker=1", "name=two-workers")
+def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_after_each_relora_merge(ray_local, tmp_path, sqlite_uri):
+    """relora_prelora, whose per-layer switch is prelora's: one 2-worker run checks both strategies' sync points."""
+    cfg = _cfg(tmp_path, sqlite_uri, "cluster.num_workers=2", "cluster.cpus_per_worker=1", "name=two-workers", "strategy=relora_prelora", "epochs=7",
+               "relora.start_epoch=1", "relora.merge_every=5", "relora.rewarm_steps=2", "relora.rank=4")
     summary = run_train(cfg)
     workers = summary["all_workers"]
     assert [w["rank"] for w in workers] == [0, 1]
-    assert summary["switch_epoch"] >= 0, "the wide-open test must pass within 6 epochs"
+    # each worker's checksum of its weights after every merge: all equal (DDP and the merge keep them in sync)
+    merges = summary["history"][-1]["relora_merges"]
+    checks = workers[0]["sync_checks"]
+    assert merges >= 2 and len(checks) == merges and len(set(checks)) == merges  # the weights moved between merges
+    assert workers[1]["sync_checks"] == checks
+    assert summary["switch_epoch"] >= 0, "the wide-open test must pass within 7 epochs"
     assert all(w["switch_epoch"] == summary["switch_epoch"] for w in workers)
     assert all(w["freeze_epoch"] == summary["freeze_epoch"] for w in workers)
     assert all(w["ranks"] == summary["ranks"] for w in workers)
@@ -43,7 +50,7 @@ def test_two_workers_reach_identical_switch_and_ranks(ray_local, tmp_path, sqlit
     assert all(w == d["workers"][0] for d in switch_decisions for w in d["workers"])
     # the history covers every epoch and the phases went full -> warmup -> lora
     phases = [e["phase"] for e in summary["history"]]
-    assert phases[0] == "full" and "warmup" in phases and phases[-1] == "lora"
+    assert phases[0] == "full" and phases[1] == "relora" and "warmup" in phases and phases[-1] == "lora"
 
 
 def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path, sqlite_uri):

@@ -134,3 +134,4 @@ def test_bad_settings_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(ValueError) as err:
         cfg(override)
     assert key in str(err.value) and "\n" not in str(err.value)
+

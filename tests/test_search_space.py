@@ -64,6 +64,16 @@ def test_paper_space_has_the_papers_ranges():
     assert space.base.model.preset == "vit-large" and space.base.cluster.use_gpu
 
 
+def test_paper_relora_space_has_the_papers_setting():
+    """PreLoRA v2 4.2.4: rank 256 on ViT-L, Exp1 (tau 1, zeta 5, k = m = 3), ranks 8-64, w = 10."""
+    space = load_search_space(SPACES / "paper_relora_vit_large.yaml")
+    b = space.base
+    assert b.strategy == "relora_prelora" and b.model.preset == "vit-large" and b.relora.rank == 256 and b.epochs == 300
+    assert (b.prelora.tau, b.prelora.zeta, b.prelora.k, b.prelora.m, b.prelora.warmup) == (1.0, 5.0, 3, 3, 10)
+    assert (b.prelora.r_min, b.prelora.r_max, b.relora.prune) == (8, 64, 0.9)
+    assert {p.key for p in space.parameters} == {"relora.start_epoch", "relora.merge_every"}
+
+
 def _mutate(path_keys, value):
     data = yaml.safe_load(yaml.safe_dump(GOOD))
     node = data

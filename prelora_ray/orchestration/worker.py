@@ -249,8 +249,10 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
     if runtime.world_size > 1:
         # every worker's view of the switch, so the driver can check they agree
         summary["all_workers"] = runtime.all_gather_object(
-            {"rank": runtime.rank, **{k: summary[k] for k in ("switch_epoch", "freeze_epoch", "ranks")}}
+            {"rank": runtime.rank, **{k: summary[k] for k in ("switch_epoch", "freeze_epoch", "ranks")}, "sync_checks": loop.strategy.sync_checks()}
         )
+        if runtime.rank == 0 and any(w["sync_checks"] != summary["all_workers"][0]["sync_checks"] for w in summary["all_workers"]):
+            log.warning("workers' weights differed at a sync point (%s): %s", loop.strategy.name, [w["sync_checks"] for w in summary["all_workers"]])
     return summary
 
 

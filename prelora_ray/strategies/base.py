@@ -67,6 +67,13 @@ class Strategy:
         """Per-worker switch decisions taken so far (for the driver's agreement check)."""
         return []
 
+    def sync_checks(self) -> list[str]:
+        """Checksums of the weights at the strategy's own sync points (ReLoRA: after each merge), in order.
+
+        Every worker computes its own; the driver compares them across workers (they must be equal).
+        """
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """The strategy's own progress, for an exact resume (plain data only: see checkpoint.py)."""
         return {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -23,7 +23,7 @@ from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
 from prelora_ray.optim import jagged_cosine_factor, prune_moments
 from prelora_ray.strategies.prelora import PreLoRA, PreLoRAState
-from prelora_ray.switch import Phase, fold_adapters, inject_lora, is_adapter_param, merge_lora, reinit_adapters, set_trainable, unwrap
+from prelora_ray.switch import Phase, fold_adapters, weights_checksum, inject_lora, is_adapter_param, merge_lora, reinit_adapters, set_trainable, unwrap
 
 if TYPE_CHECKING:
     from prelora_ray.trainer import TrainingLoop
@@ -36,6 +36,7 @@ class ReLoRAState(PreLoRAState):
     """PreLoRA's progress plus the merges so far (the schedule's position is a function of the step)."""
 
     relora_merges: int = 0  # merges (fold + re-init + prune + LR restart) done in RELORA
+    merge_checksums: list[str] = field(default_factory=list)  # weights_checksum after each merge (one worker's)
 
 
 class ReLoRAPreLoRA(PreLoRA):
@@ -112,6 +113,11 @@ class ReLoRAPreLoRA(PreLoRA):
         reinit_adapters(loop.model, seed=(self.cfg.seed * 1_000_003 + self.state.relora_merges * 104_729) % 2**63)
         adapters = [p for n, p in loop.model.named_parameters() if is_adapter_param(n)]
         prune_moments(loop.optimizer, adapters, keep=1.0 - self.relora.prune)
+        self.state.merge_checksums.append(weights_checksum(loop.model))
+
+    def sync_checks(self) -> list[str]:
+        """The weights' checksum after each merge (workers must agree: DDP keeps them in sync, the merge is deterministic)."""
+        return list(self.state.merge_checksums)
 
     # -- Algorithm 1 runs during RELORA; the switch first merges the uniform adapters away ------------
     def _measuring(self, phase: Phase) -> bool:
