@@ -49,14 +49,15 @@ def _no_fault_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def two_sweeps(tmp_path_factory):
-    """Two real small sweeps in one MLflow store, via the CLI, 3 trials + baseline each: "small" (its trials train in
-    their Tune trial processes, trial_executor tune; deterministic) and "other" (a TorchTrainer per trial; --verbose)."""
+    """Two real small sweeps in one MLflow store, via the CLI, 3 trials + baseline each, their trials training in their
+    Tune trial processes (trial_executor tune: no TorchTrainer start-ups): "small" (deterministic) and "other" (--verbose).
+    A TorchTrainer per trial (trial_executor ray_train) is test_fork_sweep.py's `fork_sweep`."""
     from tests.test_tune import _space, _tune
 
     root = tmp_path_factory.mktemp("sweeps")
     outputs = {}
     for name, seed in (("small", 1), ("other", 2)):
-        extra = {"trial_executor": "tune", "base": {"deterministic": True}} if name == "small" else {}
+        extra = {"trial_executor": "tune", **({"base": {"deterministic": True}} if name == "small" else {})}
         proc = _tune(root, str(_space(root, name, 3, seed=seed, **extra)), *(["--verbose"] if name == "other" else []))
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]

@@ -29,6 +29,7 @@ def space_file(workdir: Path) -> Path:
         "name": "noderm",
         "base": {
             "epochs": EPOCHS,
+            "model": {"preset": "vit-digits"},  # the fastest preset: what is tested is where the trials run
             "prelora": {"k": 2, "m": 1, "warmup": 1},
             "cluster": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
         },

@@ -125,19 +125,19 @@ def _train_args(tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_cli_sweep_prints_trial_events_progress_and_the_front_in_few_lines(tmp_path):
-    proc = _tune(tmp_path, str(_space(tmp_path, "con", 3, trial_executor="tune")))  # as the quickstart
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
+def test_a_cli_sweep_prints_trial_events_progress_and_the_front_in_few_lines(two_sweeps):
+    """The "small" sweep of the shared fixture: a CLI sweep as the quickstart runs it (trial_executor tune, no --verbose)."""
+    root, outputs = two_sweeps
+    out = outputs["small"]
     lines = out.splitlines()
     assert len(lines) <= MAX_LINES, out
-    assert len([line for line in lines if re.search(r"^trial con_\w+: sampled ", line)]) == 3, out
-    assert len([line for line in lines if re.search(r"^trial con_\w+: finished: final_val_acc \d", line)]) == 3, out
+    assert len([line for line in lines if re.search(r"^trial small_\w+: sampled ", line)]) == 3, out
+    assert len([line for line in lines if re.search(r"^trial small_\w+: finished: final_val_acc \d", line)]) == 3, out
     events = ("forked from the trunk at epoch", "reusing its result", "never passes on the trunk")  # from the trials' processes
-    assert len([line for line in lines if "trial con_" in line and any(e in line for e in events)]) == 3, out
-    assert re.search(r"^trunk con_baseline: epoch [123]/4 \| val_acc", out, re.M) and "trunk con_baseline: finished: final_val_acc" in out, out
+    assert len([line for line in lines if "trial small_" in line and any(e in line for e in events)]) == 3, out
+    assert re.search(r"^trunk small_baseline: epoch [123]/4 \| val_acc", out, re.M) and "trunk small_baseline: finished: final_val_acc" in out, out
     assert "Pareto front" in out and "speedup" in out
-    exp = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("prelora-ray")
+    exp = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_experiment_by_name("prelora-ray")
     assert "mlflow ui --backend-store-uri sqlite:///" in out and f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in out
     for noise in ("Reporting training result", "epoch   3 |", "Trial status", "Configuration for experiment", "Traceback",
                   "Downloading artifacts", "Writing model shards", "A new study created", "Checkpoint successfully created",
