@@ -111,8 +111,12 @@ class DefineByRun:
         self.parameters = list(parameters)
 
     def __call__(self, trial: Any) -> None:
-        """Suggest every parameter on an Optuna trial."""
+        """Suggest every parameter on an Optuna trial, in file order; one whose `when` does not hold is not suggested
+        (the trial keeps the base config's value, and the sampler sees a conditional space)."""
+        chosen: dict[str, Any] = {}
         for p in self.parameters:
+            if not p.applies(chosen):
+                continue
             if p.kind == "uniform":
                 trial.suggest_float(p.key, p.low, p.high)
             elif p.kind == "loguniform":
@@ -121,6 +125,7 @@ class DefineByRun:
                 trial.suggest_int(p.key, p.low, p.high, step=p.step)
             else:
                 trial.suggest_categorical(p.key, list(p.values))
+            chosen[p.key] = trial.params[p.key]
 
 
 def _run_one(
