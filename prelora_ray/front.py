@@ -330,11 +330,34 @@ def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Dat
     return table.sort_values([M.PARETO_TAG, first], ascending=[False, mode == "min"]).reset_index(drop=True)
 
 
+def trial_strategies(table: pd.DataFrame) -> list[str]:
+    """The strategies of a sweep's FINISHED trials, in order of first appearance (several: a strategies sweep)."""
+    if table.empty or "strategy" not in table:
+        return []
+    done = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    return [str(s) for s in dict.fromkeys(done["strategy"].dropna())]
+
+
+def strategy_lines(table: pd.DataFrame) -> list[str]:
+    """Per strategy of a strategies sweep: its finished trials, how many are on the front, its best accuracy."""
+    lines = []
+    done = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    for strategy in trial_strategies(table):
+        rows = done[done["strategy"] == strategy]
+        on_front = int(rows[M.PARETO_TAG].astype(bool).sum())
+        best = rows[M.FINAL_VAL_ACC].astype(float).max() if M.FINAL_VAL_ACC in rows else float("nan")
+        lines.append(f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, best {M.FINAL_VAL_ACC} {best:.4g}")
+    return lines
+
+
 def format_front(table: pd.DataFrame) -> str:
-    """The console table of the Pareto trials and the baseline."""
+    """The console table of the Pareto trials and the baseline; a sweep over strategies adds each row's
+    strategy and one line per strategy."""
     if table.empty:
         return "no finished trials"
     shown = table[(table[M.PARETO_TAG]) | (table["role"] == "baseline")]
-    cols = ["run_name", "role", *M.SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
+    several = len(trial_strategies(table)) > 1
+    cols = ["run_name", "role", *(["strategy"] if several else []), *M.SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
     out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
-    return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    text = out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    return "\n".join([text, *strategy_lines(table)]) if several else text
