@@ -555,7 +555,7 @@ def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: st
     )
     header = (
         f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {record.name}\n"
-        f"# final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
+        f"# strategy {cfg.strategy}, final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
     )
     Path(out).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return row, cfg
