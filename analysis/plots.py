@@ -73,8 +73,10 @@ def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path
     on = table[M.PARETO_TAG].astype(bool)
     for i, strategy in enumerate(dict.fromkeys(table["strategy"].astype(str))):
         c, rows = colors[i % len(colors)], table["strategy"].astype(str) == strategy
-        ax.scatter(table.loc[rows & ~on, x], table.loc[rows & ~on, y], color=c, alpha=0.3, s=22, label=f"{strategy}: off the front ({int((rows & ~on).sum())})")
-        ax.scatter(table.loc[rows & on, x], table.loc[rows & on, y], color=c, edgecolor="black", s=60, zorder=4, label=f"{strategy}: on the front ({int((rows & on).sum())})")
+        if (rows & ~on).any():
+            ax.scatter(table.loc[rows & ~on, x], table.loc[rows & ~on, y], color=c, alpha=0.35, s=30, label=f"{strategy}: off the front ({int((rows & ~on).sum())})")
+        if (rows & on).any():
+            ax.scatter(table.loc[rows & on, x], table.loc[rows & on, y], color=c, edgecolor="black", s=60, zorder=4, label=f"{strategy}: on the front ({int((rows & on).sum())})")
     front = table[on].sort_values(x)
     ax.plot(front[x], front[y], color="black", linewidth=1, drawstyle="steps-post", zorder=3, label="Pareto front")
     if baseline is not None:
