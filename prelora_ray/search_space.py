@@ -16,7 +16,6 @@ import yaml
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
 from prelora_ray.strategies import REGISTRY
-from prelora_ray.strategies.base import POST_SWITCH_OPTIM_KEYS
 
 TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork")
 FORK_KEYS = ("enabled", "every")
@@ -216,9 +215,11 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
 
 
 def space_strategies(base: TrainSettings, params: dict[str, Parameter]) -> tuple[str, ...]:
-    """The strategies a space's trials can have: the sampled `strategy`'s values, else the base's."""
+    """The strategies a space's trials can have: the sampled `strategy`'s values (and the base's where it has a `when`), else the base's."""
     p = params.get("strategy")
-    return tuple(dict.fromkeys(p.values)) if p is not None else (base.strategy,)
+    if p is None:
+        return (base.strategy,)
+    return tuple(dict.fromkeys((*p.values, *((base.strategy,) if p.when else ()))))
 
 
 def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tuple[str, str]]:
