@@ -71,7 +71,7 @@ def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     on = table[M.PARETO_TAG].astype(bool)
-    for i, strategy in enumerate(dict.fromkeys(table["strategy"].astype(str))):
+    for i, strategy in enumerate(sorted(set(table["strategy"].astype(str)))):  # by name: a strategy keeps its colour across sweeps
         c, rows = colors[i % len(colors)], table["strategy"].astype(str) == strategy
         if (rows & ~on).any():
             ax.scatter(table.loc[rows & ~on, x], table.loc[rows & ~on, y], color=c, alpha=0.35, s=30, label=f"{strategy}: off the front ({int((rows & ~on).sum())})")
