@@ -88,6 +88,17 @@ def test_bad_strategy_values_and_conditions_are_one_line_errors_naming_the_key(t
     assert f": {where}" in message and "\n" not in message, message
 
 
+def test_a_bad_strategy_is_refused_by_the_cli_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    bad = _with(strategy={"type": "categorical", "values": ["full", "prelora_v3"]})
+    code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code, "tune", str(_write(tmp_path, bad))], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"parameters.strategy.values: unknown strategy 'prelora_v3'; valid: {', '.join(REGISTRY)}" in proc.stderr, proc.stderr
+
+
 def test_a_condition_must_name_a_parameter_declared_above_it(tmp_path):
     params = dict(SPACE["parameters"])
     strategy = params.pop("strategy")
