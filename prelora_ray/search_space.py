@@ -135,11 +135,10 @@ def _condition(path: str, key: str, raw: Any, earlier: dict[str, Parameter]) -> 
     return tuple(out)
 
 
-def _contexts(when: tuple[tuple[str, tuple[Any, ...]], ...], earlier: dict[str, Parameter]) -> list[dict[str, Any]]:
+def _contexts(when: tuple[tuple[str, tuple[Any, ...]], ...], strategy: Parameter | None) -> list[dict[str, Any]]:
     """The settings a parameter's values must be valid with: each combination of its conditions' values, and each
     sampled strategy its condition leaves open (a strategy checks its own keys, e.g. relora.start_epoch < epochs)."""
     axes = dict(when)
-    strategy = earlier.get("strategy")
     if strategy is not None and "strategy" not in axes and not strategy.when:
         axes["strategy"] = strategy.values
     contexts: list[dict[str, Any]] = [{}]
@@ -148,7 +147,10 @@ def _contexts(when: tuple[tuple[str, tuple[Any, ...]], ...], earlier: dict[str, 
     return contexts
 
 
-def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dict[str, Parameter] | None = None) -> Parameter:
+def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dict[str, Parameter] | None = None,
+               strategy: Parameter | None = None) -> Parameter:
+    """One parameter; `earlier`: those declared above it (its `when` may name them), `strategy`: the sampled strategy
+    wherever it is declared (the parameter's values are checked with each strategy)."""
     earlier = earlier or {}
     if key not in valid_keys():
         raise _unknown_key_error(key, valid_keys(), f"{path}: parameters")
@@ -190,7 +192,7 @@ def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dic
             low, high = int(low), int(high)
         param = Parameter(key=key, kind=kind, low=low, high=high, step=step, when=when)
         samples = [low, high]
-    for context in _contexts(when, earlier):
+    for context in _contexts(when, None if key == "strategy" else strategy or earlier.get("strategy")):
         for value in samples:  # every extreme must make a valid config on its own (in each setting it is sampled in)
             try:
                 base.replace(**{**context, key: value})
@@ -301,9 +303,12 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     raw_params = data.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise _err(path, "parameters", "must be a non-empty mapping of config key -> distribution")
+    strategy = None  # checked first: every other parameter's values are checked with each strategy, wherever it is declared
+    if "strategy" in raw_params and not (isinstance(raw_params["strategy"], dict) and CONDITION_FIELD in raw_params["strategy"]):
+        strategy = _parameter(path, "strategy", raw_params["strategy"], base)
     params: dict[str, Parameter] = {}
     for k, v in raw_params.items():
-        params[str(k)] = _parameter(path, str(k), v, base, params)
+        params[str(k)] = strategy if str(k) == "strategy" and strategy is not None else _parameter(path, str(k), v, base, params, strategy)
     _check_relations(path, params, base)
     raw_obj = data.get("objectives", list(DEFAULT_OBJECTIVES))
     if not isinstance(raw_obj, list) or not raw_obj:

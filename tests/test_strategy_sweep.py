@@ -104,6 +104,10 @@ def test_a_condition_must_name_a_parameter_declared_above_it(tmp_path):
     strategy = params.pop("strategy")
     with pytest.raises(ValueError, match=r"parameters\.prelora\.tau\.when\.strategy: must name a categorical parameter declared above"):
         load_search_space(_write(tmp_path, {**SPACE, "parameters": {**params, "strategy": strategy}}))
+    # an unconditional knob declared above the strategy is still checked with each strategy
+    late = {"relora.start_epoch": {"type": "int", "low": 1, "high": 6}, "strategy": strategy}
+    with pytest.raises(ValueError, match=r"parameters\.relora\.start_epoch: value 6 is not valid here with strategy=relora_prelora"):
+        load_search_space(_write(tmp_path, {**SPACE, "parameters": late}))
 
 
 def test_fork_mode_asks_each_strategy_which_keys_it_may_vary(tmp_path):
