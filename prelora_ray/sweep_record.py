@@ -61,6 +61,6 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
         experiment_id=parent["experiment_id"],
         parent_run_id=parent["run_id"],
         objectives=objectives,
-        table=sweep_table(runs, objectives),
+        table=sweep_table(runs, objectives, json.loads(params.get("parameters", "[]"))),
         params=params,
     )

@@ -468,7 +468,7 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
 def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
     runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
-    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives])
+    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives], [p.key for p in sweep.space.parameters])
     c = tracking.client(sweep.tracking_uri)
     for _, row in table.iterrows():
         if row["role"] == "trial":
