@@ -64,6 +64,33 @@ def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Pat
     return _save(fig, path)
 
 
+def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path, *, baseline: tuple[float, float] | None = None,
+                           knee: tuple[float, float] | None = None, title: str = "Pareto front by strategy") -> Path:
+    """One sweep's trials coloured by strategy (column `strategy`): every trial a faint point, the trials on the sweep's
+    front filled and circled in their strategy's colour, the front itself a black step line; baseline and knee marked."""
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    on = table[M.PARETO_TAG].astype(bool)
+    for i, strategy in enumerate(sorted(set(table["strategy"].astype(str)))):  # by name: a strategy keeps its colour across sweeps
+        c, rows = colors[i % len(colors)], table["strategy"].astype(str) == strategy
+        if (rows & ~on).any():
+            ax.scatter(table.loc[rows & ~on, x], table.loc[rows & ~on, y], color=c, alpha=0.35, s=30, label=f"{strategy}: off the front ({int((rows & ~on).sum())})")
+        if (rows & on).any():
+            ax.scatter(table.loc[rows & on, x], table.loc[rows & on, y], color=c, edgecolor="black", s=60, zorder=4, label=f"{strategy}: on the front ({int((rows & on).sum())})")
+    front = table[on].sort_values(x)
+    ax.plot(front[x], front[y], color="black", linewidth=1, drawstyle="steps-post", zorder=3, label="Pareto front")
+    if baseline is not None:
+        ax.scatter([baseline[0]], [baseline[1]], marker="*", s=220, color="gold", edgecolor="black", zorder=5, label="full-training baseline")
+    if knee is not None:
+        ax.scatter([knee[0]], [knee[1]], marker="D", s=90, facecolor="none", edgecolor="black", linewidth=2, zorder=6, label="knee")
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(y, y))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _save(fig, path)
+
+
 def _mark_phases(ax: plt.Axes, switch: float | None, freeze: float | None, color: str) -> None:
     if switch is not None and switch >= 0:
         ax.axvline(switch, color=color, linestyle="--", alpha=0.7)

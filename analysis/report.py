@@ -13,7 +13,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.pareto import knee_point
-from analysis.runs import SweepRecord, format_front, load_sweep, metric_history, metric_keys, run_ranks
+from analysis.runs import SweepRecord, format_front, trial_strategies, load_sweep, metric_history, metric_keys, run_ranks
 from prelora_ray import metrics as M
 
 log = logging.getLogger("prelora_ray")
@@ -93,6 +93,11 @@ def make_report(uri: str, experiment: str, *, sweeps: list[str] | None = None, o
             knees[rec.name] = (float(knee[x]), float(knee[y]))
     title = "Pareto fronts: " + " vs ".join(r.name for r in records)
     paths["fronts"] = plots.plot_fronts(fronts, x, y, out / "fronts.png", baselines=baselines, knees=knees, title=title)
+    for rec in records:  # a sweep over strategies: its front coloured by strategy
+        if len(trial_strategies(rec.table)) > 1:
+            name = "front_by_strategy" if len(records) == 1 else f"front_by_strategy_{rec.name}"
+            paths[name] = plots.plot_front_by_strategy(finished_trials(rec), x, y, out / f"{name}.png", baseline=baselines.get(rec.name),
+                                                       knee=knees.get(rec.name), title=f"Pareto front by strategy: sweep {rec.name}")
 
     # the chosen trial: named, else the knee of the first sweep
     trials = finished_trials(first)

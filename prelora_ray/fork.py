@@ -9,6 +9,10 @@ replays Algorithm 1 on that history to find its switch epoch s, then starts from
 checkpoint with c <= s + 1, trains the full epochs c..s again if any (deterministic: they equal the
 trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Files are written atomically (temp file + rename), so a reader on
 shared storage never sees half a file.
+
+Other strategies say where their trials start (`strategies.base.Strategy.trunk_fork`): relora_prelora
+at the trunk's checkpoint at relora.start_epoch, full trials take the trunk's result, and a strategy
+that shares no epochs with the trunk trains whole.
 """
 
 from __future__ import annotations
@@ -136,16 +140,23 @@ def snapshots(history: Sequence[dict[str, Any]], families: Sequence[str] = MODUL
 
 @dataclass(frozen=True, kw_only=True)
 class ForkPlan:
-    """What a trial does: fork at `fork_epoch` and switch at `switch.epoch`, or never switch (the trunk's result)."""
+    """What a trial does: fork at `fork_epoch` (switching at `switch.epoch` when known), take the trunk's result, or
+    train whole (`mode`: fork, trunk, scratch; see `strategies.base.TrunkFork`)."""
 
     switch: SwitchPoint | None
     fork_epoch: int = -1  # the trunk checkpoint it starts from (epochs already trained; at most switch + 1)
     checkpoint: str = ""
+    mode: str = ""  # "" (from the fields): trunk when switch is None, else fork
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.mode:
+            object.__setattr__(self, "mode", "trunk" if self.switch is None else "fork")
 
     @property
     def never(self) -> bool:
-        """The test never passes on the whole trunk: the trial's result is the trunk's."""
-        return self.switch is None
+        """The trial's result is the trunk's (the test never passes on the whole trunk, or a `full` trial)."""
+        return self.mode == "trunk"
 
 
 def replay_for(cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> SwitchPoint | None:
@@ -160,17 +171,25 @@ def replay_for(cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> SwitchP
 def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
     """The trial's plan from what the trunk has written so far; None: wait for more trunk epochs.
 
-    The switch is known once the history holds its epoch; "never" once the trunk has recorded every
-    epoch without a pass. The checkpoint is the latest at or before the end of the switch epoch.
+    The trial's strategy says where it may start (`Strategy.trunk_fork`): prelora at its switch epoch
+    replayed on the history ("never" once the trunk has recorded every epoch without a pass),
+    relora_prelora at relora.start_epoch, full at the trunk's end. The checkpoint is the latest at or
+    before that point; one whose point is known in advance (no switch to replay) waits until the trunk
+    is past it, so it takes the checkpoint written there.
     """
+    from prelora_ray.strategies import REGISTRY
+
     history = read_history(folder)
-    switch = replay_for(cfg, history)
-    if switch is None:
-        return ForkPlan(switch=None) if len(history) >= cfg.epochs else None
-    usable = [c for c in checkpoint_epochs(folder) if c <= switch.epoch + 1]  # c = s + 1: switch right after loading
-    if not usable:
+    point = REGISTRY[cfg.strategy].trunk_fork(cfg, history)
+    if point is None:
         return None
-    return ForkPlan(switch=switch, fork_epoch=usable[-1], checkpoint=str(checkpoint_path(folder, usable[-1])))
+    if point.mode != "fork":
+        return ForkPlan(switch=None, mode=point.mode, why=point.why)
+    ready = point.switch is not None or len(history) > point.until or len(history) >= cfg.epochs
+    usable = [c for c in checkpoint_epochs(folder) if c <= point.until]  # prelora: c = s + 1, switch right after loading
+    if not ready or not usable:
+        return None
+    return ForkPlan(switch=point.switch, mode="fork", fork_epoch=usable[-1], checkpoint=str(checkpoint_path(folder, usable[-1])))
 
 
 def summarize(history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None) -> dict[str, Any]:
@@ -187,8 +206,15 @@ def summarize(history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, free
     }
 
 
-def reuse_key(cfg: TrainSettings, switch: SwitchPoint) -> str:
-    """Identifies what a forked trial computes after its switch: two trials with the same key give the same result."""
+def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:
+    """Identifies what a forked trial computes after its switch: two trials with the same key give the same result.
+
+    With no switch known in advance (relora_prelora decides it while training) every key that changes
+    the run counts, the switch's own included."""
+    if switch is None:
+        flat = {k: v for k, v in cfg.flat().items() if k not in RUN_IDENTITY_KEYS}
+        blob = json.dumps({"config": flat}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
     flat = {k: v for k, v in cfg.flat().items() if k not in SWITCH_DECISION_KEYS and k not in RUN_IDENTITY_KEYS}
     blob = json.dumps({"switch_epoch": switch.epoch, "ranks": switch.ranks, "config": flat}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

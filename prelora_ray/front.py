@@ -19,6 +19,7 @@ Conventions shared by the array functions:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -294,11 +295,12 @@ def _num(value: Any) -> Any:
         return value
 
 
-def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]], sampled: Sequence[str] = ()) -> pd.DataFrame:
     """One row per run: role, status, switch parameters, objectives, speed-up over the baseline, Pareto flag.
 
     The front is computed over FINISHED trials only (failed trials never reach it; the baseline is
-    the reference point, not a candidate).
+    the reference point, not a candidate). A sweep over strategies (`strategy` among the `sampled`
+    keys) also has a column per other sampled key (e.g. relora.start_epoch), set where the trial sampled it.
     """
     if runs.empty:
         return pd.DataFrame(columns=["run_id", "run_name", "role", "status", M.PARETO_TAG, "speedup"])
@@ -314,6 +316,10 @@ def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Dat
         }
         for key in M.SWITCH_PARAMS:  # the full baseline never switches: its switch params mean nothing
             row[key] = _num(r.get(f"params.{key}")) if row["strategy"] != "full" else float("nan")
+        if "strategy" in sampled:
+            own = _sampled_keys(r.get("tags.sampled"))
+            for key in (k for k in sampled if k != "strategy" and k not in M.SWITCH_PARAMS):
+                row[key] = _num(r.get(f"params.{key}")) if key in own else float("nan")
         for key in TRIAL_METRICS + tuple(m for m, _ in objectives):
             row[key] = r.get(f"metrics.{key}")
         rows.append(row)
@@ -330,11 +336,44 @@ def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Dat
     return table.sort_values([M.PARETO_TAG, first], ascending=[False, mode == "min"]).reset_index(drop=True)
 
 
+def _sampled_keys(tag: Any) -> set[str]:
+    """The keys in a trial's `sampled` tag (JSON), none if it has no such tag."""
+    try:
+        return set(json.loads(tag)) if isinstance(tag, str) else set()
+    except ValueError:
+        return set()
+
+
+def trial_strategies(table: pd.DataFrame) -> list[str]:
+    """The strategies of a sweep's FINISHED trials, in order of first appearance (several: a strategies sweep)."""
+    if table.empty or "strategy" not in table:
+        return []
+    done = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    return [str(s) for s in dict.fromkeys(done["strategy"].dropna())]
+
+
+def strategy_lines(table: pd.DataFrame) -> list[str]:
+    """Per strategy of a strategies sweep: its finished trials, how many are on the front, its best accuracy."""
+    lines = []
+    done = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    for strategy in trial_strategies(table):
+        rows = done[done["strategy"] == strategy]
+        on_front = int(rows[M.PARETO_TAG].astype(bool).sum())
+        best = rows[M.FINAL_VAL_ACC].astype(float).max() if M.FINAL_VAL_ACC in rows else float("nan")
+        lines.append(f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, best {M.FINAL_VAL_ACC} {best:.4g}")
+    return lines
+
+
 def format_front(table: pd.DataFrame) -> str:
-    """The console table of the Pareto trials and the baseline."""
+    """The console table of the Pareto trials and the baseline; a sweep over strategies adds each row's
+    strategy and one line per strategy."""
     if table.empty:
         return "no finished trials"
     shown = table[(table[M.PARETO_TAG]) | (table["role"] == "baseline")]
-    cols = ["run_name", "role", *M.SWITCH_PARAMS, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
+    several = len(trial_strategies(table)) > 1
+    known = {"run_id", "run_name", "role", "sweep", "status", "strategy", "speedup", M.PARETO_TAG, *M.SWITCH_PARAMS, *TRIAL_METRICS}
+    extra = [c for c in table.columns if "." in c and c not in known] if several else []  # other sampled knobs, e.g. relora.*
+    cols = ["run_name", "role", *(["strategy"] if several else []), *M.SWITCH_PARAMS, *extra, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
     out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
-    return out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    text = out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    return "\n".join([text, *strategy_lines(table)]) if several else text

@@ -15,19 +15,20 @@ import yaml
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
+from prelora_ray.strategies import REGISTRY
 
 TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork")
 FORK_KEYS = ("enabled", "every")
 TRIAL_EXECUTORS = ("ray_train", "tune")
-# keys a fork-mode sweep may sample: they act only at or after the switch, so every trial's full phase
-# is the trunk's (the other prelora.* keys, only window_unit excepted, decide the switch itself)
-POST_SWITCH_OPTIM_KEYS = ("optim.lora_lr", "optim.carry_optimizer_state")
+# which keys a fork-mode sweep may sample is each strategy's to say (`Strategy.fork_safe`): for prelora,
+# prelora.* but window_unit (they decide the switch itself) and POST_SWITCH_OPTIM_KEYS (they act after it)
 DISTRIBUTIONS = {
     "uniform": ("low", "high"),
     "loguniform": ("low", "high"),
     "int": ("low", "high", "step"),
     "categorical": ("values",),
 }
+CONDITION_FIELD = "when"  # a parameter sampled only in trials where other (categorical) parameters take given values
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 OBJECTIVE_METRICS = (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S, M.VAL_LOSS)
 DEFAULT_OBJECTIVES = ({"metric": M.FINAL_VAL_ACC, "mode": "max"}, {"metric": M.MEAN_EPOCH_TIME_S, "mode": "min"})
@@ -43,6 +44,15 @@ class Parameter:
     high: float | None = None
     step: int | None = None
     values: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (key, allowed values): sampled only where every one holds
+
+    def applies(self, chosen: dict[str, Any]) -> bool:
+        """Whether a trial with these sampled values samples this parameter (its `when` holds)."""
+        return all(key in chosen and chosen[key] in allowed for key, allowed in self.when)
+
+    def condition(self, key: str) -> tuple[Any, ...] | None:
+        """The values of `key` under which this parameter is sampled (None: it does not depend on `key`)."""
+        return next((allowed for k, allowed in self.when if k == key), None)
 
     def bounds(self) -> tuple[Any, Any]:
         """Smallest and largest value the distribution can give."""
@@ -105,7 +115,43 @@ def _number(path: str, key: str, spec: dict, name: str) -> float:
     return v
 
 
-def _parameter(path: str, key: str, spec: Any, base: TrainSettings) -> Parameter:
+def _condition(path: str, key: str, raw: Any, earlier: dict[str, Parameter]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """`when: {other_key: value or [values]}`: other_key a categorical parameter declared above, without a `when` itself."""
+    where = f"parameters.{key}.{CONDITION_FIELD}"
+    if not isinstance(raw, dict) or not raw:
+        raise _err(path, where, f"must be a mapping of a categorical parameter above to its value(s), e.g. {{strategy: [relora_prelora]}}, got {raw!r}")
+    out = []
+    for other, values in raw.items():
+        other = str(other)
+        p = earlier.get(other)
+        if p is None or p.kind != "categorical" or p.when:
+            choices = [k for k, q in earlier.items() if q.kind == "categorical" and not q.when]
+            raise _err(path, f"{where}.{other}", f"must name a categorical parameter declared above it without a when of its own; here: {', '.join(choices) or 'none'}")
+        allowed = tuple(values) if isinstance(values, list) else (values,)
+        bad = [v for v in allowed if v not in p.values]
+        if not allowed or bad:
+            raise _err(path, f"{where}.{other}", f"{(bad or [values])[0]!r} is not one of its values ({', '.join(map(str, p.values))})")
+        out.append((other, allowed))
+    return tuple(out)
+
+
+def _contexts(when: tuple[tuple[str, tuple[Any, ...]], ...], strategy: Parameter | None) -> list[dict[str, Any]]:
+    """The settings a parameter's values must be valid with: each combination of its conditions' values, and each
+    sampled strategy its condition leaves open (a strategy checks its own keys, e.g. relora.start_epoch < epochs)."""
+    axes = dict(when)
+    if strategy is not None and "strategy" not in axes and not strategy.when:
+        axes["strategy"] = strategy.values
+    contexts: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        contexts = [{**c, key: v} for c in contexts for v in values]
+    return contexts
+
+
+def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dict[str, Parameter] | None = None,
+               strategy: Parameter | None = None) -> Parameter:
+    """One parameter; `earlier`: those declared above it (its `when` may name them), `strategy`: the sampled strategy
+    wherever it is declared (the parameter's values are checked with each strategy)."""
+    earlier = earlier or {}
     if key not in valid_keys():
         raise _unknown_key_error(key, valid_keys(), f"{path}: parameters")
     if not isinstance(spec, dict) or "type" not in spec:
@@ -113,14 +159,22 @@ def _parameter(path: str, key: str, spec: Any, base: TrainSettings) -> Parameter
     kind = spec["type"]
     if kind not in DISTRIBUTIONS:
         raise _err(path, f"parameters.{key}.type", f"unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
-    unknown = [k for k in spec if k != "type" and k not in DISTRIBUTIONS[kind]]
+    unknown = [k for k in spec if k not in ("type", CONDITION_FIELD) and k not in DISTRIBUTIONS[kind]]
     if unknown:
-        raise _err(path, f"parameters.{key}.{unknown[0]}", f"not a field of a {kind} distribution (fields: {', '.join(DISTRIBUTIONS[kind])})")
+        raise _err(path, f"parameters.{key}.{unknown[0]}", f"not a field of a {kind} distribution (fields: {', '.join(DISTRIBUTIONS[kind])}, {CONDITION_FIELD})")
+    when = _condition(path, key, spec[CONDITION_FIELD], earlier) if CONDITION_FIELD in spec else ()
+    if key == "strategy":
+        if kind != "categorical":
+            raise _err(path, "parameters.strategy.type", f"a strategy is sampled from a categorical (values from {', '.join(REGISTRY)}), got {kind!r}")
+        values = spec.get("values")
+        bad = [v for v in values if v not in REGISTRY] if isinstance(values, list) else []
+        if bad:
+            raise _err(path, "parameters.strategy.values", f"unknown strategy {bad[0]!r}; valid: {', '.join(REGISTRY)}")
     if kind == "categorical":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise _err(path, f"parameters.{key}.values", f"must be a non-empty list, got {values!r}")
-        param = Parameter(key=key, kind=kind, values=tuple(values))
+        param = Parameter(key=key, kind=kind, values=tuple(values), when=when)
         samples = list(values)
     else:
         low, high = _number(path, f"parameters.{key}", spec, "low"), _number(path, f"parameters.{key}", spec, "high")
@@ -136,15 +190,17 @@ def _parameter(path: str, key: str, spec: Any, base: TrainSettings) -> Parameter
             if not isinstance(step, int) or step < 1:
                 raise _err(path, f"parameters.{key}.step", f"must be an integer >= 1, got {step!r}")
             low, high = int(low), int(high)
-        param = Parameter(key=key, kind=kind, low=low, high=high, step=step)
+        param = Parameter(key=key, kind=kind, low=low, high=high, step=step, when=when)
         samples = [low, high]
-    for value in samples:  # every extreme must make a valid config on its own
-        try:
-            base.replace(**{key: value})
-        except ValueError as exc:
-            if key in ("prelora.r_min", "prelora.r_max") and "<= prelora.r_max" in str(exc):
-                continue  # checked jointly below
-            raise _err(path, f"parameters.{key}", f"value {value!r} is not valid here ({exc})") from None
+    for context in _contexts(when, None if key == "strategy" else strategy or earlier.get("strategy")):
+        for value in samples:  # every extreme must make a valid config on its own (in each setting it is sampled in)
+            try:
+                base.replace(**{**context, key: value})
+            except ValueError as exc:
+                if key in ("prelora.r_min", "prelora.r_max") and "<= prelora.r_max" in str(exc):
+                    continue  # checked jointly below
+                where = f" with {', '.join(f'{k}={v}' for k, v in context.items())}" if context else ""
+                raise _err(path, f"parameters.{key}", f"value {value!r} is not valid here{where} ({exc})") from None
     return param
 
 
@@ -160,17 +216,51 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
             raise _err(path, f"parameters.{key}", "ranks must be powers of two: use a categorical distribution, e.g. values: [4, 8, 16]")
 
 
-def full_phase_keys(keys: list[str]) -> list[str]:
-    """The sampled keys that change the full-training phase (and so cannot share one trunk)."""
-    return [k for k in keys if not ((k.startswith("prelora.") and k != "prelora.window_unit") or k in POST_SWITCH_OPTIM_KEYS)]
+def space_strategies(base: TrainSettings, params: dict[str, Parameter]) -> tuple[str, ...]:
+    """The strategies a space's trials can have: the sampled `strategy`'s values (and the base's where it has a `when`), else the base's."""
+    p = params.get("strategy")
+    if p is None:
+        return (base.strategy,)
+    return tuple(dict.fromkeys((*p.values, *((base.strategy,) if p.when else ()))))
 
 
-def parse_fork(path: str, raw: Any, base: TrainSettings, sampled: list[str]) -> tuple[bool, int]:
+def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tuple[str, str]]:
+    """(key, reason) for each way the space breaks fork mode (none: its trials can share the trunk).
+
+    Each strategy says which sampled keys leave its part before the fork point equal to the trunk's
+    (`Strategy.fork_safe`) and what in its config stops a fork (`Strategy.fork_problem`); a key under
+    `when: {strategy: ...}` is asked of those strategies only.
+    """
+    strategies = space_strategies(base, params)
+    problems = []
+    for key, p in params.items():
+        if key == "strategy":
+            continue
+        applies = [s for s in (p.condition("strategy") or strategies) if s in strategies]
+        unsafe = [s for s in applies if not REGISTRY[s].fork_safe(key)]
+        if unsafe:
+            allowed = "; ".join(f"{s}: {REGISTRY[s].fork_keys_text}" for s in unsafe) if len(strategies) > 1 else REGISTRY[unsafe[0]].fork_keys_text
+            problems.append((f"parameters.{key}", f"changes the full-training phase, which every forked trial shares with the trunk; sample only {allowed}"
+                             f"{' (or put the key under a when: {strategy: ...} that leaves these out)' if len(strategies) > 1 else ''}, or set fork: false"))
+    for s in strategies:
+        why = REGISTRY[s].fork_problem(base.replace(strategy=s))
+        if why is not None:
+            key, reason = why.split(": ", 1)
+            problems.append((f"base.{key}", reason))
+    if not any(REGISTRY[s].fork_mode == "fork" for s in strategies):
+        forking = [n for n, cls in REGISTRY.items() if cls.fork_mode == "fork"]
+        where = "parameters.strategy" if "strategy" in params else "base.strategy"
+        problems.append((where, f"is {' or '.join(map(repr, strategies))}: no trial forks from the trunk (strategies that do: {', '.join(forking)})"))
+    return problems
+
+
+def parse_fork(path: str, raw: Any, base: TrainSettings, params: dict[str, Parameter]) -> tuple[bool, int]:
     """`fork: true|false` or `fork: {enabled, every}`; on by default where the space allows it.
 
-    Fork mode needs trials whose full phase is the baseline's: prelora with epoch windows, and
-    sampled keys that act only at or after the switch. Asked for explicitly on a space that breaks
-    this, it is an error naming the key; left unset, such a space quietly runs every trial whole.
+    Fork mode needs trials whose part before their fork point is the trunk's (`fork_problems`): e.g.
+    prelora with epoch windows, and sampled keys that act only at or after the switch. Asked for
+    explicitly on a space that breaks this, it is an error naming the key; left unset, such a space
+    quietly runs every trial whole.
     """
     spec = {"enabled": raw} if raw is None or isinstance(raw, bool) else raw
     if not isinstance(spec, dict):
@@ -183,13 +273,7 @@ def parse_fork(path: str, raw: Any, base: TrainSettings, sampled: list[str]) -> 
         raise _err(path, "fork.enabled", f"must be true or false, got {enabled!r}")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise _err(path, "fork.every", f"must be an integer >= 1 (epochs between the trunk's checkpoints), got {every!r}")
-    problems = [(f"parameters.{k}", "changes the full-training phase, which every forked trial shares with the trunk; "
-                 "sample only prelora.* (not window_unit), optim.lora_lr or optim.carry_optimizer_state, or set fork: false")
-                for k in full_phase_keys(sampled)]
-    if base.strategy != "prelora":
-        problems.append(("base.strategy", f"is {base.strategy!r}: forked trials are prelora runs"))
-    if base.prelora.window_unit != "epoch":
-        problems.append(("base.prelora.window_unit", "is 'step': the trunk records one snapshot per epoch; use epoch or fork: false"))
+    problems = fork_problems(base, params)
     if enabled and problems:
         raise _err(path, problems[0][0], problems[0][1])
     return (not problems if enabled is None else enabled), every
@@ -219,7 +303,12 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     raw_params = data.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise _err(path, "parameters", "must be a non-empty mapping of config key -> distribution")
-    params = {str(k): _parameter(path, str(k), v, base) for k, v in raw_params.items()}
+    strategy = None  # checked first: every other parameter's values are checked with each strategy, wherever it is declared
+    if "strategy" in raw_params and not (isinstance(raw_params["strategy"], dict) and CONDITION_FIELD in raw_params["strategy"]):
+        strategy = _parameter(path, "strategy", raw_params["strategy"], base)
+    params: dict[str, Parameter] = {}
+    for k, v in raw_params.items():
+        params[str(k)] = strategy if str(k) == "strategy" and strategy is not None else _parameter(path, str(k), v, base, params, strategy)
     _check_relations(path, params, base)
     raw_obj = data.get("objectives", list(DEFAULT_OBJECTIVES))
     if not isinstance(raw_obj, list) or not raw_obj:
@@ -265,7 +354,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     name = data.get("name") or Path(path).stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise _err(path, "name", f"must be letters, digits, - and _ only, got {name!r}")
-    fork, fork_every = parse_fork(path, data.get("fork"), base, list(params))
+    fork, fork_every = parse_fork(path, data.get("fork"), base, params)
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "sampler.seed", f"must be an integer or null, got {seed!r}")

@@ -61,6 +61,15 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
         experiment_id=parent["experiment_id"],
         parent_run_id=parent["run_id"],
         objectives=objectives,
-        table=sweep_table(runs, objectives),
+        table=sweep_table(runs, objectives, _sampled(params)),
         params=params,
     )
+
+
+def _sampled(params: dict[str, str]) -> list[str]:
+    """The sweep's sampled keys from its parent's `parameters` param (none if absent or unreadable)."""
+    try:
+        keys = json.loads(params.get("parameters", "[]"))
+    except ValueError:
+        return []
+    return [str(k) for k in keys] if isinstance(keys, list) else []

@@ -131,9 +131,16 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     history = fork.read_history(folder)
-    _set_tags(run, {M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""), M.FORK_SWITCH_TAG: "never" if plan.never else str(plan.switch.epoch)})
+    switch_tag = "never" if plan.never else str(plan.switch.epoch) if plan.switch is not None else None
+    _set_tags(run, {M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""), **({M.FORK_SWITCH_TAG: switch_tag} if switch_tag else {})})
     if plan.never:
-        return _never(run, cfg, run_name, history)
+        return _never(run, cfg, run_name, history, plan.why)
+    if plan.mode == "scratch":  # shares no epochs with the trunk: the trial trains whole
+        log.info("trial %s: trains from scratch (%s)", run_name, plan.why)
+        _set_tags(run, {M.FORK_EPOCH_TAG: "0"})
+        from prelora_ray.orchestration.tune import fit_sweep_run
+
+        return fit_sweep_run(sweep, run, in_trial=True, tune_callback=True)
     key = fork.reuse_key(cfg, plan.switch)
     registry = fork.ResultRegistry(folder / "results")
     _set_tags(run, {M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
@@ -141,9 +148,15 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         if holder.get("state") == "finished":
             return _reuse(run, run_name, holder)
         time.sleep(POLL_S)  # its twin is training: wait for that result rather than train it twice
-    log.info("trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)", run_name, plan.fork_epoch, plan.switch.epoch)
+    if plan.switch is not None:
+        log.info("trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)", run_name, plan.fork_epoch, plan.switch.epoch)
+    else:
+        log.info("trial %s (%s): forked from the trunk at epoch %d (full training before it is the trunk's)", run_name, cfg.strategy, plan.fork_epoch)
     try:
-        _copy_trunk_epochs(run, switch_marked(history[: plan.fork_epoch], plan.switch.epoch, cfg.prelora.warmup))
+        copied = history[: plan.fork_epoch]
+        if plan.switch is not None:
+            copied = switch_marked(copied, plan.switch.epoch, cfg.prelora.warmup)
+        _copy_trunk_epochs(run, with_event_defaults(copied, cfg))
         start = {"fork": {"folder": str(folder), "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
         from prelora_ray.orchestration.tune import final_report, fit_sweep_run
 
@@ -156,6 +169,15 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     return summary
 
 
+def with_event_defaults(history: list[dict[str, Any]], cfg: TrainSettings) -> list[dict[str, Any]]:
+    """The trunk's records with the trial's strategy's event metrics (e.g. relora_merges = 0) where the trunk has none,
+    as a run of the trial's strategy logs them for its full-training epochs."""
+    from prelora_ray.strategies import build
+
+    defaults = build(cfg).event_metrics()
+    return [{**defaults, **record} for record in history]
+
+
 def switch_marked(history: list[dict[str, Any]], switch_epoch: int, warmup: int) -> list[dict[str, Any]]:
     """The trunk's records as the trial's own: the record of its switch epoch carries the switch (and a w = 0 freeze)."""
     out = [dict(h) for h in history]
@@ -166,9 +188,9 @@ def switch_marked(history: list[dict[str, Any]], switch_epoch: int, warmup: int)
     return out
 
 
-def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The test never passes on the trunk: the trial is the trunk, trains nothing."""
-    log.info("trial %s: never switches: the convergence test never passes on the trunk; its result is the trunk's (0 epochs trained)", run_name)
+def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]], why: str) -> dict[str, Any]:
+    """The trial is the trunk (the test never passes on it, or a `full` trial): it trains nothing."""
+    log.info("trial %s: %s; its result is the trunk's (0 epochs trained)", run_name, why)
     _set_tags(run, {M.FORK_EPOCH_TAG: str(cfg.epochs)})
     _copy_trunk_epochs(run, history)
     summary = {**fork.summarize(history), "history": history, "epochs_trained": 0}

@@ -111,8 +111,12 @@ class DefineByRun:
         self.parameters = list(parameters)
 
     def __call__(self, trial: Any) -> None:
-        """Suggest every parameter on an Optuna trial."""
+        """Suggest every parameter on an Optuna trial, in file order; one whose `when` does not hold is not suggested
+        (the trial keeps the base config's value, and the sampler sees a conditional space)."""
+        chosen: dict[str, Any] = {}
         for p in self.parameters:
+            if not p.applies(chosen):
+                continue
             if p.kind == "uniform":
                 trial.suggest_float(p.key, p.low, p.high)
             elif p.kind == "loguniform":
@@ -121,6 +125,7 @@ class DefineByRun:
                 trial.suggest_int(p.key, p.low, p.high, step=p.step)
             else:
                 trial.suggest_categorical(p.key, list(p.values))
+            chosen[p.key] = trial.params[p.key]
 
 
 def _run_one(
@@ -463,7 +468,7 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
 def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
     runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
-    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives])
+    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives], [p.key for p in sweep.space.parameters])
     c = tracking.client(sweep.tracking_uri)
     for _, row in table.iterrows():
         if row["role"] == "trial":
@@ -550,7 +555,7 @@ def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: st
     )
     header = (
         f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {record.name}\n"
-        f"# final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
+        f"# strategy {cfg.strategy}, final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
     )
     Path(out).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return row, cfg

@@ -8,9 +8,12 @@ training pass (before validation), `after_epoch` after validation. No Ray, no ML
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prelora_ray import metrics as M
+from prelora_ray.algorithms import SwitchPoint
 from prelora_ray.config import TrainSettings
 from prelora_ray.optim import lr_factor
 from prelora_ray.switch import Phase
@@ -19,12 +22,63 @@ if TYPE_CHECKING:
     from prelora_ray.trainer import TrainingLoop
 
 
+# keys that act only once LoRA is in (or on a rebuilt optimizer): a run without LoRA never reads them
+POST_SWITCH_OPTIM_KEYS = ("optim.lora_lr", "optim.carry_optimizer_state")
+FORK_MODES = ("scratch", "trunk", "fork")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrunkFork:
+    """Where a trial starts in a fork-from-trunk sweep, given the trunk's records so far (`Strategy.trunk_fork`)."""
+
+    mode: str  # fork: from the trunk's checkpoint at or before `until`; trunk: its result is the trunk's; scratch: trains whole
+    until: int = -1  # fork: the trial's epochs before `until` are the trunk's (it may start from any trunk checkpoint c <= until)
+    switch: SwitchPoint | None = None  # fork: the switch replayed on the trunk's history, where it is known before training
+    why: str = ""  # trunk and scratch: the reason, for the trial's log line
+
+
 class Strategy:
     """Full training with no phase change: the defaults every hook falls back to."""
 
     name: ClassVar[str]
     section: ClassVar[str | None] = None
     """The strategy's own section of `TrainSettings` (None: it has no settings)."""
+    uses: ClassVar[tuple[str, ...]] = ()
+    """Every section of `TrainSettings` the strategy reads (its own and others', e.g. relora_prelora reads prelora.*)."""
+    fork_keys_text: ClassVar[str] = "any key (its trials train whole)"
+    """The keys `fork_safe` allows, in words (for the error naming a key it refuses)."""
+    fork_mode: ClassVar[str] = "scratch"
+    """In a fork-from-trunk sweep (a `full` trunk): `fork` (its trials start from a trunk checkpoint), `trunk` (its
+    trials' result is the trunk's) or `scratch` (its trials train whole, beside the forked ones). A new strategy that
+    does not say otherwise trains whole, which is always correct."""
+
+    # -- fork-from-trunk sweeps (class-level: the sweep asks before any run is built) -------------------
+    @classmethod
+    def fork_safe(cls, key: str) -> bool:
+        """Whether a fork-mode sweep may sample `key` for this strategy's trials: it leaves their part before the
+        fork point equal to the trunk's. A key of a section the strategy never reads is inert; `scratch` trials
+        share nothing with the trunk."""
+        if cls.fork_mode == "scratch":
+            return True
+        section = key.split(".", 1)[0]
+        if section not in cls.uses and section in strategy_sections():
+            return True
+        return cls._acts_after_fork(key)
+
+    @classmethod
+    def _acts_after_fork(cls, key: str) -> bool:
+        """A key of a section the strategy reads (or a general key): whether it acts only after the fork point."""
+        return False
+
+    @classmethod
+    def fork_problem(cls, cfg: TrainSettings) -> str | None:
+        """Why trials of `cfg` cannot start from the trunk (a `key: reason` line), None if they can."""
+        return None
+
+    @classmethod
+    def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
+        """Where a trial of `cfg` starts, given the trunk's per-epoch records so far; None: wait for more of them."""
+        return TrunkFork(mode="scratch", why=f"strategy {cls.name} does not start from a full-training trunk")
 
     def __init__(self, cfg: TrainSettings) -> None:
         self.cfg = cfg
@@ -84,3 +138,10 @@ class Strategy:
     def fork_state(self, snapshots: list[tuple[dict[str, list[float]], float]], start: int) -> dict[str, Any]:
         """The state a run forked from a full-training trunk checkpoint at `start` begins with."""
         return {}
+
+
+def strategy_sections() -> set[str]:
+    """The `TrainSettings` sections that belong to some registered strategy (prelora, relora, ...)."""
+    from prelora_ray.strategies import REGISTRY
+
+    return {section for cls in REGISTRY.values() for section in (*cls.uses, *((cls.section,) if cls.section else ()))}

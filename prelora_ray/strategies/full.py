@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from prelora_ray.strategies.base import Strategy
+from collections.abc import Sequence
+from typing import Any
+
+from prelora_ray.config import TrainSettings
+from prelora_ray.strategies.base import POST_SWITCH_OPTIM_KEYS, Strategy, TrunkFork
 
 
 class Full(Strategy):
     """Full-parameter training throughout (the base class's defaults)."""
 
     name = "full"
+    fork_mode = "trunk"  # the trunk is this strategy's run: a trial's result is the trunk's
+    fork_keys_text = "keys a full run never reads (other strategies' sections, optim.lora_lr or optim.carry_optimizer_state)"
+
+    @classmethod
+    def _acts_after_fork(cls, key: str) -> bool:
+        return key in POST_SWITCH_OPTIM_KEYS  # no LoRA and no optimizer rebuild: never read
+
+    @classmethod
+    def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
+        """The trunk's result, once the trunk has recorded every epoch."""
+        return TrunkFork(mode="trunk", why="full training: its run is the trunk") if len(history) >= cfg.epochs else None

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prelora_ray import fork
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
 from prelora_ray.monitor import ConvergenceMonitor
-from prelora_ray.strategies.base import Strategy
+from prelora_ray.strategies.base import POST_SWITCH_OPTIM_KEYS, Strategy, TrunkFork
 from prelora_ray.switch import Phase, inject_lora, set_trainable, unwrap
 
 if TYPE_CHECKING:
@@ -41,7 +43,33 @@ class PreLoRA(Strategy):
 
     name = "prelora"
     section = "prelora"
+    uses = ("prelora",)
+    fork_mode = "fork"  # from the trunk's checkpoint at its switch epoch, replayed on the trunk's history
+    fork_keys_text = "prelora.* (not window_unit), optim.lora_lr or optim.carry_optimizer_state"
     state_class: type[PreLoRAState] = PreLoRAState
+
+    @classmethod
+    def _acts_after_fork(cls, key: str) -> bool:
+        """prelora.* (window_unit excepted) decides or shapes the switch; the LoRA optimizer keys act after it."""
+        return (key.startswith("prelora.") and key != "prelora.window_unit") or key in POST_SWITCH_OPTIM_KEYS
+
+    @classmethod
+    def fork_problem(cls, cfg: TrainSettings) -> str | None:
+        """Step windows need each step's loss, and the trunk records one snapshot per epoch."""
+        if cfg.prelora.window_unit != "epoch":
+            return "prelora.window_unit: is 'step': the trunk records one snapshot per epoch; use epoch or fork: false"
+        return None
+
+    @classmethod
+    def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
+        """Algorithm 1 and 2 replayed on the trunk's history: fork at the switch epoch s (a checkpoint c <= s + 1), or the
+        trunk's result when the test never passes on the whole trunk."""
+        switch = fork.replay_for(cfg, history)
+        if switch is None:
+            if len(history) >= cfg.epochs:
+                return TrunkFork(mode="trunk", why="never switches: the convergence test never passes on the trunk")
+            return None
+        return TrunkFork(mode="fork", until=switch.epoch + 1, switch=switch)
 
     def __init__(self, cfg: TrainSettings) -> None:
         super().__init__(cfg)

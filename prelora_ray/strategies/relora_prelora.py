@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
 from prelora_ray.optim import jagged_cosine_factor, prune_moments
+from prelora_ray.strategies.base import TrunkFork
 from prelora_ray.strategies.prelora import PreLoRA, PreLoRAState
 from prelora_ray.switch import Phase, fold_adapters, weights_checksum, inject_lora, is_adapter_param, merge_lora, reinit_adapters, set_trainable, unwrap
 
@@ -44,7 +46,23 @@ class ReLoRAPreLoRA(PreLoRA):
 
     name = "relora_prelora"
     section = "relora"
+    uses = ("prelora", "relora")
+    fork_mode = "fork"  # from the trunk's checkpoint at relora.start_epoch: FULL before it is the trunk's training
+    fork_keys_text = "prelora.* (not window_unit), relora.*, optim.lora_lr or optim.carry_optimizer_state"
     state_class = ReLoRAState
+
+    @classmethod
+    def _acts_after_fork(cls, key: str) -> bool:
+        """PreLoRA's keys (its switch is in RELORA) and relora.* (RELORA starts at the fork point)."""
+        return key.startswith("relora.") or super()._acts_after_fork(key)
+
+    @classmethod
+    def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
+        """The epochs before `relora.start_epoch` are full training with the trunk's schedule and RNG stream: fork at
+        the trunk's checkpoint at (or before) the start of RELORA. With start_epoch 0 nothing is shared."""
+        if cfg.relora.start_epoch == 0:
+            return TrunkFork(mode="scratch", why="relora.start_epoch is 0: no full-training epochs to share with the trunk")
+        return TrunkFork(mode="fork", until=cfg.relora.start_epoch)
 
     def __init__(self, cfg: TrainSettings) -> None:
         super().__init__(cfg)
