@@ -283,13 +283,15 @@ def ray_cfg(tmp, name: str, *extra: str) -> TrainSettings:
 
 @pytest.fixture(scope="module")
 def two_workers(ray_local, tmp_path_factory):
-    """An uninterrupted 2-worker run, and one whose rank 0 dies between two merges of epoch 1 (max_failures=1)."""
+    """An uninterrupted 2-worker run, and one whose rank 0 dies between two merges of epoch 2 (max_failures=1)."""
     from prelora_ray.orchestration.train import run_train
 
     tmp = tmp_path_factory.mktemp("lte-ray")
     plain = run_train(ray_cfg(tmp, "plain"))
-    fault = {"PRELORA_FAULT_EPOCH": "1", "PRELORA_FAULT_BATCH": "1", "PRELORA_FAULT_MARKER": str(tmp / "fired")}
-    os.environ.update(fault)  # after step 5; merges at steps 4 (epoch 0's end) and 7
+    # after step 9; merges at steps 8 (epoch 1's end) and 11. Not in epoch 1: Ray Train registers a checkpoint only
+    # once its controller has polled every worker's report (every 0.2 s), and these epochs take less than that
+    fault = {"PRELORA_FAULT_EPOCH": "2", "PRELORA_FAULT_BATCH": "1", "PRELORA_FAULT_MARKER": str(tmp / "fired")}
+    os.environ.update(fault)
     try:
         killed = run_train(ray_cfg(tmp, "killed", "cluster.max_failures=1"))
     finally:
@@ -320,6 +322,7 @@ class TwoShards:
             yield torch.cat([x0, x1]), torch.cat([y0, y1])
 
 
+@pytest.mark.slow
 def test_two_workers_equal_two_heads_emulated_on_one_worker(two_workers):
     tmp, plain, _ = two_workers
     settings = TrainSettings.load(None, [*RAY_CFG, "cluster.num_workers=1", "lte.heads_per_worker=2", "data.batch_size=64"])
@@ -340,6 +343,7 @@ def test_two_workers_equal_two_heads_emulated_on_one_worker(two_workers):
         torch.testing.assert_close(merged[key], emulated[key], atol=2e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.slow
 def test_every_worker_keeps_its_own_heads_in_the_checkpoint_and_comm_is_merges_plus_sums(two_workers):
     tmp, plain, _ = two_workers
     folders = sorted(p for p in (tmp / "ray" / "plain").glob("checkpoint_*") if p.is_dir())
@@ -357,9 +361,10 @@ def test_every_worker_keeps_its_own_heads_in_the_checkpoint_and_comm_is_merges_p
     assert [h[M.COMM_BYTES_PER_STEP] for h in plain["history"]] == [(2 * merge_bytes + 5 * 8) / 4] * 3
 
 
+@pytest.mark.slow
 def test_a_worker_killed_between_merges_resumes_with_every_workers_heads_and_ends_equal(two_workers):
     _, plain, killed = two_workers
-    assert killed["resumed_at"] == [1]
+    assert killed["resumed_at"] in ([1], [2])  # from a checkpoint, not from scratch (see the fixture)
     assert [h[M.TRAIN_LOSS] for h in killed["history"]] == [h[M.TRAIN_LOSS] for h in plain["history"]]
     from transformers import ViTForImageClassification
 
