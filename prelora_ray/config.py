@@ -192,7 +192,7 @@ class LTESettings:
     heads_per_worker: int = _f(1, "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).")
     rank: int = _f(8, "Rank r of every head on the target families (prelora.modules).")
     alpha: float = _f(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
-    merge_every: int = _f(10, "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation.")
+    merge_every: int = _f(6, "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).")
     start_epoch: int = _f(0, "Full-training epochs before LTE starts (0: LTE from scratch, as the paper).")
     train_others: str = _f("averaged", "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).")
 
