@@ -59,10 +59,12 @@ def worker(rank: int, args: argparse.Namespace, out: dict) -> None:
         loss = torch.nn.functional.cross_entropy(ddp(pixel_values=x).logits, y)
         loss.backward()
         elapsed = time.perf_counter() - start
+        sent = dict(state)  # the counted steps only
+        step_s = timed_steps(ddp, x, y, args.lte_steps // 10)  # every rank: DDP's all-reduces need both
         if rank == 0:
             trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-            out[phase] = {"bytes_per_step": state["bytes"] / (args.steps + 1), "buckets_per_step": state["buckets"] / (args.steps + 1),
-                          "trainable_bytes": trainable, "fwd_bwd_s": elapsed, "step_s": timed_steps(ddp, x, y, args.lte_steps // 10)}
+            out[phase] = {"bytes_per_step": sent["bytes"] / (args.steps + 1), "buckets_per_step": sent["buckets"] / (args.steps + 1),
+                          "trainable_bytes": trainable, "fwd_bwd_s": elapsed, "step_s": step_s}
     for t in (1, 10, 100):
         lte = lte_run(args, x, y, merge_every=t)
         if rank == 0:
