@@ -9,7 +9,10 @@ and prev ← current, in ONE all-reduce (with `lte.train_others: averaged`, the 
 parameters' values ride in the same buffer and are averaged). A, B and the AdamW moments are kept.
 
 The loss each head's gradient comes from is the mean over its own chunk (the worker's mean loss times
-H), so one worker emulating H heads trains each head as H workers with one head each would.
+H), so one worker emulating H heads trains each head as H workers with one head each would (except
+for `optim.grad_clip`, which clips the norm over all of a worker's heads together, and `averaged`
+others, which one worker shares between its heads). The epoch's `epoch_time_s` excludes the
+end-of-epoch merge (it runs in `after_train_pass`, after the timer stops); the step merges are in it.
 Checkpoints hold every worker's heads and optimizer state (`worker_state`): between merges they
 differ, and even right after one their A, B and moments do. See algorithms.md, "LTE".
 """
