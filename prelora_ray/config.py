@@ -26,7 +26,7 @@ EXTRA_TRAINABLE = ("head", "norms", "embeddings", "biases")
 
 MODEL_PRESETS = ("vit-digits", "vit-digits-wide", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-STRATEGIES = ("prelora", "full", "relora_prelora")
+STRATEGIES = ("prelora", "full", "relora_prelora", "lte")
 """Training strategies: the names of `prelora_ray.strategies.REGISTRY` (each with its own section, if any)."""
 
 
@@ -186,6 +186,26 @@ class ReLoRASettings:
 
 
 @dataclass(kw_only=True)
+class LTESettings:
+    """`strategy: lte` (LoRA-the-Explorer): parallel LoRA heads, merged into the frozen base every T steps."""
+
+    heads_per_worker: int = _f(1, "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).")
+    rank: int = _f(8, "Rank r of every head on the target families (prelora.modules).")
+    alpha: float = _f(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
+    merge_every: int = _f(6, "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).")
+    start_epoch: int = _f(0, "Full-training epochs before LTE starts (0: LTE from scratch, as the paper).")
+    train_others: str = _f("averaged", "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.heads_per_worker, int) and self.heads_per_worker >= 1, "lte.heads_per_worker", self.heads_per_worker, "an integer >= 1")
+        _check(isinstance(self.rank, int) and self.rank >= 1, "lte.rank", self.rank, "an integer >= 1")
+        _check(self.alpha > 0, "lte.alpha", self.alpha, "a number > 0")
+        _check(isinstance(self.merge_every, int) and self.merge_every >= 1, "lte.merge_every", self.merge_every, "an integer >= 1 (optimizer steps)")
+        _check(isinstance(self.start_epoch, int) and self.start_epoch >= 0, "lte.start_epoch", self.start_epoch, "an integer >= 0")
+        _check(self.train_others in ("averaged", "frozen"), "lte.train_others", self.train_others, "averaged or frozen")
+
+
+@dataclass(kw_only=True)
 class ClusterSettings:
     """Where and on what the Ray Train workers run."""
 
@@ -226,7 +246,7 @@ class TrackingSettings:
 class TrainSettings:
     """One training run: `prelora-ray train` takes exactly this."""
 
-    strategy: str = _f("prelora", "prelora (full -> warmup -> LoRA), full (the baseline: never switches) or relora_prelora (full -> ReLoRA -> warmup -> LoRA).")
+    strategy: str = _f("prelora", "prelora (full -> warmup -> LoRA), full (the baseline: never switches), relora_prelora (full -> ReLoRA -> warmup -> LoRA) or lte (LoRA-the-Explorer: parallel heads merged every lte.merge_every steps).")
     epochs: int = _f(40, "Training epochs.")
     seed: int = _f(0, "Seed of weights, data order and augmentation.")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: exact resume on CPU, slower on GPU.")
@@ -238,6 +258,7 @@ class TrainSettings:
     optim: OptimSettings = _nested(OptimSettings, "The optimizer and schedule.")
     prelora: PreLoRASettings = _nested(PreLoRASettings, "The PreLoRA switch.")
     relora: ReLoRASettings = _nested(ReLoRASettings, "The ReLoRA phase of strategy relora_prelora.")
+    lte: LTESettings = _nested(LTESettings, "The heads and merges of strategy lte.")
     cluster: ClusterSettings = _nested(ClusterSettings, "Ray Train workers.")
     tracking: TrackingSettings = _nested(TrackingSettings, "MLflow.")
 
@@ -255,6 +276,10 @@ class TrainSettings:
             _check(self.relora.start_epoch < self.epochs, "relora.start_epoch", self.relora.start_epoch, f"< epochs ({self.epochs})")
             _check(at is None or at >= self.relora.start_epoch, "prelora.switch_at_epoch", at,
                    f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)")
+        if self.strategy == "lte":
+            _check(self.lte.start_epoch < self.epochs, "lte.start_epoch", self.lte.start_epoch, f"< epochs ({self.epochs})")
+            _check(self.data.batch_size % self.lte.heads_per_worker == 0, "data.batch_size", self.data.batch_size,
+                   f"a multiple of lte.heads_per_worker ({self.lte.heads_per_worker}): each head trains on an equal chunk of the batch")
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

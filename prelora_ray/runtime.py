@@ -21,11 +21,18 @@ class Runtime(Protocol):
     world_size: int
     device: torch.device
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move to the device and wrap for data parallelism (re-called after every phase change)."""
+    def prepare_model(self, model: nn.Module, *, sync: bool = True) -> nn.Module:
+        """Move to the device and, with `sync`, wrap for data parallelism (re-called after every phase change).
+
+        `sync=False`: no per-step gradient all-reduce (no DDP wrapper): the workers' models drift apart
+        until the strategy synchronises them itself (LTE's merges).
+        """
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a float64 vector over all workers."""
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean over all workers of each tensor (same shapes, one dtype), on their device, in ONE collective."""
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's object on every worker."""
@@ -34,7 +41,11 @@ class Runtime(Protocol):
         """Every worker's object, in rank order."""
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Report an epoch's metrics with a checkpoint of `state` (a torch.save-able dict)."""
+        """Report an epoch's metrics with a checkpoint of `state` (a torch.save-able dict).
+
+        `state["worker"]`, when present, is this worker's own part (LTE heads differ between workers):
+        a multi-worker runtime keeps every worker's, and `latest_checkpoint` gives each worker back its own.
+        """
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The state of the last reported checkpoint to resume from, or None."""
@@ -77,13 +88,17 @@ class LocalRuntime:
         self._resume_from = resume_from
         self._stop_after_epoch = stop_after_epoch
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Move to the device."""
+    def prepare_model(self, model: nn.Module, *, sync: bool = True) -> nn.Module:
+        """Move to the device (one worker: nothing to sync)."""
         return model.to(self.device)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Identity: one worker."""
         return values
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Identity: one worker."""
+        return list(tensors)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Identity: one worker."""

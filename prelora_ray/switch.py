@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from prelora_ray.config import PreLoRASettings
+from prelora_ray.lte_heads import LTELinear, is_head_param, remove_lte_heads
 from prelora_ray.models import family_module_names
 
 
@@ -29,6 +30,7 @@ class Phase(str, enum.Enum):
     WARMUP = "warmup"
     LORA = "lora"
     RELORA = "relora"
+    LTE = "lte"
 
     @property
     def index(self) -> int:
@@ -36,7 +38,7 @@ class Phase(str, enum.Enum):
         return PHASE_INDEX[self]
 
 
-PHASE_INDEX: dict[Phase, int] = {Phase.FULL: 0, Phase.WARMUP: 1, Phase.LORA: 2, Phase.RELORA: 3}
+PHASE_INDEX: dict[Phase, int] = {Phase.FULL: 0, Phase.WARMUP: 1, Phase.LORA: 2, Phase.RELORA: 3, Phase.LTE: 4}
 """Stored in every MLflow run as `phase_index`: never renumber; a new phase takes the next free number."""
 
 
@@ -274,7 +276,12 @@ def _adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
-    """A linear's weight as the forward sees it, detached: W, or W + s·B·A for each active adapter."""
+    """A linear's weight as the forward sees it, detached: W, or W + s·B·A for each active adapter.
+
+    With LTE heads: W, the weight of eval (each head's own differs from it only between merges).
+    """
+    if isinstance(module, LTELinear):
+        return module.base_layer.weight.detach()
     base = getattr(module, "base_layer", None)
     if base is None:
         return module.weight.detach()
@@ -340,8 +347,9 @@ def is_adapter_param(name: str) -> bool:
 
     PEFT names every LoRA tensor `lora_<part>` (`lora_A`, `lora_B`, `lora_embedding_A`, DoRA's
     `lora_magnitude_vector`); base weights, `modules_to_save` copies and the head never carry it.
+    LTE heads' A and B (`lte_heads.HEAD_PARAMS`) are adapters too.
     """
-    return "lora_" in name
+    return "lora_" in name or is_head_param(name)
 
 
 def _extra_group(name: str, group: str) -> bool:
@@ -372,7 +380,11 @@ def set_trainable(model: nn.Module, phase: Phase, settings: PreLoRASettings) -> 
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights: a plain ViT with no adapter overhead."""
+    """Fold the adapters into the base weights: a plain ViT with no adapter overhead.
+
+    LTE heads are removed, leaving W (their last merge is in it: `strategies.lte` merges at every epoch's end).
+    """
+    model = remove_lte_heads(model)
     if not hasattr(model, "peft_config"):
         return model
     return model.merge_and_unload()

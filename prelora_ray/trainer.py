@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from prelora_ray import metrics as M
@@ -126,6 +127,9 @@ class TrainingLoop:
         self.wrapped: nn.Module = self.model
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.autocast = self.device.type == "cuda" and cfg.amp
+        self.comm_bytes = 0  # bytes all-reduced by this worker in the current epoch (M.COMM_BYTES_PER_STEP)
+        self._epoch_steps = 0
+        self._ddp_bytes_per_step = 0  # DDP's gradient all-reduce: the trainable parameters' bytes
 
     # -- data ------------------------------------------------------------------------------------
     def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
@@ -138,7 +142,7 @@ class TrainingLoop:
             sampler=sampler,
             num_workers=self.cfg.data.loader_workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=False,
+            drop_last=self.strategy.drop_last,
         )
         return loader, sampler
 
@@ -174,8 +178,13 @@ class TrainingLoop:
         frozen parameters are dropped (freed) with the old optimizer.
         """
         old = self.optimizer
-        self.wrapped = self.runtime.prepare_model(self.model)
+        if self.strategy.sync_gradients(self.state.phase):
+            self.wrapped = self.runtime.prepare_model(self.model)
+        else:
+            self.wrapped = self.runtime.prepare_model(self.model, sync=False)
         self.model = unwrap(self.wrapped)
+        ddp = isinstance(self.wrapped, DistributedDataParallel) and self.runtime.world_size > 1
+        self._ddp_bytes_per_step = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad) if ddp else 0
         o = self.cfg.optim
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None)
         if old is not None and o.carry_optimizer_state:
@@ -192,6 +201,19 @@ class TrainingLoop:
             group["lr"] = group["peak_lr"] * factor
         return self.cfg.optim.lr * factor
 
+    # -- collectives, counted for M.COMM_BYTES_PER_STEP ------------------------------------------------
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The runtime's all-reduce sum, its bytes counted (when there is more than one worker)."""
+        if self.runtime.world_size > 1:
+            self.comm_bytes += values.numel() * values.element_size()
+        return self.runtime.all_reduce_sum(values)
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The runtime's one-collective mean of `tensors` over workers, its bytes counted (more than one worker)."""
+        if self.runtime.world_size > 1:
+            self.comm_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return self.runtime.all_reduce_mean(tensors)
+
     def norms(self) -> dict[str, list[float]]:
         """Family -> per-layer norms of the effective weights (W, or W + s·B·A with adapters)."""
         return layer_norms(self.model, self.family_names)
@@ -205,6 +227,7 @@ class TrainingLoop:
             torch.cuda.reset_peak_memory_stats(self.device)
             torch.cuda.synchronize(self.device)
         per_step = self.strategy.step_losses
+        self.comm_bytes, self._epoch_steps = 0, 0
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
         start = time.perf_counter()
         for images, labels in self.train_loader:
@@ -214,23 +237,26 @@ class TrainingLoop:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.loss_fn(self.wrapped(pixel_values=images).logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scale = self.strategy.loss_scale(self.state.phase)
+            (loss if scale == 1.0 else loss * scale).backward()
+            self.comm_bytes += self._ddp_bytes_per_step
             if self.cfg.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.state.step += 1
+            self._epoch_steps += 1
             batch_loss = loss.detach().double() * labels.numel()
             loss_sum += batch_loss.cpu()
             count += labels.numel()
             step_loss = None
             if per_step:
-                step_sum = self.runtime.all_reduce_sum(torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)]))
+                step_sum = self.all_reduce_sum(torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)]))
                 step_loss = float(step_sum[0] / step_sum[1])
             self.strategy.after_step(self, step_loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         epoch_time = time.perf_counter() - start
-        total = self.runtime.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
+        total = self.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
         train_loss = float(total[0] / total[1])
         if not math.isfinite(train_loss):  # every worker sees the same all-reduced value: all stop together
             raise FloatingPointError(f"epoch {self.state.epoch}: training loss is {train_loss} (diverged: lower optim.lr?)")
@@ -250,7 +276,7 @@ class TrainingLoop:
                 [float(nn.functional.cross_entropy(logits, labels, reduction="sum")), float((logits.argmax(-1) == labels).sum()), labels.numel()],
                 dtype=torch.float64,
             )
-        sums = self.runtime.all_reduce_sum(sums)
+        sums = self.all_reduce_sum(sums)
         return {M.VAL_LOSS: float(sums[0] / sums[2]), M.VAL_ACC: float(sums[1] / sums[2])}
 
     def _trainable(self) -> int:
@@ -267,6 +293,7 @@ class TrainingLoop:
         out[M.TRAINABLE_PARAMS] = trainable
         out[M.TRAINABLE_FRACTION] = trainable / self.plain_params
         out[M.PEAK_MEM_MB] = peak_memory_mb(self.device)
+        out[M.COMM_BYTES_PER_STEP] = self.comm_bytes / max(1, self._epoch_steps)
         out.update(self.strategy.event_metrics())
         for family, values in norms.items():
             out[f"{M.NORM_PREFIX}{family}"] = sum(values) / len(values)
@@ -287,13 +314,17 @@ class TrainingLoop:
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint: weights (PEFT keys after the switch), optimizer, progress, the strategy's state, RNG."""
         s = self.state
-        return {
+        state = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "loop": {**s.__dict__, "phase": s.phase.value},
             "strategy": self.strategy.state_dict(),
             "rng": rng_state(),
         }
+        worker = self.strategy.worker_state(self)
+        if worker is not None:  # the runtime keeps every worker's (RayRuntime: one file per worker)
+            state["worker"] = worker
+        return state
 
     def load_state_dict(self, ckpt: dict[str, Any], *, strategy_state: dict[str, Any] | None = None) -> None:
         """Restore a checkpoint: the strategy reshapes the model for its phase (e.g. re-injects LoRA) before the weights load.
@@ -305,10 +336,15 @@ class TrainingLoop:
         self.state = LoopState(**loop)
         self.strategy.load_state_dict(saved if strategy_state is None else strategy_state)
         self.strategy.prepare(self, self.state.phase)
-        self.model.load_state_dict(ckpt["model"])
+        worker = ckpt.get("worker")
+        self.strategy.check_worker_state(self, worker)
+        model, optimizer = ckpt["model"], ckpt["optimizer"]
+        if worker is not None:  # this worker's own heads and optimizer state (they differ between workers)
+            model, optimizer = {**model, **worker["model"]}, worker["optimizer"]
+        self.model.load_state_dict(model)
         self.optimizer = None
         self.rebuild()
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(optimizer)
         set_rng_state(ckpt["rng"])
 
     def start_from_fork(self, fork: ForkStart) -> None:

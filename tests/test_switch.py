@@ -253,7 +253,7 @@ def test_lora_phase_drops_gradients_of_frozen_weights():
 
 def test_phase_index_is_fixed_per_phase_not_by_enum_order():
     # stored MLflow runs hold these numbers: a new phase takes the next free one, none is renumbered
-    assert {p.value: p.index for p in Phase} == {"full": 0, "warmup": 1, "lora": 2, "relora": 3}
+    assert {p.value: p.index for p in Phase} == {"full": 0, "warmup": 1, "lora": 2, "relora": 3, "lte": 4}
     assert PHASE_INDEX == {p: p.index for p in Phase} and len(set(PHASE_INDEX.values())) == len(Phase)
 
 

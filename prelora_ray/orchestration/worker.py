@@ -24,12 +24,22 @@ from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.trainer import TrainingLoop
 
 CHECKPOINT_FILE = "state.pt"
+WORKER_KEY = "worker"  # a state's per-worker part (TrainingLoop.state_dict), kept in WORKER_FILE by each worker
+WORKER_FILE = "worker_rank{rank}.pt"
 log = logging.getLogger("prelora_ray")
 
 
-def load_checkpoint_dir(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder written by RayRuntime.report: plain data only, a CheckpointError naming a bad file."""
-    return load_state_file(Path(path) / CHECKPOINT_FILE)
+def load_checkpoint_dir(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
+    """Read a checkpoint folder written by RayRuntime.report: plain data only, a CheckpointError naming a bad file.
+
+    The shared state is rank 0's `state.pt`; worker `rank`'s own part, when the run wrote per-worker
+    files (LTE heads), comes from `worker_rank<rank>.pt` as the state's "worker" entry.
+    """
+    state = load_state_file(Path(path) / CHECKPOINT_FILE)
+    own = Path(path) / WORKER_FILE.format(rank=rank)
+    if own.exists():
+        state[WORKER_KEY] = load_state_file(own)
+    return state
 
 
 @contextmanager
@@ -50,9 +60,9 @@ class RayRuntime:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Device placement, and DDP when there is more than one worker."""
-        return ray.train.torch.prepare_model(model)
+    def prepare_model(self, model: nn.Module, *, sync: bool = True) -> nn.Module:
+        """Device placement, and DDP when there is more than one worker and `sync`."""
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if sync else None)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over workers (on the device for NCCL, back on the CPU after)."""
@@ -61,6 +71,15 @@ class RayRuntime:
         t = values.to(self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor's mean over workers: flattened into one buffer on the device, one all-reduce."""
+        if self.world_size == 1:
+            return list(tensors)
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(self.device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's object everywhere."""
@@ -79,9 +98,23 @@ class RayRuntime:
         return out
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Every worker reports; rank 0 attaches the checkpoint (weights are the same everywhere)."""
-        if self.rank == 0 and state is not None:
-            with saved_state(state) as tmp:
+        """Every worker reports; rank 0 attaches the shared state, and each worker its own part if it has one.
+
+        Ray Train merges the folders every worker reports into one checkpoint folder, so the files must
+        not clash: rank 0 writes `state.pt`, worker r `worker_rank<r>.pt` (LTE heads differ between workers).
+        """
+        files: dict[str, dict[str, Any]] = {}
+        if state is not None:
+            state = dict(state)
+            own = state.pop(WORKER_KEY, None)
+            if self.rank == 0:
+                files[CHECKPOINT_FILE] = state
+            if own is not None:
+                files[WORKER_FILE.format(rank=self.rank)] = own
+        if files:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, content in files.items():
+                    torch.save(content, Path(tmp) / name)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -93,26 +126,26 @@ class RayRuntime:
         A corrupt or truncated one is reported by file name and the previous checkpoint of the run
         (a sibling `checkpoint_*` folder) is used instead; only when none is readable does it fail.
         """
-        return _load_checkpoint(ray.train.get_checkpoint())
+        return _load_checkpoint(ray.train.get_checkpoint(), rank=self.rank)
 
 
-def _load_checkpoint(ckpt: Any) -> dict[str, Any] | None:
+def _load_checkpoint(ckpt: Any, *, rank: int = 0) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as folder:
         try:
-            return load_checkpoint_dir(folder)
+            return load_checkpoint_dir(folder, rank=rank)
         except CheckpointError as exc:
             log.warning("%s; trying the run's previous checkpoints", exc)
-            return load_previous_checkpoint(Path(ckpt.path), exc)
+            return load_previous_checkpoint(Path(ckpt.path), exc, rank=rank)
 
 
-def load_previous_checkpoint(bad: Path, error: CheckpointError) -> dict[str, Any]:
+def load_previous_checkpoint(bad: Path, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
     """The newest readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
     siblings = sorted((p for p in bad.parent.glob("checkpoint_*") if p.is_dir() and p.name < bad.name), reverse=True)
     for folder in siblings:
         try:
-            state = load_checkpoint_dir(folder)
+            state = load_checkpoint_dir(folder, rank=rank)
         except CheckpointError as exc:
             log.warning("%s", exc)
             continue
@@ -269,7 +302,7 @@ class TuneRuntime(RayRuntime):
         gpus = ray.get_gpu_ids()
         self.device = torch.device("cuda", 0) if gpus and torch.cuda.is_available() else torch.device("cpu")
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, *, sync: bool = True) -> nn.Module:
         """On the trial's device (one worker: no DDP)."""
         return model.to(self.device)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from prelora_ray.config import TrainSettings
 from prelora_ray.strategies.base import Strategy
 from prelora_ray.strategies.full import Full
+from prelora_ray.strategies.lte import LTE
 from prelora_ray.strategies.prelora import PreLoRA
 from prelora_ray.strategies.relora_prelora import ReLoRAPreLoRA
 
-REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, PreLoRA, ReLoRAPreLoRA)}
+REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (Full, PreLoRA, ReLoRAPreLoRA, LTE)}
 
 
 def build(cfg: TrainSettings) -> Strategy:

@@ -88,6 +88,19 @@ class Strategy:
         """Whether `after_step` needs each step's all-worker mean loss (one all-reduce per step)."""
         return False
 
+    def sync_gradients(self, phase: Phase) -> bool:
+        """Whether gradients are all-reduced at every step in `phase` (DDP); LTE's heads: no."""
+        return True
+
+    def loss_scale(self, phase: Phase) -> float:
+        """Factor on the worker's mean loss before backward (LTE: each of H heads gets its own chunk's mean gradient)."""
+        return 1.0
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether the train loader drops each worker's last, short batch (LTE with several heads: it cannot be cut evenly)."""
+        return False
+
     def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
         """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load."""
         for param in loop.model.parameters():
@@ -134,6 +147,15 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of state_dict; called before `prepare` when a checkpoint loads."""
+
+    def worker_state(self, loop: TrainingLoop) -> dict[str, Any] | None:
+        """This worker's own part of a checkpoint, where workers differ (None: rank 0's state is everyone's).
+
+        A dict with "rank", "model" (state-dict entries that replace the shared ones) and "optimizer"."""
+        return None
+
+    def check_worker_state(self, loop: TrainingLoop, worker: dict[str, Any] | None) -> None:
+        """Raise ValueError when a checkpoint lacks this worker's own part where the strategy needs it."""
 
     def fork_state(self, snapshots: list[tuple[dict[str, list[float]], float]], start: int) -> dict[str, Any]:
         """The state a run forked from a full-training trunk checkpoint at `start` begins with."""
