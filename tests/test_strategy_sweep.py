@@ -136,10 +136,12 @@ def test_every_registered_strategy_says_how_it_forks():
 def test_the_shipped_strategies_sweep_loads_in_fork_mode_over_every_strategy():
     space = load_search_space(SPACES / "strategies_digits.yaml")
     strategy = next(p for p in space.parameters if p.key == "strategy")
-    assert set(strategy.values) >= {"full", "prelora", "relora_prelora"} and space.fork  # (and any strategy added since)
+    assert set(strategy.values) >= {"full", "prelora", "relora_prelora", "lte"} and space.fork  # (and any strategy added since)
     for p in space.parameters:  # each strategy's own knobs are sampled for it only
         if p.key.startswith("relora."):
             assert p.condition("strategy") == ("relora_prelora",), p.key
+        elif p.key.startswith("lte."):
+            assert p.condition("strategy") == ("lte",), p.key
         elif p.key.startswith("prelora."):
             assert set(p.condition("strategy")) == {"prelora", "relora_prelora"}, p.key
 
