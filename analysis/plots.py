@@ -37,6 +37,16 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+def _save_front(fig: plt.Figure, ax: plt.Axes, x: str, y: str, title: str, path: str | Path) -> Path:
+    """Label, grid and legend (outside, right) of a front plot, then save it."""
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(y, y))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _save(fig, path)
+
+
 def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Path, *, baselines: dict[str, tuple[float, float]] | None = None,
                 knees: dict[str, tuple[float, float]] | None = None, title: str = "Pareto fronts") -> Path:
     """Fronts overlaid: every trial as a faint point, the front as a step line, baseline and knee marked.
@@ -56,12 +66,7 @@ def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Pat
         if knees and label in knees:
             kx, ky = knees[label]
             ax.scatter([kx], [ky], marker="D", s=90, facecolor="none", edgecolor=c, linewidth=2, zorder=6, label=f"{label}: knee")
-    ax.set_xlabel(LABELS.get(x, x))
-    ax.set_ylabel(LABELS.get(y, y))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    return _save(fig, path)
+    return _save_front(fig, ax, x, y, title, path)
 
 
 def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path, *, baseline: tuple[float, float] | None = None,
@@ -83,12 +88,7 @@ def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path
         ax.scatter([baseline[0]], [baseline[1]], marker="*", s=220, color="gold", edgecolor="black", zorder=5, label="full-training baseline")
     if knee is not None:
         ax.scatter([knee[0]], [knee[1]], marker="D", s=90, facecolor="none", edgecolor="black", linewidth=2, zorder=6, label="knee")
-    ax.set_xlabel(LABELS.get(x, x))
-    ax.set_ylabel(LABELS.get(y, y))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    return _save(fig, path)
+    return _save_front(fig, ax, x, y, title, path)
 
 
 def _mark_phases(ax: plt.Axes, switch: float | None, freeze: float | None, color: str) -> None:

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, field_docs
 
 log = logging.getLogger("prelora_ray")
@@ -97,8 +98,8 @@ def _summary_text(s: dict[str, Any]) -> str:
     ]
     if s.get("switch_epoch", -1) >= 0:
         lines.append(f"switch at epoch {s['switch_epoch']}, base frozen at epoch {s['freeze_epoch']}; ranks {json.dumps(s.get('ranks'))}")
-    elif (s.get("history") or [{}])[-1].get("lte_merges") is not None:  # metrics.LTE_MERGES
-        lines.append(f"strategy lte: {s['history'][-1]['lte_merges']} merges of the heads into the base")
+    elif (merges := (s.get("history") or [{}])[-1].get(M.LTE_MERGES)) is not None:
+        lines.append(f"strategy lte: {merges} merges of the heads into the base")
     else:
         lines.append("no switch (full training throughout)")
     if s.get("merged_model_path"):

@@ -212,12 +212,11 @@ def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:
     With no switch known in advance (relora_prelora decides it while training) every key that changes
     the run counts, the switch's own included."""
     if switch is None:
-        flat = {k: v for k, v in cfg.flat().items() if k not in RUN_IDENTITY_KEYS}
-        blob = json.dumps({"config": flat}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-    flat = {k: v for k, v in cfg.flat().items() if k not in SWITCH_DECISION_KEYS and k not in RUN_IDENTITY_KEYS}
-    blob = json.dumps({"switch_epoch": switch.epoch, "ranks": switch.ranks, "config": flat}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        blob: dict[str, Any] = {"config": {k: v for k, v in cfg.flat().items() if k not in RUN_IDENTITY_KEYS}}
+    else:
+        flat = {k: v for k, v in cfg.flat().items() if k not in SWITCH_DECISION_KEYS and k not in RUN_IDENTITY_KEYS}
+        blob = {"switch_epoch": switch.epoch, "ranks": switch.ranks, "config": flat}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 class ResultRegistry:

@@ -30,7 +30,8 @@ class LTELinear(nn.Module):
 
     def __init__(self, base: nn.Linear, *, heads: int, rank: int, scale: float, generators: list[torch.Generator]) -> None:
         super().__init__()
-        assert len(generators) == heads, "one generator per head"
+        if len(generators) != heads:
+            raise ValueError(f"{heads} heads need one generator each, got {len(generators)}")
         self.base_layer = base
         self.heads, self.rank, self.scale = heads, rank, scale
         out_features, in_features = base.weight.shape
@@ -129,7 +130,8 @@ def local_mean_deltas(model: nn.Module) -> list[torch.Tensor]:
 def apply_merge(model: nn.Module, mean_deltas: list[torch.Tensor]) -> None:
     """W += the all-head mean δ of each LTELinear (the order of `local_mean_deltas`); prev ← current."""
     modules = list(lte_modules(model).values())
-    assert len(modules) == len(mean_deltas), "one mean delta per LTE module"
+    if len(modules) != len(mean_deltas):
+        raise ValueError(f"{len(mean_deltas)} mean deltas for {len(modules)} LTE modules: the workers' models differ")
     for module, delta in zip(modules, mean_deltas):
         module.apply_merge(delta)
 

@@ -43,10 +43,11 @@ def load_checkpoint_dir(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
 
 
 @contextmanager
-def saved_state(state: dict[str, Any]) -> Iterator[str]:
-    """A temporary checkpoint folder holding `state` (Ray copies it into the run's storage on report)."""
+def saved_files(files: dict[str, dict[str, Any]]) -> Iterator[str]:
+    """A temporary checkpoint folder holding each state under its file name (Ray copies it into the run's storage on report)."""
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        for name, state in files.items():
+            torch.save(state, Path(tmp) / name)
         yield tmp
 
 
@@ -112,9 +113,7 @@ class RayRuntime:
             if own is not None:
                 files[WORKER_FILE.format(rank=self.rank)] = own
         if files:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, content in files.items():
-                    torch.save(content, Path(tmp) / name)
+            with saved_files(files) as tmp:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -311,7 +310,7 @@ class TuneRuntime(RayRuntime):
         from ray import tune
 
         if state is not None:
-            with saved_state(state) as tmp:
+            with saved_files({CHECKPOINT_FILE: state}) as tmp:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
         else:
             tune.report(metrics)
