@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from prelora_ray.storage import Location, location
+
 
 # weights_only's errors for bytes it cannot parse, as opposed to objects it refuses to build
 _UNREADABLE = re.compile(r"Unsupported operand|String is too long")
@@ -24,27 +26,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read: missing, corrupt, or refused as not plain data."""
 
 
-def load_state_file(path: str | Path) -> dict[str, Any]:
+def load_state_file(path: str | Path | Location) -> dict[str, Any]:
     """A checkpoint file's state dict on the CPU, loaded without running code from the file.
+
+    `path` may be a storage location (`prelora_ray.storage`): on an object store the file is read only
+    when its manifest vouches for it (complete, of the manifest's size).
 
     Raises:
         CheckpointError: naming the file, when it holds a pickled object that is not plain data
             (refused), or when it is missing, truncated or otherwise unreadable.
     """
-    file = Path(path)
+    loc = location(path)
+    if not loc.is_local:
+        try:
+            with loc.fetched() as local:
+                return _load(local, loc.uri)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"checkpoint {loc.uri} is missing or incomplete ({exc})") from exc
+    return _load(loc.local, str(loc.local))
+
+
+def _load(file: Path, name: str) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _UNREADABLE.search(str(exc)):  # bytes that are no pickle stream at all (a text file, garbage)
-            raise CheckpointError(f"checkpoint {file} is missing or corrupt (not a pickle stream: {_refusal_detail(exc)})") from exc
+            raise CheckpointError(f"checkpoint {name} is missing or corrupt (not a pickle stream: {_refusal_detail(exc)})") from exc
         raise CheckpointError(
-            f"checkpoint {file} holds a pickled object that is not plain data (tensors, numbers, strings, lists, dicts), "
+            f"checkpoint {name} holds a pickled object that is not plain data (tensors, numbers, strings, lists, dicts), "
             f"so it was refused: loading it could run code ({_refusal_detail(exc)})"
         ) from exc
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {file} is missing or corrupt ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"checkpoint {name} is missing or corrupt ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {file} holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {name} holds a {type(state).__name__}, not a state dict")
     return state
 
 

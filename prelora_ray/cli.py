@@ -31,6 +31,7 @@ def _console_env(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run ... at: http://..." per run
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
@@ -119,7 +120,10 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="sweep name (default: the file's name); same name + --resume continues it")
     p.add_argument("--experiment", help="MLflow experiment (default: the file's, else tracking.experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
-    p.add_argument("--storage", help="Ray results folder (default: the base config's cluster.storage_path)")
+    p.add_argument("--storage", help="where the sweep's records, checkpoints and models go: a folder every node sees, or "
+                   "s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX (default: the base config's cluster.storage_path)")
+    p.add_argument("--optuna-storage", help="the Optuna study's storage: sqlite:///PATH, postgresql://..., mysql://... or journal:PATH "
+                   "(default: the file's optuna_storage, else optuna.db beside a sqlite MLflow store)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -136,7 +140,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _console_env(args.verbose)
     from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
 
-    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment, verbose=args.verbose)
+    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment, verbose=args.verbose,
+                       optuna_storage=args.optuna_storage)
     log.info("sweep %s: %d trials of %s (+ baseline), MLflow %s", sweep.name, args.num_samples or space.num_samples, space.path, sweep.tracking_uri)
     table = run_sweep(sweep, address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent, resume=args.resume)
     print("\nPareto front (and the full-training baseline):")
@@ -161,10 +166,10 @@ def _scan_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--every", type=int, help="a switch epoch every N epochs after the first Algorithm 1 could run")
     which.add_argument("--epochs", type=_epoch_list, help="switch epochs, comma-separated (0-based), e.g. 9,15,21")
     p.add_argument("--grid", help="YAML list of (name, tau, zeta, k, m) to replay on the trunk (default: the paper's Exp1-3)")
-    p.add_argument("--name", help="scan name; the same name reuses its finished trunk (default: scan-<dataset>-<time>)")
+    p.add_argument("--name", help="scan name; the same name reuses its finished trunk and adds the new points to the scan's table (default: scan-<dataset>-<time>)")
     p.add_argument("--experiment", help="MLflow experiment (default: the config's tracking.experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
-    p.add_argument("--storage", help="Ray results folder (default: the config's cluster.storage_path)")
+    p.add_argument("--storage", help="where the trunk, the points' checkpoints and models go: a folder, s3://... or gs://... (default: the config's cluster.storage_path)")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto")
     p.add_argument("--trial-executor", choices=("ray_train", "tune"), help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)

@@ -7,8 +7,8 @@ window_stat) to `history.json`, and every `fork.every` epochs it writes a full t
 `checkpoints/epoch_<c>.pt` (c = epochs completed, so the state at the start of epoch c). A trial
 replays Algorithm 1 on that history to find its switch epoch s, then starts from the latest
 checkpoint with c <= s + 1, trains the full epochs c..s again if any (deterministic: they equal the
-trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Files are written atomically (temp file + rename), so a reader on
-shared storage never sees half a file.
+trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Every file goes through `prelora_ray.storage`
+(a local folder, a shared mount, S3 or GCS), so a reader never takes half a file for a whole one.
 
 Other strategies say where their trials start (`strategies.base.Strategy.trunk_fork`): relora_prelora
 at the trunk's checkpoint at relora.start_epoch, full trials take the trunk's result, and a strategy
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,6 +32,7 @@ import torch
 from prelora_ray import metrics as M
 from prelora_ray.algorithms import Snapshot, SwitchPoint, replay_switch
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
+from prelora_ray.storage import MANIFEST_SUFFIX, Location, location, replace_local
 
 HISTORY_FILE = "history.json"
 STATUS_FILE = "status.json"
@@ -48,30 +49,22 @@ RUN_IDENTITY_KEYS = ("name", "output_dir", "tracking.run_name", "tracking.uri", 
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a local file through a temp file in the same folder, then rename: readers see the old or the new file."""
+    replace_local(Path(path), write)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON file."""
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data)))
+def write_json(path: Path | str | Location, data: Any) -> None:
+    """A JSON file replaced whole (a local rename, or one object on a store)."""
+    location(path).write_json(data)
 
 
 class TrunkWriter:
     """The trunk's side: per-epoch history and fork checkpoints, written by rank 0 of the trunk run."""
 
-    def __init__(self, folder: str | Path, every: int) -> None:
+    def __init__(self, folder: str | Path | Location, every: int) -> None:
         if every < 1:
             raise ValueError(f"fork.every={every!r} is invalid: an integer >= 1")
-        self.folder, self.every = Path(folder), every
+        self.folder, self.every = location(folder), every
         self.history: list[dict[str, Any]] = []
 
     def start(self, epoch: int, state: Callable[[], dict[str, Any]]) -> None:
@@ -79,48 +72,72 @@ class TrunkWriter:
         old = read_history(self.folder)
         self.history = [h for h in old if int(h[M.EPOCH]) < epoch]
         if len(self.history) != len(old) or not old:
-            write_json(self.folder / HISTORY_FILE, self.history)
-        if epoch % self.every == 0 and not checkpoint_path(self.folder, epoch).exists():
+            (self.folder / HISTORY_FILE).write_json(self.history)
+        if epoch % self.every == 0 and not checkpoint_path(self.folder, epoch).committed():
             self.checkpoint(epoch, state())
 
     def after_epoch(self, epoch: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
         """Record epoch `epoch`; then, every `every` epochs, the checkpoint a trial forks from."""
         self.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-        write_json(self.folder / HISTORY_FILE, self.history)
+        (self.folder / HISTORY_FILE).write_json(self.history)
         if (epoch + 1) % self.every == 0:
             self.checkpoint(epoch + 1, state())
 
     def checkpoint(self, completed: int, state: dict[str, Any]) -> None:
-        """The state at the start of epoch `completed`."""
-        write_atomic(checkpoint_path(self.folder, completed), lambda tmp: torch.save(state, tmp))
+        """The state at the start of epoch `completed` (a manifest follows it on object stores)."""
+        save_state(checkpoint_path(self.folder, completed), state)
 
 
-def checkpoint_path(folder: str | Path, completed: int) -> Path:
+def save_state(target: Location, state: dict[str, Any]) -> None:
+    """torch.save a state to a storage location so that no reader takes a half-written file for it."""
+    if target.is_local:
+        write_atomic(target.local, lambda tmp: torch.save(state, tmp))
+        return
+    with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
+        torch.save(state, Path(tmp) / target.name)
+        target.put_file(Path(tmp) / target.name)
+
+
+def checkpoint_path(folder: str | Path | Location, completed: int) -> Location:
     """Where the trunk keeps its state at the start of epoch `completed`."""
-    return Path(folder) / CHECKPOINT_DIR / f"epoch_{completed:05d}.pt"
+    return location(folder) / CHECKPOINT_DIR / f"epoch_{completed:05d}.pt"
 
 
-def read_history(folder: str | Path) -> list[dict[str, Any]]:
+def read_history(folder: str | Path | Location) -> list[dict[str, Any]]:
     """The trunk's per-epoch records so far ([] before its first epoch)."""
-    path = Path(folder) / HISTORY_FILE
-    return json.loads(path.read_text()) if path.exists() else []
+    try:
+        return (location(folder) / HISTORY_FILE).read_json()
+    except FileNotFoundError:
+        return []
 
 
-def checkpoint_epochs(folder: str | Path) -> list[int]:
-    """Epochs at whose start the trunk has a checkpoint, ascending."""
-    found = (_CKPT.search(p.name) for p in (Path(folder) / CHECKPOINT_DIR).glob("epoch_*.pt"))
+def checkpoint_epochs(folder: str | Path | Location) -> list[int]:
+    """Epochs at whose start the trunk has a complete checkpoint, ascending.
+
+    On an object store a checkpoint counts once its manifest is there (written after the data)."""
+    base = location(folder) / CHECKPOINT_DIR
+    if base.is_local:
+        found = (_CKPT.search(c.name) for c in base.children())
+        return sorted(int(m.group(1)) for m in found if m)
+    import pyarrow.fs as pafs
+
+    infos = base.fs.get_file_info(pafs.FileSelector(base.path, recursive=False, allow_not_found=True))
+    names = {posixpath.basename(i.path) for i in infos}
+    found = (_CKPT.search(n) for n in names if f"{n}{MANIFEST_SUFFIX}" in names)
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def read_status(folder: str | Path) -> dict[str, Any]:
+def read_status(folder: str | Path | Location) -> dict[str, Any]:
     """The trunk's status as its driver left it: {'state': running|finished|failed, 'error': ...}."""
-    path = Path(folder) / STATUS_FILE
-    return json.loads(path.read_text()) if path.exists() else {"state": "missing"}
+    try:
+        return (location(folder) / STATUS_FILE).read_json()
+    except FileNotFoundError:
+        return {"state": "missing"}
 
 
-def write_status(folder: str | Path, state: str, **extra: Any) -> None:
+def write_status(folder: str | Path | Location, state: str, **extra: Any) -> None:
     """Set the trunk's status (the sweep driver does, around the trunk's run)."""
-    write_json(Path(folder) / STATUS_FILE, {"state": state, **extra})
+    (location(folder) / STATUS_FILE).write_json({"state": state, **extra})
 
 
 def snapshots(history: Sequence[dict[str, Any]], families: Sequence[str] = MODULE_FAMILIES) -> list[Snapshot]:
@@ -189,7 +206,7 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
     usable = [c for c in checkpoint_epochs(folder) if c <= point.until]  # prelora: c = s + 1, switch right after loading
     if not ready or not usable:
         return None
-    return ForkPlan(switch=point.switch, mode="fork", fork_epoch=usable[-1], checkpoint=str(checkpoint_path(folder, usable[-1])))
+    return ForkPlan(switch=point.switch, mode="fork", fork_epoch=usable[-1], checkpoint=checkpoint_path(folder, usable[-1]).uri)
 
 
 def summarize(history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None) -> dict[str, Any]:
@@ -222,43 +239,39 @@ def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:
 class ResultRegistry:
     """Forked trials' results by reuse key: the first trial with a key trains, later ones reuse its result.
 
-    `<folder>/<key>.json` holds {"owner", "state": claimed|finished|failed, ...}; the claim is an
-    exclusive create, so two trials started at once cannot both train the same thing.
+    `<folder>/<key>.json` holds {"owner", "state": claimed|finished|failed, ...}; the claim is an exclusive
+    create (on an object store a write and a read-back, see `prelora_ray.storage`), so two trials started at
+    once do not both train the same thing.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path | Location) -> None:
+        self.folder = location(folder)
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str) -> Location:
         return self.folder / f"{key}.json"
 
     def claim(self, key: str, owner: str) -> dict[str, Any] | None:
         """None: `owner` holds the key now (new, or its own claim from before a restart). Else the record of who does."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self._path(key)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            record = self.read(key)
-            if record is None or record.get("owner") == owner or record.get("state") == "failed":
-                write_json(path, {"owner": owner, "state": "claimed"})
-                return None
-            return record
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({"owner": owner, "state": "claimed"}))
-        return None
+        mine = json.dumps({"owner": owner, "state": "claimed"})
+        if self._path(key).create_exclusive(mine.encode()):
+            return None
+        record = self.read(key)
+        if record is None or record.get("owner") == owner or record.get("state") == "failed":
+            self._path(key).write_text(mine)
+            return None
+        return record
 
     def read(self, key: str) -> dict[str, Any] | None:
         """The key's record, or None (none yet, or being replaced at this instant)."""
         try:
-            return json.loads(self._path(key).read_text())
+            return self._path(key).read_json()
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
     def finish(self, key: str, owner: str, **result: Any) -> None:
         """The owner's result: what a later trial with the same key reuses."""
-        write_json(self._path(key), {"owner": owner, "state": "finished", **result})
+        self._path(key).write_json({"owner": owner, "state": "finished", **result})
 
     def fail(self, key: str, owner: str, error: str) -> None:
         """The owner failed: a trial waiting on the key trains it itself."""
-        write_json(self._path(key), {"owner": owner, "state": "failed", "error": error})
+        self._path(key).write_json({"owner": owner, "state": "failed", "error": error})

@@ -17,7 +17,12 @@ from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
 from prelora_ray.strategies import REGISTRY
 
-TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork")
+TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork",
+            "optuna_storage")
+JOURNAL_PREFIX = "journal:"  # an Optuna journal file (JournalFileBackend), e.g. on an NFS mount every node sees
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
+OPTUNA_STORAGE_VALID = ("an Optuna storage: an RDB URL (sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DB, mysql://...) "
+                        "or journal:PATH (a journal file on storage every node sees)")
 FORK_KEYS = ("enabled", "every")
 TRIAL_EXECUTORS = ("ray_train", "tune")
 # which keys a fork-mode sweep may sample is each strategy's to say (`Strategy.fork_safe`): for prelora,
@@ -89,6 +94,7 @@ class SearchSpace:
     fork: bool = False  # trials fork from the baseline's trunk (decided on load: see parse_fork)
     fork_every: int = 1  # epochs between the trunk's fork checkpoints
     raw_text: str = field(default="", repr=False)
+    optuna_storage: str | None = None  # the Optuna study's storage URL (None: the sweep's default, `Sweep.optuna_url`)
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainSettings:
         """The train config of one trial: base + sampled values, with relations repaired.
@@ -355,6 +361,9 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
         raise _err(path, "name", f"must be letters, digits, - and _ only, got {name!r}")
     fork, fork_every = parse_fork(path, data.get("fork"), base, params)
+    optuna_storage = data.get("optuna_storage")
+    if optuna_storage is not None:
+        optuna_storage = check_optuna_storage(optuna_storage, f"{path}: optuna_storage")
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "sampler.seed", f"must be an integer or null, got {seed!r}")
@@ -375,4 +384,27 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         fork_every=fork_every,
         description=str(data.get("description", "")),
         raw_text=raw_text,
+        optuna_storage=optuna_storage,
     )
+
+
+def check_optuna_storage(url: Any, key: str) -> str:
+    """An Optuna storage URL made absolute (sqlite and journal paths against the working directory); ValueError naming `key`.
+
+    Only the form is checked here; the sweep connects to it before Ray starts (`optuna_search.open_storage`)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"{key}={url!r} is invalid: {OPTUNA_STORAGE_VALID}")
+    url = url.strip()
+    if url.startswith(JOURNAL_PREFIX):
+        file = url[len(JOURNAL_PREFIX):].removeprefix("//")
+        if not file:
+            raise ValueError(f"{key}={url!r} is invalid: journal:PATH needs a file path")
+        return JOURNAL_PREFIX + str(Path(file).expanduser().resolve())
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+    if scheme not in RDB_SCHEMES:
+        raise ValueError(f"{key}={url!r} is invalid: {OPTUNA_STORAGE_VALID}")
+    if scheme == "sqlite" and url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return "sqlite:///" + str(Path(url[len("sqlite:///"):]).expanduser().resolve())
+    if url in ("sqlite://", "sqlite:///:memory:"):
+        raise ValueError(f"{key}={url!r} is invalid: an in-memory database dies with the driver; give a file or a server")
+    return url

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -47,19 +49,71 @@ def _no_fault_env(monkeypatch):
             monkeypatch.delenv(key)
 
 
+def pytest_configure(config) -> None:
+    """The test S3 server's credentials in the environment from the start, so that every process Ray starts (its
+    local cluster may start before the first S3 test) inherits them, as on a cluster whose nodes all have them."""
+    from tests.servers import S3_ENV
+
+    for key, value in S3_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 @pytest.fixture(scope="session")
-def two_sweeps(tmp_path_factory):
-    """Two real small sweeps in one MLflow store, via the CLI, 3 trials + baseline each, their trials training in their
-    Tune trial processes (trial_executor tune: no TorchTrainer start-ups): "small" (deterministic) and "other" (--verbose).
-    A TorchTrainer per trial (trial_executor ray_train) is test_fork_sweep.py's `fork_sweep`."""
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API (moto in server mode) on 127.0.0.1 for the session; yields its HOST:PORT."""
+    from tests.servers import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the session's S3 server; yields (endpoint, bucket name)."""
+    from tests.servers import create_bucket
+
+    return s3_endpoint, create_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_uri(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, its own artifact serving) on 127.0.0.1 for the session; yields its URI."""
+    from tests.servers import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
+
+
+@dataclass(frozen=True)
+class TwoSweeps:
+    """The session's two real CLI sweeps: where they ran and what they printed."""
+
+    root: Path  # their working directory; "small" keeps its records in root/ray
+    outputs: dict[str, str]  # console output by sweep name
+    uri: str  # the MLflow tracking server both log to
+    s3_endpoint: str  # the S3 server holding "other"'s records
+    bucket: str
+
+
+@pytest.fixture(scope="session")
+def two_sweeps(tmp_path_factory, mlflow_server_uri, s3_endpoint):
+    """Two real small sweeps, via the CLI, logged to one real MLflow tracking server, 3 trials + baseline each, their
+    trials training in their Tune trial processes (trial_executor tune: no TorchTrainer start-ups), the same sampled
+    configurations (random sampler, seed 1, deterministic): "small" with its records in a local folder, "other" (--verbose)
+    with them in a bucket of the S3 server. A TorchTrainer per trial (trial_executor ray_train) is test_fork_sweep.py's
+    `fork_sweep`."""
+    from tests.servers import create_bucket, s3_uri
     from tests.test_tune import _space, _tune
 
     root = tmp_path_factory.mktemp("sweeps")
+    bucket = create_bucket(s3_endpoint, "sweeps")
     outputs = {}
-    for name, seed in (("small", 1), ("other", 2)):
-        extra = {"trial_executor": "tune", **({"base": {"deterministic": True}} if name == "small" else {})}
-        proc = _tune(root, str(_space(root, name, 3, seed=seed, **extra)), *(["--verbose"] if name == "other" else []))
+    for name in ("small", "other"):
+        extra = {"trial_executor": "tune", "base": {"deterministic": True}}
+        storage = s3_uri(s3_endpoint, bucket, "records") if name == "other" else None
+        proc = _tune(root, str(_space(root, name, 3, seed=1, **extra)), *(["--verbose"] if name == "other" else []), tracking=mlflow_server_uri,
+                     storage=storage)
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]
         outputs[name] = out
-    return root, outputs
+    return TwoSweeps(root=root, outputs=outputs, uri=mlflow_server_uri, s3_endpoint=s3_endpoint, bucket=bucket)

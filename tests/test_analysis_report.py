@@ -17,8 +17,7 @@ EXPECTED = {"fronts", "curves", "family_norms", "layer_norms", "ranks", "importa
 
 
 def test_pareto_cli_writes_every_plot_and_logs_them_to_the_parent(two_sweeps):
-    root, _ = two_sweeps
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
     out = root / "plots-cli"
     proc = subprocess.run(
         [sys.executable, "-m", "prelora_ray.cli", "pareto", "--experiment", "prelora-ray", "--sweep", "small", "--out", str(out), "--tracking-uri", uri],
@@ -35,8 +34,7 @@ def test_pareto_cli_writes_every_plot_and_logs_them_to_the_parent(two_sweeps):
 
 
 def test_two_sweeps_compared_in_one_front_plot(two_sweeps, tmp_path):
-    root, _ = two_sweeps
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
     result = make_report(uri, "prelora-ray", sweeps=["small", "other"], out=tmp_path, log_to_mlflow=False)
     assert set(result["plots"]) == EXPECTED
     assert [r.name for r in result["records"]] == ["small", "other"]
@@ -51,8 +49,7 @@ def test_two_sweeps_compared_in_one_front_plot(two_sweeps, tmp_path):
 
 
 def test_metric_history_is_per_epoch(two_sweeps):
-    root, _ = two_sweeps
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
     record = load_sweep(uri, "prelora-ray", "small")
     run_id = record.table.loc[record.table["role"] == "baseline", "run_id"].iloc[0]
     h = metric_history(uri, run_id, ["val_acc", "train_loss", "norm/query"])
@@ -61,10 +58,9 @@ def test_metric_history_is_per_epoch(two_sweeps):
 
 
 def test_example_script_runs_on_two_sweeps(two_sweeps, tmp_path):
-    root, _ = two_sweeps
     out = tmp_path / "fronts.png"
     proc = subprocess.run(
-        [sys.executable, "analysis/example.py", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--sweep", "small", "--sweep", "other", "--out", str(out)],
+        [sys.executable, "analysis/example.py", "--tracking-uri", two_sweeps.uri, "--sweep", "small", "--sweep", "other", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=__import__("pathlib").Path(__file__).parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

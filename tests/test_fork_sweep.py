@@ -109,8 +109,8 @@ def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
 def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweeps):
     """trial_executor tune ("small" of two_sweeps): the forked trial trains in its Tune trial's process, no TorchTrainer,
     with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
-    root, _ = two_sweeps
-    client, _, children = _children(root, "small")
+    root = two_sweeps.root
+    client, _, children = _children(root, "small", two_sweeps.uri)
     trained = [c for c in children if c.data.tags.get(M.ROLE_TAG) == "trial" and int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0]
     assert trained, [c.data.tags for c in children]
     for c in trained:
@@ -211,3 +211,40 @@ def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_p
     trial = next(c for c in children if c.data.tags[M.ROLE_TAG] == "trial")
     assert trial.info.status == "FINISHED" and trial.data.tags[M.FORK_SWITCH_TAG] == "never"
     assert trial.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
+
+
+def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_folder(two_sweeps):
+    """"other" of two_sweeps keeps the trunk, its checkpoints, the fork records, Ray Tune's state and the trials' checkpoints
+    in a bucket of a real S3 API (`--storage s3://...?endpoint_override=...`); with the same sampled configurations
+    (deterministic) every trial and the trunk end as in "small", whose records are in a local folder."""
+    from tests.servers import bucket_keys, local_s3_folders
+
+    def by_config(name: str) -> dict[str, tuple]:
+        client, _, children = _children(two_sweeps.root, name, two_sweeps.uri)
+        out = {}
+        for c in children:
+            if c.info.status != "FINISHED":
+                continue
+            key = c.data.tags.get("sampled", "baseline")
+            out[key] = (c.data.tags[M.ROLE_TAG], c.data.metrics[M.FINAL_VAL_ACC], c.data.metrics[M.BEST_VAL_ACC], c.data.metrics[M.SWITCH_EPOCH],
+                        c.data.tags.get(M.EPOCHS_TRAINED_TAG), c.data.tags.get(M.FORK_SWITCH_TAG), [v for _, v in _history(client, c.info.run_id, M.VAL_LOSS)])
+        return out
+
+    local, bucket = by_config("small"), by_config("other")
+    assert len(local) == 4 and sum(v[0] == "trial" for v in local.values()) == 3, local
+    assert bucket == local
+    keys = bucket_keys(two_sweeps.s3_endpoint, two_sweeps.bucket)
+    trunk = "records/other/trunk/"
+    assert {trunk + "history.json", trunk + "status.json"} <= set(keys), keys
+    assert any(k.startswith(trunk + "checkpoints/epoch_") and k.endswith(".pt.manifest.json") for k in keys), keys
+    assert "records/other/tuner.pkl" in keys  # Ray Tune's experiment state, through the same filesystem
+    client, _, children = _children(two_sweeps.root, "other", two_sweeps.uri)
+    for c in children:  # every run's records: the trunk's checkpoints in its task's folder, each trial's own in Ray Tune's
+        name = c.info.run_name
+        folder = f"records/other/train/{name}/" if c.data.tags[M.ROLE_TAG] == "baseline" else f"records/other/{name}/"
+        if c.data.tags[M.ROLE_TAG] == "baseline" or int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0:
+            assert any(k.startswith(folder + "checkpoint_") for k in keys), (name, keys)
+    if any(int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0 for c in children if c.data.tags[M.ROLE_TAG] == "trial"):
+        assert any(k.startswith("records/other/trunk/results/") for k in keys), keys  # the fork records (reuse keys)
+        assert any(k.startswith("records/other/models/") and k.endswith("MANIFEST.json") for k in keys), keys  # the merged models
+    assert not local_s3_folders(two_sweeps.root), local_s3_folders(two_sweeps.root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 
@@ -73,26 +75,41 @@ def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path,
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def test_killed_worker_run_resumes_from_checkpoint_exactly(ray_local, tmp_path, sqlite_uri, monkeypatch):
-    """Kill rank 0 after the switch; re-running the same name resumes and ends as the uninterrupted run."""
+def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(ray_local, tmp_path, sqlite_uri, monkeypatch, s3_bucket):
+    """Kill rank 0 after the switch of a run whose checkpoints and export go to a bucket (a real S3 API); re-running
+    the same name from another working directory resumes from the bucket and ends as an uninterrupted local run."""
+    from tests.servers import bucket_keys, local_s3_folders, s3_uri
+
+    endpoint, bucket = s3_bucket
     reference = run_train(_cfg(tmp_path, sqlite_uri, "name=reference"))
     assert 0 <= reference["switch_epoch"] < 3
     monkeypatch.setenv("PRELORA_FAULT_EPOCH", "3")
     monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fault-fired"))
-    cfg = _cfg(tmp_path, sqlite_uri, "name=interrupted")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    cfg = _cfg(tmp_path, sqlite_uri, "name=interrupted", f"cluster.storage_path={s3_uri(endpoint, bucket, 'runs')}",
+               f"output_dir={s3_uri(endpoint, bucket, 'models')}")
     with pytest.raises(Exception):
         run_train(cfg)
     assert (tmp_path / "fault-fired").exists()
-    resumed = run_train(cfg)  # same name and storage path: resumes from the epoch-3 checkpoint
+    assert any(k.startswith("runs/interrupted/checkpoint_") for k in bucket_keys(endpoint, bucket))
+    monkeypatch.chdir(second)
+    resumed = run_train(cfg)  # same name and storage path, another working directory: resumes from the epoch-3 checkpoint
     for key in ("switch_epoch", "freeze_epoch", "ranks", "final_val_acc", "best_val_acc"):
         assert resumed[key] == reference[key], key
     assert [e["train_loss"] for e in resumed["history"]] == [e["train_loss"] for e in reference["history"]]
+    assert resumed["merged_model_path"] == s3_uri(endpoint, bucket, "models/interrupted/merged")
+    assert "models/interrupted/merged/MANIFEST.json" in bucket_keys(endpoint, bucket)
+    assert not local_s3_folders(tmp_path, first, second), local_s3_folders(tmp_path)
     # one MLflow run for the interrupted-and-resumed run, not two
     runs = mlflow.tracking.MlflowClient(sqlite_uri).search_runs(
         [mlflow.tracking.MlflowClient(sqlite_uri).get_experiment_by_name("test").experiment_id],
         filter_string="tags.`prelora.run_name` = 'interrupted'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert json.loads(runs[0].data.tags["prelora.resumed_at"])[0] >= 3
 
 
 def test_worker_failure_restarts_from_last_checkpoint_with_max_failures(ray_local, tmp_path, sqlite_uri, monkeypatch):

@@ -135,15 +135,29 @@ def test_scan_cli_errors_are_one_line_before_ray_starts(tmp_path, capsys, args, 
 
 # -- one real scan -----------------------------------------------------------------------------------
 
+SCAN_BUCKET = "scans"
+
+
+def _scan(root, s3_endpoint: str, points) -> subprocess.CompletedProcess:
+    """`prelora-ray scan --name sc` with its trunk and points' records in a bucket of the S3 server."""
+    from tests.servers import s3_uri
+
+    sets = [x for b in BASE for x in ("--set", b)]
+    cmd = [sys.executable, "-m", "prelora_ray.cli", "scan", *sets, "--epochs", ",".join(map(str, points)), "--grid", str(root / "grid.yaml"),
+           "--name", "sc", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--storage", s3_uri(s3_endpoint, SCAN_BUCKET, "scans")]
+    return subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
-def small_scan(tmp_path_factory):
-    """`prelora-ray scan` on digits: a 6-epoch trunk, forks switching at epochs 2 and 3, a two-setting grid."""
+def small_scan(tmp_path_factory, s3_endpoint):
+    """`prelora-ray scan` on digits: a 6-epoch trunk, forks switching at epochs 2 and 3, a two-setting grid; the trunk's
+    records and the points' checkpoints in a bucket of a real S3 API."""
+    from tests.servers import create_bucket
+
     root = tmp_path_factory.mktemp("scan")
     (root / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    sets = [x for b in BASE for x in ("--set", b)]
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "scan", *sets, "--epochs", ",".join(map(str, POINTS)), "--grid", str(root / "grid.yaml"),
-           "--name", "sc", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--storage", str(root / "ray")]
-    proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    create_bucket(s3_endpoint, SCAN_BUCKET)
+    proc = _scan(root, s3_endpoint, POINTS)
     assert proc.returncode == 0, proc.stdout[-3000:]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("prelora-ray")
@@ -228,3 +242,27 @@ def test_best_from_a_scan_writes_a_config_switching_there(small_scan, capsys):
     assert picked.switch_at_epoch == POINTS[0] or (picked.switch_at_epoch is None and landed == POINTS[0])
     assert main(["best", *uri, "--switch-epoch", "5", "--out", str(root / "bad.yaml")]) == 2  # outside the run's range
     assert "prelora.switch_at_epoch=5 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_same_scan_name_reuses_its_trunk_from_the_bucket_and_adds_its_points(small_scan, s3_endpoint):
+    """Run last (it adds a point to the scan's table): the trunk is read from the bucket, not trained again; the new
+    point equals a from-scratch run; the table holds every point scanned so far."""
+    from tests.servers import bucket_keys, local_s3_folders
+    from tests.test_fork_sweep import _assert_equals_from_scratch
+
+    root, _, client, parent, children, _, _ = small_scan
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    proc = _scan(root, s3_endpoint, [1])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "reusing its finished trunk sc_baseline (s3://scans/scans/sc/trunk?" in proc.stdout, proc.stdout[-3000:]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trunks = [c for c in children if c.data.tags[M.ROLE_TAG] == "baseline"]
+    assert len(trunks) == 1 and len(client.get_metric_history(trunk.info.run_id, M.VAL_ACC)) == EPOCHS  # not one trunk epoch again
+    new = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) == "1")
+    assert new.data.tags[M.FORK_EPOCH_TAG] == "2" and new.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - 2)
+    _assert_equals_from_scratch(root, client, new)
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "scan.csv", str(root / "again")))
+    assert list(table["switch_epoch"]) == [-1, 1, *POINTS]
+    assert [k for k in bucket_keys(s3_endpoint, SCAN_BUCKET) if k.startswith("scans/sc/trunk/checkpoints/")]
+    assert not local_s3_folders(root), local_s3_folders(root)

@@ -151,7 +151,6 @@ def test_the_shipped_strategies_sweep_loads_in_fork_mode_over_every_strategy():
 def _fake_trunk(folder: Path, epochs_done: int, checkpoints: list[int]) -> None:
     fork.write_json(folder / fork.HISTORY_FILE, [{M.EPOCH: e} for e in range(epochs_done)])
     for c in checkpoints:
-        fork.checkpoint_path(folder, c).parent.mkdir(parents=True, exist_ok=True)
         fork.checkpoint_path(folder, c).write_bytes(b"")
 
 

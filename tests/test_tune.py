@@ -49,13 +49,16 @@ def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: i
     return path
 
 
-def _tune(tmp_path: Path, *args: str, **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", *args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")]
+def _tune(tmp_path: Path, *args: str, tracking: str | None = None, storage: str | None = None, **kwargs) -> subprocess.Popen:
+    """`prelora-ray tune` in a process of its own, tracked in `tracking` (default: mlflow.db in tmp_path), storage in `storage`
+    (default: tmp_path/ray)."""
+    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", *args, "--tracking-uri", tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--storage", storage or str(tmp_path / "ray")]
     return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
-def _children(tmp_path: Path, sweep: str):
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def _children(tmp_path: Path, sweep: str, uri: str | None = None):
+    client = mlflow.tracking.MlflowClient(uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("prelora-ray")
     if exp is None:
         return client, None, []
@@ -67,12 +70,12 @@ def _children(tmp_path: Path, sweep: str):
 
 
 def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
-    tmp_path, outputs = two_sweeps
+    tmp_path, outputs = two_sweeps.root, two_sweeps.outputs
     out = outputs["small"]
-    assert "Pareto front" in out and "mlflow ui --backend-store-uri" in out
+    assert "Pareto front" in out and f"open {two_sweeps.uri}/#/experiments/" in out  # a tracking server is its own UI
     assert "epoch   3 | lora" in outputs["other"]  # with --verbose the workers' per-epoch lines reach the console...
     assert "Failed to query Ray Train Controller" not in out  # ...Ray Train's state-API spam does not (ray_hooks)
-    client, parent, children = _children(tmp_path, "small")
+    client, parent, children = _children(tmp_path, "small", two_sweeps.uri)
     assert parent is not None
     roles = sorted(c.data.tags["prelora.role"] for c in children)
     assert roles == ["baseline", "trial", "trial", "trial"]
@@ -91,7 +94,7 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     out_yaml = tmp_path / "best.yaml"
     best = subprocess.run(
         [sys.executable, "-m", "prelora_ray.cli", "best", "--experiment", "prelora-ray", "--sweep", "small", "--pick", "max-acc",
-         "--out", str(out_yaml), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+         "--out", str(out_yaml), "--tracking-uri", two_sweeps.uri],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert best.returncode == 0, best.stderr
@@ -133,7 +136,8 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     finishes with the requested trials, each once, no finished trunk epoch or finished trial trained again."""
     import json
 
-    space = _space(tmp_path, "killed", 4, epochs=8, trial_executor="tune")  # trunk and trials in-process: no TorchTrainer start-ups
+    journal = tmp_path / "shared" / "killed.optuna.journal"  # the study outside the driver: a journal file (`optuna_storage`)
+    space = _space(tmp_path, "killed", 4, epochs=8, trial_executor="tune", optuna_storage=f"journal:{journal}")  # in-process: no TorchTrainer start-ups
     trunk_history = tmp_path / "ray" / "killed" / "trunk" / "history.json"
 
     def trunk_epochs() -> int:
@@ -191,10 +195,22 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     assert json.loads(killed.data.tags["prelora.resumed_at"])[0] > int(killed.data.tags["fork.epoch"])  # its own checkpoint, not the fork again
     assert [s for s, _ in _curve(client, killed)] == list(range(8))
     import optuna
+    from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
+
+    assert not (tmp_path / "optuna.db").exists()  # nothing beside the MLflow store: the study lives where the file says
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    assert optuna.get_all_study_names(storage) == ["killed"]  # one study, continued by each resumed driver
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))  # one numbering across the three drivers
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 4
+    finished = {c.data.tags["trial_id"]: c for c in trials}
+    assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in complete) == sorted(finished)  # each finished trial once, none twice
+    for t in complete:  # the sampler sees each finished trial's objectives, as logged
+        run = finished[t.user_attrs[TUNE_TRIAL_ATTR]]
+        assert t.values == [run.data.metrics["final_val_acc"], run.data.metrics["mean_epoch_time_s"]]
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in complete)  # lost ones: none left RUNNING
 
 
 def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_path):

@@ -3,8 +3,8 @@
 The trunk is the sweep's `full` baseline, run ahead of the trials as a Ray task with its records
 written to `<storage>/<sweep>/trunk` (`prelora_ray.fork`). A trial's driver (a Tune function
 trainable holding no CPU or GPU) replays Algorithm 1 on the trunk's history, waits until the trunk
-has the checkpoint it needs, then fits a TorchTrainer that starts from it. Paths must be on storage
-every node sees, as Ray Train's own `storage_path` already must be.
+has the checkpoint it needs, then fits a TorchTrainer that starts from it. The records live on storage
+every node sees (a bucket, or a shared mount: `prelora_ray.storage`), as Ray Train's own must.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from prelora_ray import metrics as M
 from prelora_ray import tracking
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
+from prelora_ray.storage import Location
 
 if TYPE_CHECKING:
     from prelora_ray.orchestration.tune import Sweep
@@ -34,9 +35,9 @@ class TrunkFailed(RuntimeError):
     """The trunk a trial waits for has failed: the trial fails with the trunk's error (`--resume` retries)."""
 
 
-def trunk_dir(sweep: Sweep) -> Path:
+def trunk_dir(sweep: Sweep) -> Location:
     """Where the sweep's trunk keeps its history, checkpoints and status."""
-    return Path(sweep.storage_path) / sweep.name / "trunk"
+    return sweep.storage / sweep.name / "trunk"
 
 
 def trunk_config(base: TrainSettings) -> TrainSettings:
@@ -55,7 +56,7 @@ def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
     try:
         summary = run_one(
             sweep, trunk_config(sweep.space.base), f"{sweep.name}_baseline", "baseline", {"fork.trunk": "true"}, False,
-            loop_extra={"trunk": {"folder": str(folder), "every": sweep.space.fork_every}}, on_prepared=started,
+            loop_extra={"trunk": {"folder": folder.uri, "every": sweep.space.fork_every}}, on_prepared=started,
         )
     except BaseException as exc:
         mark_trunk_failed(folder, exc)
@@ -64,7 +65,7 @@ def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
     return summary
 
 
-def mark_trunk_failed(folder: Path, exc: BaseException) -> None:
+def mark_trunk_failed(folder: Location, exc: BaseException) -> None:
     """Record the trunk's failure unless it already is (the Ray task and the sweep driver both may)."""
     status = fork.read_status(folder)
     if status.get("state") != "failed":
@@ -157,7 +158,7 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         if plan.switch is not None:
             copied = switch_marked(copied, plan.switch.epoch, cfg.prelora.warmup)
         _copy_trunk_epochs(run, with_event_defaults(copied, cfg))
-        start = {"fork": {"folder": str(folder), "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
+        start = {"fork": {"folder": folder.uri, "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
         from prelora_ray.orchestration.tune import final_report, fit_sweep_run
 
         summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)

@@ -48,8 +48,8 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
     """What one of our Ray processes (a trial's driver, the trunk task, a Train worker) prints.
 
     `progress`: our INFO lines (a worker's line per epoch, switch and freeze; a trial's fork events).
-    `verbose`: also Ray Train's per-report dumps, MLflow's INFO lines and the progress bars of MLflow
-    (artifact downloads) and transformers (model shards). Warnings and errors always show.
+    `verbose`: also Ray Train's per-report dumps, MLflow's INFO lines, its "View run" links and the progress
+    bars of MLflow (artifact downloads) and transformers (model shards). Warnings and errors always show.
     """
     progress_logging()
     logging.getLogger("prelora_ray").setLevel(logging.INFO if verbose or progress else logging.WARNING)
@@ -62,6 +62,8 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
         return
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # with an http:// tracking URI MLflow prints "View run ... at" and "View experiment at" for every run it ends
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers imported later
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging

@@ -143,6 +143,7 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
         log.info("scan %s: reusing its finished trunk %s_baseline (%s)", sweep.name, sweep.name, trunk_dir(sweep))
     _quiet_libraries(sweep.verbose)
     trainable = tune.with_resources(tune.with_parameters(point_fn, sweep=sweep), trial_resources(space))
+    ray_path, ray_fs = sweep.storage.ray_storage()
     tuner = tune.Tuner(
         trainable,
         param_space={"switch_epoch": tune.grid_search(candidates)},
@@ -150,7 +151,7 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
             trial_dirname_creator=lambda t: point_name(sweep, int(t.config["switch_epoch"])), reuse_actors=space.trial_executor == "tune",
         ),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=sweep.storage_path,
+            name=sweep.name, storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=space.base.cluster.checkpoints_to_keep),
             callbacks=[_console(sweep)], verbose=1 if sweep.verbose else 0,
@@ -173,9 +174,27 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
             failed.append(epoch)
             continue
         rows.append(S.point_row(epoch, r.metrics or {}, trunk[M.MEAN_EPOCH_TIME_S]))
+    rows += earlier_points(sweep, set(candidates), trunk[M.MEAN_EPOCH_TIME_S])
     landings = S.grid_landings(space.base, history, grid)
     _log_parent(sweep, trunk, rows, landings, time.perf_counter() - started)
     return {"trunk": trunk, "rows": rows, "landings": landings, "failed": failed}
+
+
+def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dict[str, Any]]:
+    """Rows of the points an earlier run of the same scan finished (the same name reuses its trunk and extends the
+    scan: its table holds every point scanned so far); points scanned again now are left to this run."""
+    runs = tracking.search_runs(sweep.tracking_uri, [sweep.experiment_id],
+                                f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'")
+    rows = []
+    for _, run in runs.iterrows():
+        tag = run.get(f"tags.{M.FORK_SWITCH_TAG}")
+        if not isinstance(tag, str) or not tag.isdigit() or int(tag) in now:
+            continue
+        epoch = int(tag)
+        result = {k: run.get(f"metrics.{k}") for k in (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.TRAINABLE_FRACTION)}
+        trained = run.get(f"tags.{M.EPOCHS_TRAINED_TAG}")
+        rows.append(S.point_row(epoch, {**result, "epochs_trained": int(trained) if isinstance(trained, str) else -1}, trunk_time_s))
+    return rows
 
 
 def scan_frame(trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]]) -> pd.DataFrame:

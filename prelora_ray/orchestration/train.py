@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from prelora_ray import metrics as M
+from prelora_ray import storage
 from prelora_ray.config import TrainSettings
 from prelora_ray.data import check_data, default_image_size
 from prelora_ray.models import check_model_shape
@@ -26,6 +27,7 @@ log = logging.getLogger("prelora_ray")
 # Ray Train's controller polls workers every 2 s by default, which makes every per-epoch report wait
 # up to that long; 0.2 s cuts a digits run from ~31 s to ~21 s (stack.md).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @dataclass(kw_only=True)
@@ -45,12 +47,13 @@ def default_name(cfg: TrainSettings) -> str:
 
 
 def preflight(cfg: TrainSettings) -> TrainSettings:
-    """Cheap checks that need no Ray: data path, model shape; returns cfg with absolute paths."""
+    """Cheap checks that need no Ray: data path, model shape, storage (scheme, credentials, bucket); returns cfg with
+    absolute paths (a local path made absolute, a bucket's URI as given)."""
     check_data(cfg.data)
     check_model_shape(cfg.model, default_image_size(cfg.data))
     changes: dict[str, Any] = {
-        "cluster.storage_path": str(Path(cfg.cluster.storage_path).expanduser().resolve()),
-        "output_dir": str(Path(cfg.output_dir).expanduser().resolve()),
+        "cluster.storage_path": storage.resolve(cfg.cluster.storage_path, "cluster.storage_path").uri,
+        "output_dir": storage.resolve(cfg.output_dir, "output_dir").uri,
     }
     if cfg.data.root:
         changes["data.root"] = str(Path(cfg.data.root).expanduser().resolve())
@@ -87,6 +90,9 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(RAY_ENV)}, "log_to_driver": True, "logging_level": logging.INFO if verbose else logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS")  # a driver started by `ray job submit` joins its cluster
+    if not verbose:  # Ray 2.60 says at every new local cluster that it turned token authentication on (its default)
+        logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -102,7 +108,7 @@ def loop_config(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, v
         "settings": run.cfg.to_dict(),
         "mlflow_uri": run.tracking_uri,
         "mlflow_run_id": run.mlflow_run_id,
-        "export_dir": str(Path(run.cfg.output_dir) / run.name / "merged"),
+        "export_dir": (storage.location(run.cfg.output_dir) / run.name / "merged").uri,
         "fault": fault_from_env(),
         "console": {"verbose": verbose, "progress": epoch_lines},
         **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
@@ -126,6 +132,7 @@ def fit_run(
     from prelora_ray.orchestration.worker import train_worker
 
     cfg = run.cfg
+    storage_path, storage_filesystem = storage.location(cfg.cluster.storage_path).ray_storage()
     callbacks = []
     if tune_callback:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -141,7 +148,8 @@ def fit_run(
         ),
         run_config=RunConfig(
             name=run.name,
-            storage_path=cfg.cluster.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep),
             callbacks=callbacks,
@@ -168,7 +176,7 @@ def fit_in_trial(
     """
     from prelora_ray.orchestration.worker import run_in_trial
 
-    folder = Path(run.cfg.cluster.storage_path) / run.name if in_task else None
+    folder = storage.location(run.cfg.cluster.storage_path) / run.name if in_task else None
     try:
         summary = run_in_trial(loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder)
     except BaseException as exc:
@@ -181,12 +189,11 @@ def finish_run(run: PreparedRun, summary: dict[str, Any]) -> dict[str, Any]:
     """Log the summary (or keep it on disk if MLflow is down) and mark the run FINISHED."""
     try:
         log_summary(run, summary)
-    except Exception as exc:  # MLflow down at the end: keep everything locally, say where
-        path = Path(run.cfg.cluster.storage_path) / run.name / "summary.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:  # MLflow down at the end: keep everything in the run's storage, say where
+        path = storage.location(run.cfg.cluster.storage_path) / run.name / "summary.json"
         path.write_text(json.dumps(summary, indent=2, default=str))
         log.warning("could not log the summary to MLflow (%s); the summary and per-epoch history are in %s", type(exc).__name__, path)
-        summary["summary_path"] = str(path)
+        summary["summary_path"] = path.uri
     end_run(run, "FINISHED")
     return summary
 

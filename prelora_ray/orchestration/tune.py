@@ -1,9 +1,9 @@
 """Sweeps: Ray Tune + Optuna over PreLoRA's hyperparameters, one TorchTrainer per trial, MLflow runs.
 
 One parent MLflow run per sweep; one child per trial and one for the `full` baseline. The Optuna
-study lives in sqlite beside the MLflow store, so `--resume` continues a sweep (Tuner.restore)
-without repeating finished trials: a restored trial reuses its deterministic name, hence its Ray
-Train checkpoints and its MLflow run.
+study lives in its own storage (`optuna_storage`; by default sqlite beside the MLflow store), so
+`--resume` continues a sweep (Tuner.restore) without repeating finished trials, also after the
+driver died: a restored trial reuses its deterministic name, hence its checkpoints and MLflow run.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any
 import pandas as pd
 
 from prelora_ray import metrics as M
-from prelora_ray import tracking
+from prelora_ray import storage, tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
 from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, init_ray, prepare_run, preflight
-from prelora_ray.search_space import SearchSpace
+from prelora_ray.search_space import SearchSpace, check_optuna_storage
+from prelora_ray.storage import Location, location
 from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.sweep_record import load_sweep
 from prelora_ray.tracking import search_runs
@@ -43,17 +45,29 @@ class Sweep:
     name: str
     experiment: str
     tracking_uri: str
-    storage_path: str
+    storage_path: str  # a local path or a bucket's URI (prelora_ray.storage)
     parent_run_id: str = ""
     experiment_id: str = ""
     verbose: bool = False  # Tune's tables, every run's line per epoch, Ray Train's dumps (`--verbose`)
+    optuna_storage: str | None = None  # --optuna-storage, else the file's optuna_storage, else `optuna_url`'s default
+
+    @property
+    def storage(self) -> Location:
+        """The sweep's storage root (the sweep's records are under `<storage>/<name>`)."""
+        return location(self.storage_path)
 
     @property
     def optuna_url(self) -> str:
-        """sqlite file beside the MLflow store (or in the storage path for a server store)."""
+        """Where the Optuna study lives: as given, else a sqlite file beside the MLflow sqlite store, else in a local
+        storage path, else (a bucket and a tracking server) in the driver's working directory."""
+        if self.optuna_storage or self.space.optuna_storage:
+            return self.optuna_storage or self.space.optuna_storage
         db = tracking.sqlite_path(self.tracking_uri)
-        folder = db.parent if db is not None else Path(self.storage_path)
-        return f"sqlite:///{folder / 'optuna.db'}"
+        if db is not None:
+            return f"sqlite:///{db.parent / 'optuna.db'}"
+        if self.storage.is_local:
+            return f"sqlite:///{self.storage.local / 'optuna.db'}"
+        return f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
 
     def run_config(self, cfg: TrainSettings, run_name: str) -> TrainSettings:
         """A trial's config pointed at this sweep's experiment, store and storage."""
@@ -64,27 +78,34 @@ class Sweep:
                 "tracking.uri": self.tracking_uri,
                 "tracking.experiment": self.experiment,
                 "tracking.run_name": run_name,
-                "cluster.storage_path": str(Path(self.storage_path) / self.name / "train"),
-                "output_dir": str(Path(self.storage_path) / self.name / "models"),
+                "cluster.storage_path": (self.storage / self.name / "train").uri,
+                "output_dir": (self.storage / self.name / "models").uri,
             }
         )
 
 
 def make_sweep(
     space: SearchSpace, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None, verbose: bool = False,
+    optuna_storage: str | None = None,
 ) -> Sweep:
-    """Validate everything cheap (data path, model shape, MLflow store) before Ray starts."""
-    preflight(space.base)
+    """Validate everything cheap (data path, model shape, storage, MLflow store, Optuna storage) before Ray starts."""
+    root = storage.resolve(storage_path, "--storage") if storage_path else storage.resolve(space.base.cluster.storage_path, "cluster.storage_path")
+    preflight(space.base.replace(**{"cluster.storage_path": root.uri}))
     uri = tracking.resolve_uri(tracking_uri or space.base.tracking.uri)
     sweep = Sweep(
         space=space,
         name=name or space.name,
         experiment=experiment or space.experiment or space.base.tracking.experiment,
         tracking_uri=uri,
-        storage_path=str(Path(storage_path or space.base.cluster.storage_path).expanduser().resolve()),
+        storage_path=root.uri,
         verbose=verbose,
+        optuna_storage=check_optuna_storage(optuna_storage, "--optuna-storage") if optuna_storage else None,
     )
     sweep.experiment_id = tracking.ensure_experiment(uri, sweep.experiment)
+    _optuna_storage(sweep)  # reachable now, not after Ray started
+    if not (sweep.optuna_storage or space.optuna_storage) and tracking.sqlite_path(uri) is None and not sweep.storage.is_local:
+        log.warning("sweep %s: the Optuna study is in %s on this machine; set optuna_storage (e.g. postgresql://... or "
+                    "journal:/shared/path) so that a driver restarted on another machine continues it", sweep.name, sweep.optuna_url)
     return sweep
 
 
@@ -202,11 +223,12 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     from prelora_ray.orchestration.optuna_search import TaggedOptunaSearch
 
     space = sweep.space
-    exp_path = Path(sweep.storage_path) / sweep.name
+    exp_path = sweep.storage / sweep.name
     if resume and not (exp_path / "tuner.pkl").exists():
         raise ValueError(f"--resume: no sweep named {sweep.name!r} under {sweep.storage_path} (no tuner.pkl in {exp_path})")
     if not resume and (exp_path / "tuner.pkl").exists():
         raise ValueError(f"a sweep named {sweep.name!r} already exists under {sweep.storage_path}: add --resume to continue it, or --name NEW")
+    ray_path, ray_fs = sweep.storage.ray_storage()
     sweep.parent_run_id = _parent_run(sweep, num_samples or space.num_samples)
     init_ray(address, verbose=sweep.verbose)
     baseline_ref = progress = None
@@ -225,7 +247,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     console = console_callback(sweep)
     if resume:
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=space.fork)
+        tuner = tune.Tuner.restore(exp_path.path, trainable=trainable, resume_unfinished=True, resume_errored=space.fork, storage_filesystem=ray_fs)
         internal = getattr(tuner, "_local_tuner", None)  # the restored RunConfig is the pickled one: this run's console
         if internal is not None:
             run_config = internal.get_run_config()
@@ -254,7 +276,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             ),
             run_config=tune.RunConfig(
                 name=sweep.name,
-                storage_path=sweep.storage_path,
+                storage_path=ray_path,
+                storage_filesystem=ray_fs,
                 # a trial's driver lost with its node is retried (same name: its TorchTrainer resumes from
                 # its checkpoint, its MLflow run is reused) as often as its workers may be
                 failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
@@ -275,7 +298,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 log.info("baseline %s_baseline: finished: %s", sweep.name, objectives_text(baseline, [o.metric for o in space.objectives]))
     if progress is not None:
         progress.stop()
-    mark_lost_trials(sweep, {Path(r.path).name for r in grid if r.path})
+    mark_lost_trials(sweep, {posixpath.basename(r.path.rstrip("/")) for r in grid if r.path})
     reconcile_study(sweep)
     table = finish_sweep(sweep)
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, {"sweep_wall_time_s": time.perf_counter() - started})
@@ -342,7 +365,7 @@ def _wait_for_trunk_start(sweep: Sweep) -> None:
     history = folder / fork.HISTORY_FILE
 
     def stamp() -> int | None:
-        return history.stat().st_mtime_ns if history.exists() else None
+        return history.mtime_ns()
 
     before = stamp()
     while stamp() == before and fork.read_status(folder).get("state") not in ("finished", "failed"):
@@ -444,12 +467,19 @@ def reconcile_study(sweep: Sweep) -> int:
 
 
 def _optuna_storage(sweep: Sweep):
-    import optuna
+    """The sweep's Optuna storage, connected (a one-line error naming the setting when it cannot be)."""
+    from prelora_ray.orchestration.optuna_search import display_url, open_storage
 
-    return optuna.storages.RDBStorage(sweep.optuna_url)
+    try:
+        return open_storage(sweep.optuna_url)
+    except Exception as exc:  # a driver module missing, a server down, a folder not writable
+        key = "--optuna-storage" if sweep.optuna_storage else "optuna_storage"
+        raise ValueError(f"{key}={display_url(sweep.optuna_url)!r}: cannot open the Optuna storage ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def _parent_run(sweep: Sweep, num_samples: int) -> str:
+    from prelora_ray.orchestration.optuna_search import display_url
+
     space = sweep.space
     params = {
         "search_space": space.path,
@@ -458,7 +488,7 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
         "num_samples": num_samples,
         "objectives": json.dumps([[o.metric, o.mode] for o in space.objectives]),
         "parameters": json.dumps([p.key for p in space.parameters]),
-        "optuna_storage": sweep.optuna_url,
+        "optuna_storage": display_url(sweep.optuna_url),
     }
     run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, sweep.name, params=params, tags={ROLE_TAG: "parent", SWEEP_TAG: sweep.name})
     tracking.log_text(sweep.tracking_uri, run_id, space.raw_text, Path(space.path).name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from torch import nn
 from prelora_ray.checkpoint import CheckpointError, load_state_file
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.storage import Location, location
 from prelora_ray.trainer import TrainingLoop
 
 CHECKPOINT_FILE = "state.pt"
@@ -136,15 +136,41 @@ def _load_checkpoint(ckpt: Any, *, rank: int = 0) -> dict[str, Any] | None:
             return load_checkpoint_dir(folder, rank=rank)
         except CheckpointError as exc:
             log.warning("%s; trying the run's previous checkpoints", exc)
-            return load_previous_checkpoint(Path(ckpt.path), exc, rank=rank)
+            error = exc
+    return _previous_ray_checkpoint(ckpt, error, rank=rank)
 
 
-def load_previous_checkpoint(bad: Path, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
-    """The newest readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
-    siblings = sorted((p for p in bad.parent.glob("checkpoint_*") if p.is_dir() and p.name < bad.name), reverse=True)
-    for folder in siblings:
+def _previous_ray_checkpoint(bad: Any, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
+    """The newest readable Ray checkpoint beside `bad`, read through the checkpoint's own filesystem (local or a bucket)."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    fs, parent, name = bad.filesystem, posixpath.dirname(bad.path.rstrip("/")), posixpath.basename(bad.path.rstrip("/"))
+    infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False, allow_not_found=True))
+    siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_")
+                       and posixpath.basename(i.path) < name), reverse=True)
+    for path in siblings:
         try:
-            state = load_checkpoint_dir(folder, rank=rank)
+            with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as folder:
+                state = load_checkpoint_dir(folder, rank=rank)
+        except CheckpointError as exc:
+            log.warning("%s", exc)
+            continue
+        log.warning("resuming from the previous checkpoint %s", path)
+        return state
+    raise error
+
+
+def load_previous_checkpoint(bad: Location, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
+    """The newest complete, readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
+    siblings = sorted((c for c in bad.parent.children() if c.name.startswith("checkpoint_") and c.name < bad.name), key=lambda c: c.name, reverse=True)
+    for folder in siblings:
+        if not folder.folder_complete():
+            continue
+        try:
+            with folder.fetched_folder() as local:
+                state = load_checkpoint_dir(local, rank=rank)
         except CheckpointError as exc:
             log.warning("%s", exc)
             continue
@@ -232,8 +258,8 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
         spec = config["fork"]
         from prelora_ray.trainer import ForkStart
 
-        history = fork.read_history(spec["folder"])
-        return {"fork": ForkStart(state=load_state_file(spec["checkpoint"]), snapshots=fork.snapshots(history[: int(spec["epoch"])]))}
+        history = fork.read_history(location(spec["folder"]))
+        return {"fork": ForkStart(state=load_state_file(location(spec["checkpoint"])), snapshots=fork.snapshots(history[: int(spec["epoch"])]))}
     return {}
 
 
@@ -277,7 +303,7 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
     if sink is not None:
         summary["unsent_metrics"] = len(sink.flush())
     if runtime.rank == 0 and config.get("export_dir"):
-        summary["merged_model_path"] = str(loop.export_merged(config["export_dir"]))
+        summary["merged_model_path"] = export_merged(loop, location(config["export_dir"]))
     if runtime.world_size > 1:
         # every worker's view of the switch, so the driver can check they agree
         summary["all_workers"] = runtime.all_gather_object(
@@ -286,6 +312,17 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
         if runtime.rank == 0 and any(w["sync_checks"] != summary["all_workers"][0]["sync_checks"] for w in summary["all_workers"]):
             log.warning("workers' weights differed at a sync point (%s): %s", loop.strategy.name, [w["sync_checks"] for w in summary["all_workers"]])
     return summary
+
+
+def export_merged(loop: TrainingLoop, target: Location) -> str:
+    """The merged model (a plain ViT, save_pretrained) at `target`: written in place on a local path, else saved
+    to a temporary folder and uploaded as one folder (MANIFEST.json last). Returns where it is."""
+    if target.is_local:
+        return str(loop.export_merged(target.local))
+    with tempfile.TemporaryDirectory(prefix="prelora-export-") as tmp:
+        loop.export_merged(tmp)
+        target.put_folder(tmp)
+    return target.uri
 
 
 class TuneRuntime(RayRuntime):
@@ -326,32 +363,28 @@ class TuneRuntime(RayRuntime):
 class FolderRuntime(TuneRuntime):
     """A single-worker run in a plain Ray task (`trial_executor: tune`'s trunk and baseline): no Train workers, no Tune.
 
-    Checkpoints are folders `checkpoint_<epoch>` under `folder`, the newest `keep` kept; a re-run of the
-    task (a retry after its process died, or the sweep's --resume) resumes from the newest readable one.
+    Checkpoints are folders `checkpoint_<epoch>` under `folder` (a storage location: a local path or a bucket),
+    the newest `keep` kept, each written as one unit (`Location.put_folder`: renamed when complete on a disk,
+    MANIFEST.json last on an object store); a re-run of the task (a retry after its process died, or the
+    sweep's --resume) resumes from the newest complete, readable one.
     """
 
-    def __init__(self, folder: str | Path, keep: int, fault: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: str | Path | Location, keep: int, fault: dict[str, str] | None = None) -> None:
         super().__init__(fault)
-        self.folder, self.keep = Path(folder), keep
+        self.folder, self.keep = location(folder), keep
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Write the checkpoint (into a temporary folder renamed when complete), drop the oldest."""
+        """Write the checkpoint folder, drop the oldest."""
         if state is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
             final = self.folder / f"checkpoint_{int(metrics.get('epoch', -1)):06d}"
-            partial = self.folder / f".partial-{final.name}"  # a process killed while writing leaves no checkpoint_ folder
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-            torch.save(state, partial / CHECKPOINT_FILE)
-            if final.exists():  # a retried run re-reports an epoch: the new state replaces it
-                shutil.rmtree(final)
-            partial.rename(final)
+            with saved_files({CHECKPOINT_FILE: state}) as tmp:
+                final.put_folder(tmp)
             for old in self._checkpoints()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                old.delete_tree()
         maybe_inject_fault(int(metrics.get("epoch", -1)), self.rank, self.fault)
 
-    def _checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.folder.glob("checkpoint_*") if p.is_dir()) if self.folder.is_dir() else []
+    def _checkpoints(self) -> list[Location]:
+        return [c for c in self.folder.children() if c.name.startswith("checkpoint_") and c.folder_complete()]
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest checkpoint folder's state (an unreadable one is reported and the one before it used)."""
@@ -359,7 +392,8 @@ class FolderRuntime(TuneRuntime):
         if not found:
             return None
         try:
-            return load_checkpoint_dir(found[-1])
+            with found[-1].fetched_folder() as local:
+                return load_checkpoint_dir(local)
         except CheckpointError as exc:
             log.warning("%s; trying the run's previous checkpoints", exc)
             return load_previous_checkpoint(found[-1], exc)
