@@ -72,7 +72,7 @@ class DataSettings:
     download: bool = _f(False, "Let torchvision download cifar10/cifar100 into root (needs internet).")
     image_size: int | None = _f(None, "Input side in pixels; None: 8 for digits, 32 for cifar, 224 for imagefolder and synthetic.")
     batch_size: int = _f(64, "Batch size per worker.")
-    loader_workers: int = _f(0, "DataLoader worker processes per training worker.")
+    loader_workers: int | None = _f(None, "DataLoader worker processes per training worker; None (auto): 0 on CPU and for digits, min(8, CPUs - 1) on CUDA.")
     randaugment: bool = _f(True, "RandAugment in the train transform of real-image data sets (cifar, imagefolder).")
     synthetic_samples: int = _f(512, "Train images of the synthetic data set (val gets a quarter).")
     synthetic_classes: int = _f(10, "Classes of the synthetic data set.")
@@ -80,12 +80,14 @@ class DataSettings:
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)}")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.loader_workers >= 0, "data.loader_workers", self.loader_workers, "an integer >= 0")
+        _check(self.loader_workers is None or (type(self.loader_workers) is int and self.loader_workers >= 0), "data.loader_workers", self.loader_workers, "null (auto) or an integer >= 0")
         _check(self.image_size is None or self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1 or null")
         _check(self.synthetic_samples >= 2, "data.synthetic_samples", self.synthetic_samples, "an integer >= 2")
         _check(self.synthetic_classes >= 2, "data.synthetic_classes", self.synthetic_classes, "an integer >= 2")
         if self.name in ("cifar10", "cifar100", "imagefolder"):
             _check(bool(self.root), "data.root", self.root, f"a folder path (data.name={self.name} reads from disk)")
+        _check(self.root is None or "://" not in str(self.root), "data.root", self.root,
+               "a local or mounted folder: images are not read from object storage; mount the bucket (s3fs, gcsfuse, NFS) and give its path")
 
 
 @dataclass(kw_only=True)
@@ -214,7 +216,7 @@ class ClusterSettings:
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
     address: str | None = _f(None, "Ray cluster to join ('auto' or ray://host:port); None starts a local Ray.")
     max_failures: int = _f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
-    storage_path: str = _f("./ray_results", "Where Ray Train keeps checkpoints; made absolute. Same path and name resumes.")
+    storage_path: str = _f("./ray_results", "Where checkpoints and the sweep's records go: a folder every node sees (made absolute), s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX. Same path and name resumes.")
     checkpoints_to_keep: int = _f(2, "Checkpoints kept per run (the newest).")
     checkpoint_every: int = _f(1, "Attach a checkpoint to every N-th epoch's report (and always the last and each phase change).")
     torch_threads: int | None = _f(None, "torch.set_num_threads per worker; None: cpus_per_worker rounded up.")
@@ -252,7 +254,7 @@ class TrainSettings:
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: exact resume on CPU, slower on GPU.")
     amp: bool = _f(True, "bf16 autocast on GPU (ignored on CPU).")
     name: str | None = _f(None, "Run name (Ray Train run and checkpoint folder); None: <strategy>-<dataset>-<time>.")
-    output_dir: str = _f("./outputs", "Where the merged model (a plain ViT, save_pretrained) is written, under <name>/.")
+    output_dir: str = _f("./outputs", "Where the merged model (a plain ViT, save_pretrained) is written, under <name>/: a folder, s3://... or gs://...")
     model: ModelSettings = _nested(ModelSettings, "The ViT.")
     data: DataSettings = _nested(DataSettings, "The data.")
     optim: OptimSettings = _nested(OptimSettings, "The optimizer and schedule.")

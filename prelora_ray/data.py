@@ -2,16 +2,19 @@
 
 `check_data` does the cheap checks (paths exist and hold images) so that a bad path fails before
 Ray starts; `build_datasets` loads. Sharding across workers is the training loop's job (a seeded
-DistributedSampler), so every data set here is a plain map-style `Dataset`.
+DistributedSampler), so every data set here is a plain map-style `Dataset`. `make_train_loader` builds
+the loop's train DataLoader (benchmarks/gpu_check.py times it alone), with `data.loader_workers`
+resolved for the device by `resolve_loader_workers`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from prelora_ray.config import DataSettings
 
@@ -154,3 +157,50 @@ def build_datasets(settings: DataSettings) -> DatasetBundle:
     if settings.name == "synthetic":
         return _synthetic(settings)
     return _torchvision(settings)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (narrowed by containers, taskset, Slurm), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def resolve_loader_workers(settings: DataSettings, device: torch.device | str, cpus: int | None = None) -> int:
+    """DataLoader worker processes for `data.loader_workers` on `device`: an explicit integer as given; None (auto):
+
+    - 0 on CPU: worker processes would take cores from the training threads that do the real work;
+    - 0 for digits: an 8x8 batch is assembled in microseconds, cheaper than starting workers each epoch;
+    - otherwise on CUDA min(8, cpus - 1) (`cpus`: available_cpus()): decoding and augmenting on every core
+      but the one that drives the GPU, capped at the 8 of the paper's config (search_spaces/paper_vit_large.yaml).
+    """
+    if settings.loader_workers is not None:
+        return settings.loader_workers
+    if torch.device(device).type != "cuda" or settings.name == "digits":
+        return 0
+    return max(1, min(8, (cpus if cpus is not None else available_cpus()) - 1))
+
+
+def make_train_loader(
+    dataset: Dataset, settings: DataSettings, device: torch.device | str, *,
+    world_size: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = False,
+) -> tuple[DataLoader, DistributedSampler]:
+    """The training loop's train loader and its sampler: this worker's shard through a seeded DistributedSampler,
+    `resolve_loader_workers` processes, pinned memory on CUDA (asynchronous copies to the GPU).
+
+    Workers are not persistent, on purpose: each epoch's iterator draws its workers' seed from the global RNG,
+    which checkpoints save and restore, so a resumed or forked run augments exactly as an uninterrupted one;
+    persistent workers would draw it once and carry their RNG streams across epochs. Their start-up each epoch
+    is measured by benchmarks/gpu_check.py (`first_batch_s`).
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        sampler=sampler,
+        num_workers=resolve_loader_workers(settings, device),
+        pin_memory=torch.device(device).type == "cuda",
+        drop_last=drop_last,
+    )
+    return loader, sampler

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
-from prelora_ray.data import DatasetBundle, build_datasets
+from prelora_ray.data import DatasetBundle, build_datasets, make_train_loader, resolve_loader_workers
 from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
@@ -133,23 +133,16 @@ class TrainingLoop:
 
     # -- data ------------------------------------------------------------------------------------
     def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
-        sampler = DistributedSampler(
-            self.data.train, num_replicas=self.runtime.world_size, rank=self.runtime.rank, shuffle=True, seed=self.cfg.seed
+        return make_train_loader(
+            self.data.train, self.cfg.data, self.device,
+            world_size=self.runtime.world_size, rank=self.runtime.rank, seed=self.cfg.seed, drop_last=self.strategy.drop_last,
         )
-        loader = DataLoader(
-            self.data.train,
-            batch_size=self.cfg.data.batch_size,
-            sampler=sampler,
-            num_workers=self.cfg.data.loader_workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=self.strategy.drop_last,
-        )
-        return loader, sampler
 
     def _val_loader(self) -> DataLoader:
         # every validation image exactly once over all workers (no sampler padding)
         shard = Subset(self.data.val, list(range(self.runtime.rank, len(self.data.val), self.runtime.world_size)))
-        return DataLoader(shard, batch_size=max(self.cfg.data.batch_size, 256), num_workers=self.cfg.data.loader_workers)
+        workers = resolve_loader_workers(self.cfg.data, self.device)
+        return DataLoader(shard, batch_size=max(self.cfg.data.batch_size, 256), num_workers=workers)
 
     # -- model, optimizer --------------------------------------------------------------------------
     def _param_groups(self) -> list[dict[str, Any]]:
