@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction, commands: dict) -> None:
     p.add_argument("--family", help="module family of the per-layer norm plot (default: the first)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
     p.add_argument("--no-log", action="store_true", help="do not log the plots to the sweeps' parent runs")
+    p.add_argument("--optuna-storage", help="the first sweep's Optuna storage, for the importance plot (default: the URL its parent run logged)")
     commands["pareto"] = cmd_pareto
 
 
@@ -24,7 +25,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     from prelora_ray.tracking import resolve_uri
 
     result = make_report(resolve_uri(args.tracking_uri), args.experiment, sweeps=args.sweep, out=args.out, trial=args.trial,
-                         family=args.family, log_to_mlflow=not args.no_log)
+                         family=args.family, log_to_mlflow=not args.no_log, optuna_storage=args.optuna_storage)
     print(result["text"])
     print(f"\nchosen trial for the per-run plots: {result['chosen']['run_name']}")
     for name, path in result["plots"].items():

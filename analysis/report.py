@@ -51,14 +51,25 @@ def knee_row(record: SweepRecord) -> pd.Series | None:
     return front.iloc[knee_point(values, [d for _, d in record.objectives])]
 
 
-def importances(record: SweepRecord) -> dict[str, dict[str, float]]:
-    """fANOVA importance of each searched parameter for each objective, from the persisted Optuna study."""
+def importances(record: SweepRecord, optuna_storage: str | None = None) -> dict[str, dict[str, float]]:
+    """fANOVA importance of each searched parameter for each objective, from the persisted Optuna study.
+
+    The study is where the sweep's parent run says (param `optuna_storage`: an RDB URL, or `journal:PATH`), unless
+    `optuna_storage` is given (a URL whose password the param masks)."""
     import optuna
 
-    storage = record.params.get("optuna_storage")
-    if not storage:
+    url = optuna_storage or record.params.get("optuna_storage")
+    if not url:
         raise ValueError(f"sweep {record.name!r}: its parent run has no optuna_storage param")
+    if "***" in url:
+        raise ValueError(f"sweep {record.name!r}: its Optuna storage {url} hides a password; give it with --optuna-storage")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if url.startswith("journal:"):  # search_space.JOURNAL_PREFIX: an Optuna journal file
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    else:
+        storage = url
     study = optuna.load_study(study_name=record.name, storage=storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
@@ -71,8 +82,9 @@ def importances(record: SweepRecord) -> dict[str, dict[str, float]]:
 
 
 def make_report(uri: str, experiment: str, *, sweeps: list[str] | None = None, out: str | Path = "pareto-plots", trial: str | None = None,
-                family: str | None = None, log_to_mlflow: bool = True) -> dict[str, Any]:
-    """Print fronts, write every plot as PNG under `out`, log them to each sweep's parent run.
+                family: str | None = None, log_to_mlflow: bool = True, optuna_storage: str | None = None) -> dict[str, Any]:
+    """Print fronts, write every plot as PNG under `out`, log them to each sweep's parent run (`optuna_storage`: the
+    first sweep's study, for the importance plot, when its parent run's param masks a password).
 
     Returns {"records": [...], "plots": {name: path}, "text": the printed fronts}.
     """
@@ -135,7 +147,7 @@ def make_report(uri: str, experiment: str, *, sweeps: list[str] | None = None, o
         log.warning("trial %s never switched: no rank heat map", chosen["run_name"])
 
     try:
-        paths["importance"] = plots.plot_importance(importances(first), out / "importance.png", title=f"Hyperparameter importance: sweep {first.name}")
+        paths["importance"] = plots.plot_importance(importances(first, optuna_storage), out / "importance.png", title=f"Hyperparameter importance: sweep {first.name}")
     except ValueError as exc:
         log.warning("no importance plot: %s", exc)
     paths["parallel"] = plots.plot_parallel_coordinates(trials, list(M.SWITCH_PARAMS), y, out / "parallel_coordinates.png", title=f"Trials of sweep {first.name}")

@@ -71,7 +71,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
     cfg = TrainSettings.load(args.config, overrides)
-    _console_env(args.verbose)
     from prelora_ray.orchestration.train import prepare_run  # checks before Ray starts
 
     summary = _run_prepared(prepare_run(cfg), verbose=args.verbose)
@@ -137,7 +136,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: an integer >= 1")
-    _console_env(args.verbose)
     from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
 
     sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment, verbose=args.verbose,
@@ -183,7 +181,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
     cfg = cfg.replace(**{"strategy": "prelora", "prelora.switch_at_epoch": None})
     candidates = scan.candidate_epochs(cfg, every=args.every, epochs=args.epochs)
     grid = scan.load_grid(args.grid, cfg) if args.grid else scan.default_grid(cfg)
-    _console_env(args.verbose)
     from prelora_ray.orchestration.scan import make_scan, run_scan
 
     sweep = make_scan(cfg, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment,
@@ -260,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes are one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
+    _console_env(getattr(args, "verbose", False))  # every verb: best and pareto download artifacts too
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)

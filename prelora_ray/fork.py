@@ -261,6 +261,15 @@ class ResultRegistry:
             return None
         return record
 
+    def beat(self, key: str, owner: str, beat: int) -> None:
+        """The owner is alive and still training: its claim with a new beat count (a waiter that sees the count stop
+        changing for long takes the key over: `orchestration.forking.CLAIM_STALE_S`)."""
+        self._path(key).write_json({"owner": owner, "state": "claimed", "beat": beat})
+
+    def take_over(self, key: str, owner: str) -> None:
+        """Claim a key whose owner stopped beating (its process died without a word, e.g. a trial lost to a killed sweep)."""
+        self._path(key).write_json({"owner": owner, "state": "claimed", "taken_from": (self.read(key) or {}).get("owner")})
+
     def read(self, key: str) -> dict[str, Any] | None:
         """The key's record, or None (none yet, or being replaced at this instant)."""
         try:

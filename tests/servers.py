@@ -21,6 +21,19 @@ from pathlib import Path
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session (a process started with start_new_session=True and all it started,
+    whatever their process groups)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now."""
     with socket.socket() as s:

@@ -255,3 +255,32 @@ def test_registry_first_claim_trains_later_ones_wait_then_reuse(tmp_path):
     reg2.fail("k", "a", "boom")
     assert reg2.claim("k", "b") is None  # the owner failed: the next trial trains it itself
     assert json.loads((tmp_path / "other" / "k.json").read_text())["owner"] == "b"
+
+
+def test_a_twin_waits_for_a_beating_claim_and_takes_over_a_silent_one(tmp_path, caplog):
+    """A trial whose twin claimed the same result waits while the twin's claim beats, and reuses its result; a claim
+    that stops changing (its owner died without a word: a trial lost to a killed sweep) is taken over, not waited on forever."""
+    import threading
+    import time
+
+    from prelora_ray.orchestration.forking import claim_heartbeat, claim_or_wait
+
+    registry = fork.ResultRegistry(tmp_path / "results")
+    assert registry.claim("ghost-key", "ghost") is None  # claimed, then the owner died
+    started = time.monotonic()
+    assert claim_or_wait(registry, "ghost-key", "heir", stale_s=0.5, poll_s=0.05) is None
+    assert time.monotonic() - started >= 0.5 and registry.read("ghost-key") == {"owner": "heir", "state": "claimed", "taken_from": "ghost"}
+    assert "has not been heard from" in caplog.text
+
+    assert registry.claim("live-key", "owner") is None
+
+    def train() -> None:
+        with claim_heartbeat(registry, "live-key", "owner", every_s=0.1):
+            time.sleep(1.5)  # three times the stale limit: only the beats keep the waiter waiting
+        registry.finish("live-key", "owner", run_id="r1")
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    record = claim_or_wait(registry, "live-key", "twin", stale_s=0.5, poll_s=0.05)
+    thread.join()
+    assert record is not None and record["state"] == "finished" and record["run_id"] == "r1"

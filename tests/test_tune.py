@@ -112,7 +112,12 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the driver and every process of its session at once, as a lost machine: Ray's worker processes (the
+    trunk's task, the trials) run in process groups of their own, so killing the driver's group would leave them
+    training on for a few seconds."""
+    from tests.servers import kill_session
+
+    kill_session(proc.pid)
     proc.wait()
 
 

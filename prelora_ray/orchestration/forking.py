@@ -9,10 +9,12 @@ every node sees (a bucket, or a shared mount: `prelora_ray.storage`), as Ray Tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,50 @@ if TYPE_CHECKING:
 log = logging.getLogger("prelora_ray")
 POLL_S = 1.0
 PROGRESS_EVERY_S = 30.0
+CLAIM_BEAT_S = 10.0  # how often a trial that trains a result renews its claim
+CLAIM_STALE_S = 90.0  # a claim unchanged this long (nine beats missed): its owner died without a word
+
+
+def claim_or_wait(registry: fork.ResultRegistry, key: str, owner: str, *, stale_s: float = CLAIM_STALE_S, poll_s: float = POLL_S,
+                  ) -> dict[str, Any] | None:
+    """None: `owner` trains the key (a new claim, its own from before a restart, or one taken over from a twin that
+    stopped beating). Else the finished twin's record, waited for rather than trained twice."""
+    seen, since = None, time.monotonic()
+    while (holder := registry.claim(key, owner)) is not None:
+        if holder.get("state") == "finished":
+            return holder
+        if holder != seen:  # the twin beat (or the key changed hands): it lives
+            seen, since = holder, time.monotonic()
+        elif time.monotonic() - since > stale_s:  # measured on this clock only: no skew between nodes
+            log.warning("trial %s: its twin %s claimed the same result and has not been heard from for %.0f s; training it here",
+                        owner, holder.get("owner"), stale_s)
+            registry.take_over(key, owner)
+            return None
+        time.sleep(poll_s)
+    return None
+
+
+@contextlib.contextmanager
+def claim_heartbeat(registry: fork.ResultRegistry, key: str, owner: str, *, every_s: float = CLAIM_BEAT_S) -> Iterator[None]:
+    """While the owner trains, a thread renews its claim every `every_s`, so twins waiting on it know it lives."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.wait(every_s):
+            count += 1
+            try:
+                registry.beat(key, owner, count)
+            except Exception as exc:  # storage hiccup: the next beat may get through; a waiter allows for several misses
+                log.warning("trial %s: could not renew its claim (%s)", owner, type(exc).__name__)
+
+    thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 class TrunkFailed(RuntimeError):
@@ -145,10 +191,9 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     key = fork.reuse_key(cfg, plan.switch)
     registry = fork.ResultRegistry(folder / "results")
     _set_tags(run, {M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
-    while (holder := registry.claim(key, run_name)) is not None:
-        if holder.get("state") == "finished":
-            return _reuse(run, run_name, holder)
-        time.sleep(POLL_S)  # its twin is training: wait for that result rather than train it twice
+    twin = claim_or_wait(registry, key, run_name)
+    if twin is not None:
+        return _reuse(run, run_name, twin)
     if plan.switch is not None:
         log.info("trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)", run_name, plan.fork_epoch, plan.switch.epoch)
     else:
@@ -161,7 +206,8 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         start = {"fork": {"folder": folder.uri, "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
         from prelora_ray.orchestration.tune import final_report, fit_sweep_run
 
-        summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)
+        with claim_heartbeat(registry, key, run_name):
+            summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)
     except BaseException as exc:
         registry.fail(key, run_name, f"{type(exc).__name__}: {exc}")
         raise

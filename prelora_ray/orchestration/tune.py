@@ -245,6 +245,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), trial_resources(space))
     _quiet_libraries(sweep.verbose)
     console = console_callback(sweep)
+    if resume and not any(c.name.startswith("experiment_state-") for c in exp_path.children()):
+        # the driver died before Ray Tune's first snapshot of its trials: nothing of Tune's to restore, so its trials start
+        # afresh; the trunk, the MLflow runs and the Optuna study go on (trials it had begun are marked lost at the end)
+        log.warning("sweep %s: Ray Tune had saved no state before the driver stopped; its trials start again", sweep.name)
+        resume = False
     if resume:
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
         tuner = tune.Tuner.restore(exp_path.path, trainable=trainable, resume_unfinished=True, resume_errored=space.fork, storage_filesystem=ray_fs)
@@ -407,7 +412,7 @@ def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
     One Tune knows was ended by a process that died without a word: FAILED. One it does not know is lost: the sweep
     was killed after it started and before Ray Tune's experiment snapshot held it, so --resume ran a new trial in
     its place. It is marked KILLED and `prelora.lost`, and its Optuna trial FAIL (not left RUNNING for the
-    sampler). Returns the lost runs' names.
+    sampler), as is any Optuna trial still RUNNING that no trial of Tune's owns. Returns the lost runs' names.
     """
     import optuna
 
@@ -423,13 +428,20 @@ def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
         lost[str(row.get("tags.trial_id"))] = name
         tracking.client(sweep.tracking_uri).set_tag(row["run_id"], M.LOST_TAG, "true")
         tracking.end_run(sweep.tracking_uri, row["run_id"], "KILLED", "lost: the sweep was stopped before Ray Tune recorded this trial; a new trial ran in its place")
-    if not lost:
-        return []
+    # Optuna trials of Tune trials this driver never knew: those lost above, and any a killed driver had asked the study for
+    # before its process or MLflow run existed; left RUNNING, the sampler would wait on them forever
+    known_ids = {n[len(sweep.name) + 1:] for n in known if n.startswith(f"{sweep.name}_")}
     storage = _optuna_storage(sweep)
-    for t in optuna.load_study(study_name=sweep.name, storage=storage).trials:
-        if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get(TUNE_TRIAL_ATTR) in lost:
+    try:
+        trials = optuna.load_study(study_name=sweep.name, storage=storage).trials
+    except KeyError:  # no study: nothing was ever suggested
+        trials = []
+    for t in trials:
+        if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and t.user_attrs.get(TUNE_TRIAL_ATTR) not in known_ids:
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    log.warning("sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED", sweep.name, ", ".join(sorted(lost.values())))
+    if lost:
+        log.warning("sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED",
+                    sweep.name, ", ".join(sorted(lost.values())))
     return sorted(lost.values())
 
 
