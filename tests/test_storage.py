@@ -209,3 +209,100 @@ def test_ray_gets_the_same_filesystem(s3_bucket):
     (loc / "a.json").write_json([1])
     assert f"sweeps/a.json" in bucket_keys(endpoint, bucket)
     assert location("/tmp/x").ray_storage() == ("/tmp/x", None)
+
+
+# -- where the Optuna study lives ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("journal:study.journal", "journal:{cwd}/study.journal"),
+    ("journal:///shared/s.journal", "journal:/shared/s.journal"),
+    ("sqlite:///rel/optuna.db", "sqlite:///{cwd}/rel/optuna.db"),
+    ("sqlite:////abs/optuna.db", "sqlite:////abs/optuna.db"),
+    ("postgresql+psycopg2://u:p@db:5432/optuna", "postgresql+psycopg2://u:p@db:5432/optuna"),
+])
+def test_optuna_storage_urls_are_made_absolute(url, expected, tmp_path, monkeypatch):
+    from prelora_ray.search_space import check_optuna_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert check_optuna_storage(url, "optuna_storage") == expected.format(cwd=tmp_path.resolve())
+
+
+@pytest.mark.parametrize("url", ["redis://h/0", "optuna.db", "sqlite:///:memory:", "journal:", "", 3])
+def test_bad_optuna_storage_is_one_line_naming_the_key(url):
+    from prelora_ray.search_space import check_optuna_storage
+
+    with pytest.raises(ValueError, match=r"^--optuna-storage=") as err:
+        check_optuna_storage(url, "--optuna-storage")
+    assert "\n" not in str(err.value)
+
+
+def test_the_studys_default_place_follows_the_stores(tmp_path, caplog, s3_bucket, mlflow_server_uri, monkeypatch):
+    """Beside a sqlite MLflow store; else in a local storage path; else (a bucket and a server) in the working directory,
+    with a warning that names the setting; a given URL always wins, and an unreachable one fails before Ray starts."""
+    from prelora_ray.orchestration.tune import make_sweep
+    from prelora_ray.search_space import parse_search_space
+
+    monkeypatch.chdir(tmp_path)
+    space = parse_search_space({"name": "s", "parameters": {"prelora.tau": {"type": "uniform", "low": 1, "high": 2}}})
+    bucket = s3_uri(*s3_bucket, "sweeps")
+    by_sqlite = make_sweep(space, name="s", tracking_uri=f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}", storage_path=bucket)
+    assert by_sqlite.optuna_url == f"sqlite:///{tmp_path / 'm' / 'optuna.db'}"
+    local = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=str(tmp_path / "ray"))
+    assert local.optuna_url == f"sqlite:///{tmp_path / 'ray' / 'optuna.db'}"
+    assert "optuna_storage" not in caplog.text
+    remote = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket)
+    assert remote.optuna_url == f"sqlite:///{tmp_path / 'optuna.db'}" and "set optuna_storage" in caplog.text
+    given = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket, optuna_storage="journal:j/s.journal")
+    assert given.optuna_url == f"journal:{tmp_path / 'j' / 's.journal'}" and (tmp_path / "j").is_dir()
+    with pytest.raises(ValueError, match=r"^--optuna-storage='postgresql://u:\*\*\*@127.0.0.1:1/x': cannot open the Optuna storage"):
+        make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket, optuna_storage="postgresql://u:secret@127.0.0.1:1/x")
+
+
+def test_a_trunks_task_checkpoints_keep_the_newest_and_fall_back_past_a_bad_one(root):
+    """FolderRuntime (a sweep's trunk under trial_executor tune) on either backend: the newest `keep` checkpoint folders
+    stay; an unreadable newest one is reported and the one before it resumes the run."""
+    from prelora_ray.orchestration.worker import CHECKPOINT_FILE, FolderRuntime
+
+    runtime = FolderRuntime(root / "run", keep=2)
+    for epoch in range(3):
+        runtime.report({"epoch": epoch}, {"epoch": torch.tensor(epoch)})
+    assert [c.name for c in (root / "run").children()] == ["checkpoint_000001", "checkpoint_000002"]
+    assert int(runtime.latest_checkpoint()["epoch"]) == 2
+    newest = root / "run" / "checkpoint_000002" / CHECKPOINT_FILE
+    if root.is_local:
+        newest.local.write_bytes(b"not a checkpoint")  # same size or not: the bytes are refused when read
+    else:
+        _raw_s3_put(newest, b"truncated")  # a half-done upload: its folder's manifest names another size
+    assert int(runtime.latest_checkpoint()["epoch"]) == 1
+
+
+def test_the_study_caps_a_sweeps_trials_across_drivers(tmp_path):
+    """The searcher stops suggesting once the study holds max_trials live or finished trials of its sweep, whatever its
+    own (restored) count says; failed or lost trials and other sweeps' trials in the same storage do not count."""
+    import optuna
+    from ray.tune.search import Searcher
+
+    from prelora_ray.orchestration.optuna_search import SWEEP_ATTR, TUNE_TRIAL_ATTR, TaggedOptunaSearch, open_storage
+    from prelora_ray.orchestration.tune import DefineByRun
+    from prelora_ray.search_space import parse_search_space
+
+    url = f"journal:{tmp_path / 's.journal'}"
+    space = parse_search_space({"name": "s", "parameters": {"prelora.tau": {"type": "uniform", "low": 1, "high": 2}}})
+    optuna.create_study(study_name="s", storage=open_storage(url), directions=["maximize", "minimize"]).ask()  # an earlier sweep's
+
+    def searcher() -> TaggedOptunaSearch:
+        return TaggedOptunaSearch(space=DefineByRun(space.parameters), metric=["final_val_acc", "mean_epoch_time_s"], mode=["max", "min"],
+                                  study_name="s", storage=open_storage(url), max_trials=2)
+
+    first = searcher()
+    assert first.suggest("a") is not None and first.suggest("b") is not None
+    assert first.suggest("c") == Searcher.FINISHED  # two of this sweep live: no third
+    first.on_trial_complete("a", {"final_val_acc": 0.9, "mean_epoch_time_s": 1.0})
+    study = optuna.load_study(study_name="s", storage=open_storage(url))
+    mine = [t for t in study.trials if t.user_attrs.get(SWEEP_ATTR) == first.sweep_instance]
+    assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in mine) == ["a", "b"]
+    b = next(t for t in mine if t.user_attrs[TUNE_TRIAL_ATTR] == "b")
+    open_storage(url).set_trial_state_values(b._trial_id, optuna.trial.TrialState.FAIL)  # b lost with its driver
+    assert first.suggest("d") is not None  # one finished, none live: one more
+    assert searcher().suggest("e") is not None  # a new sweep of the same name counts its own trials only

@@ -1,27 +1,50 @@
-"""Ray Tune's OptunaSearch, with each Optuna trial stamped with its Tune trial id.
+"""Ray Tune's OptunaSearch, with each Optuna trial stamped with its Tune trial id and its sweep.
 
 The stamp lets the sweep match Optuna trials to their MLflow runs (tag `trial_id`), which is how
 `tune.reconcile_study` hands the study the results of trials that failed and then finished when a
-sweep was resumed. Imported lazily: it imports Ray Tune.
+sweep was resumed. The study, not the driver, counts the sweep's trials: a driver resumed from Ray
+Tune's last snapshot does not start again a trial the study saw begin or finish after that snapshot.
+Imported lazily: it imports Ray Tune.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
+SWEEP_ATTR = "sweep_instance"  # one id per sweep (kept across resumes in Tune's pickled searcher), on each of its Optuna trials
 
 
 class TaggedOptunaSearch(OptunaSearch):
-    """OptunaSearch whose trials carry the user attribute `tune_trial_id`."""
+    """OptunaSearch whose trials carry the user attributes `tune_trial_id` and `sweep_instance`, and which suggests no
+    more than `max_trials` live or finished trials of its sweep, as the study counts them."""
 
-    def suggest(self, trial_id: str) -> dict | None:
-        """Suggest as OptunaSearch does, then stamp the new Optuna trial."""
+    def __init__(self, *args: Any, max_trials: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_trials, self.sweep_instance = max_trials, uuid.uuid4().hex
+
+    def counted_trials(self) -> int:
+        """The study's trials of this sweep that finished, run or wait (failed and lost ones are not counted)."""
+        import optuna
+
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        instance = getattr(self, "sweep_instance", None)
+        return sum(t.user_attrs.get(SWEEP_ATTR) == instance for t in self._ot_study.get_trials(deepcopy=False, states=states))
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """Suggest as OptunaSearch does, then stamp the new Optuna trial; FINISHED once the study holds max_trials."""
+        limit = getattr(self, "max_trials", None)  # a searcher pickled before this attribute existed has none
+        if limit is not None and self._ot_study is not None and trial_id not in self._ot_trials and self.counted_trials() >= limit:
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            self._ot_trials[trial_id].set_user_attr(SWEEP_ATTR, getattr(self, "sweep_instance", None))
         return config
 
 

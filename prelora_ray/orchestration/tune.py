@@ -245,14 +245,21 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), trial_resources(space))
     _quiet_libraries(sweep.verbose)
     console = console_callback(sweep)
+    samples = num_samples or space.num_samples
     if resume and not any(c.name.startswith("experiment_state-") for c in exp_path.children()):
-        # the driver died before Ray Tune's first snapshot of its trials: nothing of Tune's to restore, so its trials start
-        # afresh; the trunk, the MLflow runs and the Optuna study go on (trials it had begun are marked lost at the end)
-        log.warning("sweep %s: Ray Tune had saved no state before the driver stopped; its trials start again", sweep.name)
+        # the driver died before Ray Tune's first snapshot of its trials: nothing of Tune's to restore. New trials make up
+        # the number; those that finished stay (in MLflow and the study), those it had begun are marked lost at the end
+        done = finished_trials(sweep)
+        samples = max(0, samples - done)
+        log.warning("sweep %s: Ray Tune had saved no state before the driver stopped; %d trials finished, %d more start now",
+                    sweep.name, done, samples)
         resume = False
     if resume:
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
         tuner = tune.Tuner.restore(exp_path.path, trainable=trainable, resume_unfinished=True, resume_errored=space.fork, storage_filesystem=ray_fs)
+        # trials the dead driver had begun after Tune's last snapshot: lost now (their Optuna trials FAIL), so that the
+        # study counts only what will finish and Tune starts trials in their place (TaggedOptunaSearch.max_trials)
+        mark_lost_trials(sweep, {posixpath.basename(r.path.rstrip("/")) for r in tuner.get_results() if r.path}, at_end=False)
         internal = getattr(tuner, "_local_tuner", None)  # the restored RunConfig is the pickled one: this run's console
         if internal is not None:
             run_config = internal.get_run_config()
@@ -266,12 +273,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             sampler=_optuna_sampler(space),
             study_name=sweep.name,
             storage=_optuna_storage(sweep),
+            max_trials=samples,
         )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent or space.max_concurrent),
-                num_samples=num_samples or space.num_samples,
+                num_samples=max(1, samples),  # not fitted when no trial is left to run
                 trial_dirname_creator=lambda t: f"{sweep.name}_{t.trial_id}",
                 # trial_executor tune: a finished trial's process serves the next trial, so torch, transformers, PEFT
                 # and MLflow are imported once. Not under ray_train, where the driver imports little: a reused driver
@@ -292,7 +300,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             ),
         )
     started = time.perf_counter()
-    grid = tuner.fit()
+    grid = tuner.fit() if resume or samples > 0 else []
     if baseline_ref is not None:
         try:
             baseline = ray.get(baseline_ref)
@@ -406,10 +414,18 @@ def _start_trunk(sweep: Sweep) -> Any:
     return ref
 
 
-def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
-    """End the trial runs still RUNNING once the sweep is over (`known`: the run names of Ray Tune's trials).
+def finished_trials(sweep: Sweep) -> int:
+    """The sweep's trial runs that finished (in MLflow, under its parent run)."""
+    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id],
+                       f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'")
+    return len(runs)
 
-    One Tune knows was ended by a process that died without a word: FAILED. One it does not know is lost: the sweep
+
+def mark_lost_trials(sweep: Sweep, known: set[str], *, at_end: bool = True) -> list[str]:
+    """End the trial runs still RUNNING once the sweep is over, or (not `at_end`) as a resumed sweep starts: only those Ray
+    Tune will not resume then (`known`: the run names of Ray Tune's trials).
+
+    One Tune knows, at the end, was ended by a process that died without a word: FAILED. One it does not know is lost: the sweep
     was killed after it started and before Ray Tune's experiment snapshot held it, so --resume ran a new trial in
     its place. It is marked KILLED and `prelora.lost`, and its Optuna trial FAIL (not left RUNNING for the
     sampler), as is any Optuna trial still RUNNING that no trial of Tune's owns. Returns the lost runs' names.
@@ -422,6 +438,8 @@ def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
     lost: dict[str, str] = {}
     for _, row in runs.iterrows():
         name = str(row.get("tags.mlflow.runName"))
+        if name in known and not at_end:
+            continue  # Tune resumes it
         if name in known:
             tracking.end_run(sweep.tracking_uri, row["run_id"], "FAILED", "the trial's process ended without reporting its end (killed?)")
             continue
@@ -437,6 +455,7 @@ def mark_lost_trials(sweep: Sweep, known: set[str]) -> list[str]:
     except KeyError:  # no study: nothing was ever suggested
         trials = []
     for t in trials:
+        # before a resumed driver suggests anything, as after its trials ended, no live trial is in the study unknown to Tune
         if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and t.user_attrs.get(TUNE_TRIAL_ATTR) not in known_ids:
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     if lost:

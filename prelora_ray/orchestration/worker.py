@@ -150,31 +150,25 @@ def _previous_ray_checkpoint(bad: Any, error: CheckpointError, *, rank: int = 0)
     infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False, allow_not_found=True))
     siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_")
                        and posixpath.basename(i.path) < name), reverse=True)
-    for path in siblings:
-        try:
-            with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as folder:
-                state = load_checkpoint_dir(folder, rank=rank)
-        except CheckpointError as exc:
-            log.warning("%s", exc)
-            continue
-        log.warning("resuming from the previous checkpoint %s", path)
-        return state
-    raise error
+    return _first_readable([(p, ray.train.Checkpoint(path=p, filesystem=fs).as_directory) for p in siblings], error, rank=rank)
 
 
 def load_previous_checkpoint(bad: Location, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
     """The newest complete, readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
     siblings = sorted((c for c in bad.parent.children() if c.name.startswith("checkpoint_") and c.name < bad.name), key=lambda c: c.name, reverse=True)
-    for folder in siblings:
-        if not folder.folder_complete():
-            continue
+    return _first_readable([(c.uri, c.fetched_folder) for c in siblings if c.folder_complete()], error, rank=rank)
+
+
+def _first_readable(candidates: list[tuple[str, Any]], error: CheckpointError, *, rank: int) -> dict[str, Any]:
+    """The state of the first candidate (name, a context manager giving its local folder) that reads, or raise `error`."""
+    for name, fetch in candidates:
         try:
-            with folder.fetched_folder() as local:
-                state = load_checkpoint_dir(local, rank=rank)
+            with fetch() as folder:
+                state = load_checkpoint_dir(folder, rank=rank)
         except CheckpointError as exc:
             log.warning("%s", exc)
             continue
-        log.warning("resuming from the previous checkpoint %s", folder)
+        log.warning("resuming from the previous checkpoint %s", name)
         return state
     raise error
 
