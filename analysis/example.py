@@ -33,10 +33,17 @@ def main() -> None:
         print(format_front(rec.table))
         if base is not None:
             ref = [float(base[m]) for m, _ in rec.objectives]
-            hv = hypervolume(trials[[m for m, _ in rec.objectives]].astype(float).to_numpy(), [d for _, d in rec.objectives], ref)
-            idx, speedup = speedup_at_equal_accuracy(trials[y].astype(float).tolist(), trials[x].astype(float).tolist(), float(base[y]), float(base[x]), 0.5)
+            hv = hypervolume(
+                trials[[m for m, _ in rec.objectives]].astype(float).to_numpy(), [d for _, d in rec.objectives], ref
+            )
+            idx, speedup = speedup_at_equal_accuracy(
+                trials[y].astype(float).tolist(), trials[x].astype(float).tolist(), float(base[y]), float(base[x]), 0.5
+            )
             print(f"hypervolume over the baseline point: {hv:.4g}")
-            print("within 0.5 points of the baseline's accuracy: " + (f"{trials.iloc[idx]['run_name']}, {speedup:.2f}x faster per epoch" if idx is not None else "none"))
+            print(
+                "within 0.5 points of the baseline's accuracy: "
+                + (f"{trials.iloc[idx]['run_name']}, {speedup:.2f}x faster per epoch" if idx is not None else "none")
+            )
             baselines[rec.name] = (float(base[x]), float(base[y]))
         if knee is not None:
             knees[rec.name] = (float(knee[x]), float(knee[y]))

@@ -47,8 +47,16 @@ def _save_front(fig: plt.Figure, ax: plt.Axes, x: str, y: str, title: str, path:
     return _save(fig, path)
 
 
-def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Path, *, baselines: dict[str, tuple[float, float]] | None = None,
-                knees: dict[str, tuple[float, float]] | None = None, title: str = "Pareto fronts") -> Path:
+def plot_fronts(
+    fronts: dict[str, pd.DataFrame],
+    x: str,
+    y: str,
+    path: str | Path,
+    *,
+    baselines: dict[str, tuple[float, float]] | None = None,
+    knees: dict[str, tuple[float, float]] | None = None,
+    title: str = "Pareto fronts",
+) -> Path:
     """Fronts overlaid: every trial as a faint point, the front as a step line, baseline and knee marked.
 
     `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`.
@@ -59,35 +67,105 @@ def plot_fronts(fronts: dict[str, pd.DataFrame], x: str, y: str, path: str | Pat
         c = colors[i % len(colors)]
         ax.scatter(table[x], table[y], color=c, alpha=0.3, s=22, label=f"{label}: all trials ({len(table)})")
         front = table[table[M.PARETO_TAG].astype(bool)].sort_values(x)
-        ax.plot(front[x], front[y], marker="o", color=c, drawstyle="steps-post", label=f"{label}: Pareto front ({len(front)})")
+        ax.plot(
+            front[x],
+            front[y],
+            marker="o",
+            color=c,
+            drawstyle="steps-post",
+            label=f"{label}: Pareto front ({len(front)})",
+        )
         if baselines and label in baselines:
             bx, by = baselines[label]
-            ax.scatter([bx], [by], marker="*", s=220, color=c, edgecolor="black", zorder=5, label=f"{label}: full-training baseline")
+            ax.scatter(
+                [bx],
+                [by],
+                marker="*",
+                s=220,
+                color=c,
+                edgecolor="black",
+                zorder=5,
+                label=f"{label}: full-training baseline",
+            )
         if knees and label in knees:
             kx, ky = knees[label]
-            ax.scatter([kx], [ky], marker="D", s=90, facecolor="none", edgecolor=c, linewidth=2, zorder=6, label=f"{label}: knee")
+            ax.scatter(
+                [kx],
+                [ky],
+                marker="D",
+                s=90,
+                facecolor="none",
+                edgecolor=c,
+                linewidth=2,
+                zorder=6,
+                label=f"{label}: knee",
+            )
     return _save_front(fig, ax, x, y, title, path)
 
 
-def plot_front_by_strategy(table: pd.DataFrame, x: str, y: str, path: str | Path, *, baseline: tuple[float, float] | None = None,
-                           knee: tuple[float, float] | None = None, title: str = "Pareto front by strategy") -> Path:
+def plot_front_by_strategy(
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    path: str | Path,
+    *,
+    baseline: tuple[float, float] | None = None,
+    knee: tuple[float, float] | None = None,
+    title: str = "Pareto front by strategy",
+) -> Path:
     """One sweep's trials coloured by strategy (column `strategy`): every trial a faint point, the trials on the sweep's
     front filled and circled in their strategy's colour, the front itself a black step line; baseline and knee marked."""
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     on = table[M.PARETO_TAG].astype(bool)
-    for i, strategy in enumerate(sorted(set(table["strategy"].astype(str)))):  # by name: a strategy keeps its colour across sweeps
+    for i, strategy in enumerate(
+        sorted(set(table["strategy"].astype(str)))
+    ):  # by name: a strategy keeps its colour across sweeps
         c, rows = colors[i % len(colors)], table["strategy"].astype(str) == strategy
         if (rows & ~on).any():
-            ax.scatter(table.loc[rows & ~on, x], table.loc[rows & ~on, y], color=c, alpha=0.35, s=30, label=f"{strategy}: off the front ({int((rows & ~on).sum())})")
+            ax.scatter(
+                table.loc[rows & ~on, x],
+                table.loc[rows & ~on, y],
+                color=c,
+                alpha=0.35,
+                s=30,
+                label=f"{strategy}: off the front ({int((rows & ~on).sum())})",
+            )
         if (rows & on).any():
-            ax.scatter(table.loc[rows & on, x], table.loc[rows & on, y], color=c, edgecolor="black", s=60, zorder=4, label=f"{strategy}: on the front ({int((rows & on).sum())})")
+            ax.scatter(
+                table.loc[rows & on, x],
+                table.loc[rows & on, y],
+                color=c,
+                edgecolor="black",
+                s=60,
+                zorder=4,
+                label=f"{strategy}: on the front ({int((rows & on).sum())})",
+            )
     front = table[on].sort_values(x)
     ax.plot(front[x], front[y], color="black", linewidth=1, drawstyle="steps-post", zorder=3, label="Pareto front")
     if baseline is not None:
-        ax.scatter([baseline[0]], [baseline[1]], marker="*", s=220, color="gold", edgecolor="black", zorder=5, label="full-training baseline")
+        ax.scatter(
+            [baseline[0]],
+            [baseline[1]],
+            marker="*",
+            s=220,
+            color="gold",
+            edgecolor="black",
+            zorder=5,
+            label="full-training baseline",
+        )
     if knee is not None:
-        ax.scatter([knee[0]], [knee[1]], marker="D", s=90, facecolor="none", edgecolor="black", linewidth=2, zorder=6, label="knee")
+        ax.scatter(
+            [knee[0]],
+            [knee[1]],
+            marker="D",
+            s=90,
+            facecolor="none",
+            edgecolor="black",
+            linewidth=2,
+            zorder=6,
+            label="knee",
+        )
     return _save_front(fig, ax, x, y, title, path)
 
 
@@ -98,8 +176,13 @@ def _mark_phases(ax: plt.Axes, switch: float | None, freeze: float | None, color
         ax.axvline(freeze, color=color, linestyle=":", alpha=0.9)
 
 
-def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, *, events: dict[str, tuple[float, float]] | None = None,
-                title: str = "Accuracy and loss per epoch") -> Path:
+def plot_curves(
+    histories: dict[str, pd.DataFrame],
+    path: str | Path,
+    *,
+    events: dict[str, tuple[float, float]] | None = None,
+    title: str = "Accuracy and loss per epoch",
+) -> Path:
     """Validation accuracy and training loss against epoch (Figures 4-5), switch (--) and freeze (:) marked."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -121,12 +204,18 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: str | Path, *, events:
     return _save(fig, path)
 
 
-def plot_family_norms(history: pd.DataFrame, path: str | Path, *, switch: float | None = None, freeze: float | None = None,
-                      title: str = "Mean weight norm per module family") -> Path:
+def plot_family_norms(
+    history: pd.DataFrame,
+    path: str | Path,
+    *,
+    switch: float | None = None,
+    freeze: float | None = None,
+    title: str = "Mean weight norm per module family",
+) -> Path:
     """Mean weight norm of each family against epoch (Figure 1); columns `norm/<family>`."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for col in [c for c in history.columns if c.startswith(M.NORM_PREFIX)]:
-        ax.plot(history.index, history[col], label=col[len(M.NORM_PREFIX):])
+        ax.plot(history.index, history[col], label=col[len(M.NORM_PREFIX) :])
     _mark_phases(ax, switch, freeze, "grey")
     ax.set(xlabel="epoch", ylabel="mean Frobenius norm of the family's weights", title=title)
     ax.grid(alpha=0.3)
@@ -134,7 +223,9 @@ def plot_family_norms(history: pd.DataFrame, path: str | Path, *, switch: float 
     return _save(fig, path)
 
 
-def plot_layer_norms(history: pd.DataFrame, family: str, path: str | Path, *, switch: float | None = None, freeze: float | None = None) -> Path:
+def plot_layer_norms(
+    history: pd.DataFrame, family: str, path: str | Path, *, switch: float | None = None, freeze: float | None = None
+) -> Path:
     """Per-layer weight norms of one family against epoch (Figure 3); columns `layer_norm/<family>/<layer>`."""
     prefix = f"{M.LAYER_NORM_PREFIX}{family}/"
     cols = sorted((c for c in history.columns if c.startswith(prefix)), key=lambda c: int(c.rsplit("/", 1)[1]))
@@ -156,7 +247,15 @@ def plot_rank_heatmap(ranks: dict[str, list[int]], path: str | Path, *, title: s
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * grid.shape[1] + 2.5), 0.55 * len(families) + 1.8))
     im = ax.imshow(grid, cmap="magma_r", aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=8, color="white" if value > grid.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            f"{int(value)}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if value > grid.max() / 2 else "black",
+        )
     ax.set_xticks(range(grid.shape[1]), [str(j) for j in range(grid.shape[1])])
     ax.set_yticks(range(len(families)), families)
     ax.set(xlabel="encoder layer", ylabel="module family", title=title)
@@ -164,7 +263,9 @@ def plot_rank_heatmap(ranks: dict[str, list[int]], path: str | Path, *, title: s
     return _save(fig, path)
 
 
-def plot_importance(importances: dict[str, dict[str, float]], path: str | Path, *, title: str = "Hyperparameter importance (fANOVA)") -> Path:
+def plot_importance(
+    importances: dict[str, dict[str, float]], path: str | Path, *, title: str = "Hyperparameter importance (fANOVA)"
+) -> Path:
     """One horizontal bar chart per objective: parameter -> importance (sums to 1)."""
     n = max(1, len(importances))
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
@@ -177,8 +278,14 @@ def plot_importance(importances: dict[str, dict[str, float]], path: str | Path, 
     return _save(fig, path)
 
 
-def plot_parallel_coordinates(table: pd.DataFrame, params: list[str], color_by: str, path: str | Path,
-                              *, title: str = "Trials in parallel coordinates") -> Path:
+def plot_parallel_coordinates(
+    table: pd.DataFrame,
+    params: list[str],
+    color_by: str,
+    path: str | Path,
+    *,
+    title: str = "Trials in parallel coordinates",
+) -> Path:
     """Each trial a line across its (min-max scaled) parameters and objectives, coloured by one objective."""
     cols = [c for c in params if c in table and table[c].notna().any()] + [color_by]
     data = table[cols].astype(float)
@@ -193,8 +300,12 @@ def plot_parallel_coordinates(table: pd.DataFrame, params: list[str], color_by: 
     box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}
     for j, c in enumerate(cols):
         ax.axvline(j, color="grey", linewidth=0.6)
-        ax.text(j, 0.01, f"{lo[c]:.3g}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box)
-        ax.text(j, 0.99, f"{hi[c]:.3g}", ha="center", va="top", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box)
+        ax.text(
+            j, 0.01, f"{lo[c]:.3g}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box
+        )
+        ax.text(
+            j, 0.99, f"{hi[c]:.3g}", ha="center", va="top", fontsize=7, transform=ax.get_xaxis_transform(), bbox=box
+        )
     ax.set_ylim(-0.08, 1.08)
     ax.set_yticks([])
     ax.set(ylabel="each axis scaled: min at bottom, max at top", title=title)
@@ -203,10 +314,20 @@ def plot_parallel_coordinates(table: pd.DataFrame, params: list[str], color_by: 
     return _save(fig, path)
 
 
-def plot_efficiency(histories: dict[str, pd.DataFrame], path: str | Path, *, switch: float | None = None, freeze: float | None = None,
-                    title: str = "Epoch time, throughput and memory") -> Path:
+def plot_efficiency(
+    histories: dict[str, pd.DataFrame],
+    path: str | Path,
+    *,
+    switch: float | None = None,
+    freeze: float | None = None,
+    title: str = "Epoch time, throughput and memory",
+) -> Path:
     """Epoch time, throughput and peak memory per epoch, baseline against a chosen trial (Figure 7)."""
-    panels = [(M.EPOCH_TIME_S, "training time per epoch (s)"), (M.THROUGHPUT, "throughput (images/s)"), (M.PEAK_MEM_MB, "peak memory (MiB)")]
+    panels = [
+        (M.EPOCH_TIME_S, "training time per epoch (s)"),
+        (M.THROUGHPUT, "throughput (images/s)"),
+        (M.PEAK_MEM_MB, "peak memory (MiB)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, label) in zip(axes, panels):
         for name, h in histories.items():

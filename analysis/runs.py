@@ -12,14 +12,24 @@ import json
 import pandas as pd
 
 from prelora_ray import metrics as M
+from prelora_ray import tracking
 from prelora_ray.front import TRIAL_METRICS, format_front, sweep_table, trial_strategies
 from prelora_ray.sweep_record import SweepRecord, list_sweeps, load_sweep
-from prelora_ray import tracking
 from prelora_ray.tracking import search_runs
 
 __all__ = [
-    "TRIAL_METRICS", "SweepRecord", "format_front", "trial_strategies", "list_sweeps", "load_sweep", "metric_history", "metric_keys", "run_ranks",
-    "search_runs", "strategy_runs", "sweep_table",
+    "TRIAL_METRICS",
+    "SweepRecord",
+    "format_front",
+    "trial_strategies",
+    "list_sweeps",
+    "load_sweep",
+    "metric_history",
+    "metric_keys",
+    "run_ranks",
+    "search_runs",
+    "strategy_runs",
+    "sweep_table",
 ]
 
 

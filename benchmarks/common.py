@@ -40,10 +40,14 @@ def ranks_for(num_layers: int, *, r_min: int = 8, r_max: int = 64, frozen_prefix
     return out
 
 
-def build_phase(preset: str, phase: str, *, image_size: int, num_classes: int = 100, device: str = "cpu", seed: int = 0):
+def build_phase(
+    preset: str, phase: str, *, image_size: int, num_classes: int = 100, device: str = "cpu", seed: int = 0
+):
     """(model, optimizer) of one phase; the same initial weights for every phase."""
     torch.manual_seed(seed)
-    model = build_model(ModelSettings(preset=preset), num_classes=num_classes, image_size=image_size, num_channels=3).to(device)
+    model = build_model(
+        ModelSettings(preset=preset), num_classes=num_classes, image_size=image_size, num_channels=3
+    ).to(device)
     settings = PreLoRASettings(r_min=8, r_max=64)
     layers = PRESETS[preset].num_layers
     if phase == "full":
@@ -93,7 +97,12 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def machine() -> dict[str, str]:
     """What the figures were measured on."""
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -22,9 +22,8 @@ import types
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 from common import build_phase, write_json
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prelora_ray.config import ModelSettings, TrainSettings
 from prelora_ray.lte_heads import inject_lte_heads, set_lte_trainable
@@ -63,8 +62,13 @@ def worker(rank: int, args: argparse.Namespace, out: dict) -> None:
         step_s = timed_steps(ddp, x, y, args.lte_steps // 10)  # every rank: DDP's all-reduces need both
         if rank == 0:
             trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-            out[phase] = {"bytes_per_step": sent["bytes"] / (args.steps + 1), "buckets_per_step": sent["buckets"] / (args.steps + 1),
-                          "trainable_bytes": trainable, "fwd_bwd_s": elapsed, "step_s": step_s}
+            out[phase] = {
+                "bytes_per_step": sent["bytes"] / (args.steps + 1),
+                "buckets_per_step": sent["buckets"] / (args.steps + 1),
+                "trainable_bytes": trainable,
+                "fwd_bwd_s": elapsed,
+                "step_s": step_s,
+            }
     for t in (1, 10, 100):
         lte = lte_run(args, x, y, merge_every=t)
         if rank == 0:
@@ -100,7 +104,9 @@ def lte_run(args: argparse.Namespace, x, y, *, merge_every: int) -> dict:
         flat /= dist.get_world_size()
         return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
-    cfg = TrainSettings.from_dict({"strategy": "lte", "lte": {"merge_every": merge_every, "train_others": "frozen", "rank": args.lte_rank}})
+    cfg = TrainSettings.from_dict(
+        {"strategy": "lte", "lte": {"merge_every": merge_every, "train_others": "frozen", "rank": args.lte_rank}}
+    )
     strategy = LTE(cfg)
     loop = types.SimpleNamespace(model=model, all_reduce_mean=all_reduce_mean)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -114,8 +120,12 @@ def lte_run(args: argparse.Namespace, x, y, *, merge_every: int) -> dict:
             strategy.merge(loop)
     elapsed = time.perf_counter() - start
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return {"bytes_per_step": counted["bytes"] / args.lte_steps, "buckets_per_step": counted["merges"] / args.lte_steps,
-            "trainable_bytes": trainable, "step_s": elapsed / args.lte_steps}
+    return {
+        "bytes_per_step": counted["bytes"] / args.lte_steps,
+        "buckets_per_step": counted["merges"] / args.lte_steps,
+        "trainable_bytes": trainable,
+        "step_s": elapsed / args.lte_steps,
+    }
 
 
 def main() -> None:
@@ -125,7 +135,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--port", type=int, default=29533)
-    ap.add_argument("--lte-steps", type=int, default=100, help="LTE optimizer steps per T (T=100: one merge); DDP phases time a tenth of it")
+    ap.add_argument(
+        "--lte-steps",
+        type=int,
+        default=100,
+        help="LTE optimizer steps per T (T=100: one merge); DDP phases time a tenth of it",
+    )
     ap.add_argument("--lte-rank", type=int, default=16)
     args = ap.parse_args()
     with mp.Manager() as manager:
@@ -133,13 +148,19 @@ def main() -> None:
         mp.spawn(worker, args=(args, out), nprocs=2, join=True)
         rows = dict(out)
     full, lora = rows["full"]["bytes_per_step"], rows["lora"]["bytes_per_step"]
-    print(f"{args.preset}: bytes all-reduced per optimizer step, 2 workers, gloo (LTE: rank {args.lte_rank}, one head per worker)")
-    print(f"{'phase':<12}{'MiB/step':>10}{'colls/step':>11}{'x full':>9}{'x lora':>9}{'trainable MiB':>15}{'step s':>9}")
+    print(
+        f"{args.preset}: bytes all-reduced per optimizer step, 2 workers, gloo (LTE: rank {args.lte_rank}, one head per worker)"
+    )
+    print(
+        f"{'phase':<12}{'MiB/step':>10}{'colls/step':>11}{'x full':>9}{'x lora':>9}{'trainable MiB':>15}{'step s':>9}"
+    )
     for phase, r in rows.items():
         r["ratio_to_full"] = r["bytes_per_step"] / full
         r["ratio_to_lora"] = r["bytes_per_step"] / lora
-        print(f"{phase:<12}{r['bytes_per_step'] / 2**20:>10.3f}{r['buckets_per_step']:>11.2f}{r['ratio_to_full']:>9.4f}{r['ratio_to_lora']:>9.3f}"
-              f"{r['trainable_bytes'] / 2**20:>15.2f}{r['step_s']:>9.3f}")
+        print(
+            f"{phase:<12}{r['bytes_per_step'] / 2**20:>10.3f}{r['buckets_per_step']:>11.2f}{r['ratio_to_full']:>9.4f}{r['ratio_to_lora']:>9.3f}"
+            f"{r['trainable_bytes'] / 2**20:>15.2f}{r['step_s']:>9.3f}"
+        )
     print(f"written {write_json('ddp_comm', {'args': vars(args), 'results': rows})}")
 
 

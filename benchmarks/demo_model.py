@@ -30,8 +30,8 @@ import statistics
 import time
 
 import torch
-
 from common import make_step, ranks_for, spread, write_json
+
 from prelora_ray import config as config_module
 from prelora_ray import models as models_module
 from prelora_ray.config import DataSettings, ModelSettings, PreLoRASettings, TrainSettings
@@ -72,7 +72,9 @@ def describe(name: str) -> str:
 def digits_batches(batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of the digits train set, shuffled once (seed 0): the same batches for every model."""
     data = build_datasets(DataSettings(name="digits", batch_size=batch_size))
-    loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     return list(loader)
 
 
@@ -112,13 +114,24 @@ def section_epochs(name: str, args: argparse.Namespace, batches) -> dict:
         for kind in kinds:
             times[kind].append(epochs[kind]())
     full = statistics.median(times["full"])
-    rows = {k: {**spread(v), "ratio_to_full": statistics.median(v) / full, "trainable": trainable[k]} for k, v in times.items()}
+    rows = {
+        k: {**spread(v), "ratio_to_full": statistics.median(v) / full, "trainable": trainable[k]}
+        for k, v in times.items()
+    }
     lora_ratios = [rows[k]["ratio_to_full"] for k in kinds if k != "full"]
-    return {"params": total, "rows": rows, "full_s": full, "lora_s": statistics.median([rows[k]["median"] for k in kinds if k != "full"]), "ratio": statistics.median(lora_ratios)}
+    return {
+        "params": total,
+        "rows": rows,
+        "full_s": full,
+        "lora_s": statistics.median([rows[k]["median"] for k in kinds if k != "full"]),
+        "ratio": statistics.median(lora_ratios),
+    }
 
 
 def section_train(name: str, args: argparse.Namespace) -> dict:
-    cfg = TrainSettings.load(None, ["tracking.enabled=false", f"model.preset={name}", f"epochs={args.epochs}", f"seed={args.seed}"])
+    cfg = TrainSettings.load(
+        None, ["tracking.enabled=false", f"model.preset={name}", f"epochs={args.epochs}", f"seed={args.seed}"]
+    )
     runtime = LocalRuntime()
     start = time.perf_counter()
     summary = train(cfg, runtime)
@@ -129,10 +142,16 @@ def section_train(name: str, args: argparse.Namespace) -> dict:
     med = {p: statistics.median(v) for p, v in by_phase.items()}
     ratio = med["lora"] / med["full"] if "lora" in med and "full" in med else float("nan")
     return {
-        "final_val_acc": summary["final_val_acc"], "best_val_acc": summary["best_val_acc"],
-        "switch_epoch": summary["switch_epoch"], "freeze_epoch": summary["freeze_epoch"], "ranks": summary["ranks"],
-        "epochs_by_phase": {p: len(v) for p, v in by_phase.items()}, "median_epoch_s_by_phase": med,
-        "lora_over_full": ratio, "mean_epoch_time_s": summary["mean_epoch_time_s"], "wall_s": wall,
+        "final_val_acc": summary["final_val_acc"],
+        "best_val_acc": summary["best_val_acc"],
+        "switch_epoch": summary["switch_epoch"],
+        "freeze_epoch": summary["freeze_epoch"],
+        "ranks": summary["ranks"],
+        "epochs_by_phase": {p: len(v) for p, v in by_phase.items()},
+        "median_epoch_s_by_phase": med,
+        "lora_over_full": ratio,
+        "mean_epoch_time_s": summary["mean_epoch_time_s"],
+        "wall_s": wall,
     }
 
 
@@ -156,20 +175,35 @@ def main() -> None:
         results[name] = {"shape": describe(name)}
         if "epochs" in args.sections:
             r = results[name]["epochs"] = section_epochs(name, args, batches)
-            print(f"\n[epochs] {name}: {describe(name)}, {r['params']:,} parameters, threads {args.threads}, {args.repeats} interleaved repeats", flush=True)
+            print(
+                f"\n[epochs] {name}: {describe(name)}, {r['params']:,} parameters, threads {args.threads}, {args.repeats} interleaved repeats",
+                flush=True,
+            )
             for kind, row in r["rows"].items():
-                print(f"  {kind:<12}{row['median']:>8.3f} s/epoch  IQR {row['iqr']:.3f}  x full {row['ratio_to_full']:.3f}  trainable {row['trainable']:,}", flush=True)
+                print(
+                    f"  {kind:<12}{row['median']:>8.3f} s/epoch  IQR {row['iqr']:.3f}  x full {row['ratio_to_full']:.3f}  trainable {row['trainable']:,}",
+                    flush=True,
+                )
         if "train" in args.sections:
             t = results[name]["train"] = section_train(name, args)
-            print(f"[train] {name}: final val_acc {t['final_val_acc']:.4f}, switch {t['switch_epoch']}, freeze {t['freeze_epoch']}, "
-                  f"epochs by phase {t['epochs_by_phase']}, median s/epoch {({k: round(v, 3) for k, v in t['median_epoch_s_by_phase'].items()})}, "
-                  f"LORA/FULL {t['lora_over_full']:.3f}, wall {t['wall_s']:.0f} s", flush=True)
-    print(f"\nthreads {args.threads}; epochs: median over interleaved repeats, LORA over rank sets {' '.join(args.ranks)}; train: {args.epochs}-epoch run, defaults")
-    print(f"{'candidate':<18}{'shape':<48}{'full s/ep':>10}{'LoRA s/ep':>10}{'ratio':>7}{'run ratio':>10}{'val_acc':>9}")
+            print(
+                f"[train] {name}: final val_acc {t['final_val_acc']:.4f}, switch {t['switch_epoch']}, freeze {t['freeze_epoch']}, "
+                f"epochs by phase {t['epochs_by_phase']}, median s/epoch { ({k: round(v, 3) for k, v in t['median_epoch_s_by_phase'].items()}) }, "
+                f"LORA/FULL {t['lora_over_full']:.3f}, wall {t['wall_s']:.0f} s",
+                flush=True,
+            )
+    print(
+        f"\nthreads {args.threads}; epochs: median over interleaved repeats, LORA over rank sets {' '.join(args.ranks)}; train: {args.epochs}-epoch run, defaults"
+    )
+    print(
+        f"{'candidate':<18}{'shape':<48}{'full s/ep':>10}{'LoRA s/ep':>10}{'ratio':>7}{'run ratio':>10}{'val_acc':>9}"
+    )
     for name, r in results.items():
         e, t = r.get("epochs", {}), r.get("train", {})
-        print(f"{name:<18}{r['shape']:<48}{e.get('full_s', float('nan')):>10.3f}{e.get('lora_s', float('nan')):>10.3f}{e.get('ratio', float('nan')):>7.3f}"
-              f"{t.get('lora_over_full', float('nan')):>10.3f}{t.get('final_val_acc', float('nan')):>9.4f}")
+        print(
+            f"{name:<18}{r['shape']:<48}{e.get('full_s', float('nan')):>10.3f}{e.get('lora_s', float('nan')):>10.3f}{e.get('ratio', float('nan')):>7.3f}"
+            f"{t.get('lora_over_full', float('nan')):>10.3f}{t.get('final_val_acc', float('nan')):>9.4f}"
+        )
     path = write_json("demo_model", {"args": vars(args), "results": results})
     print(f"\nwritten {path}")
 

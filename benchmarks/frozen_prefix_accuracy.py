@@ -14,13 +14,16 @@ import argparse
 import statistics
 
 from common import write_json
+
 from prelora_ray.config import TrainSettings
 from prelora_ray.runtime import LocalRuntime
 from prelora_ray.trainer import TrainingLoop
 
 
 def one(seed: int, extra: list[str]) -> dict:
-    cfg = TrainSettings.load(None, [f"seed={seed}", "tracking.enabled=false", "model.preset=vit-digits", *extra])  # as measured
+    cfg = TrainSettings.load(
+        None, [f"seed={seed}", "tracking.enabled=false", "model.preset=vit-digits", *extra]
+    )  # as measured
     loop = TrainingLoop(cfg, LocalRuntime())
     s = loop.run()
     lora = [e for e in s_history(loop) if e["phase"] == "lora"]
@@ -53,14 +56,18 @@ def main() -> None:
     for arm, runs in arms.items():
         accs = [r["final_val_acc"] for r in runs]
         summary[arm] = {
-            "val_acc_mean": statistics.mean(accs), "val_acc_std": statistics.pstdev(accs),
-            "zero_rank_layers": statistics.mean(r["zero_rank_layers"] for r in runs), "layers": runs[0]["layers"],
+            "val_acc_mean": statistics.mean(accs),
+            "val_acc_std": statistics.pstdev(accs),
+            "zero_rank_layers": statistics.mean(r["zero_rank_layers"] for r in runs),
+            "layers": runs[0]["layers"],
             "lora_trainable_fraction": statistics.mean(r["lora_trainable_fraction"] for r in runs),
             "lora_epoch_time_s": statistics.mean(r["lora_epoch_time_s"] for r in runs),
         }
         s = summary[arm]
-        print(f"{arm:<24}{s['val_acc_mean']:>13.4f}{s['val_acc_std']:>8.4f}{s['zero_rank_layers']:>9.1f} / {s['layers']:<3}"
-              f"{100 * s['lora_trainable_fraction']:>15.2f}%{s['lora_epoch_time_s']:>14.3f}")
+        print(
+            f"{arm:<24}{s['val_acc_mean']:>13.4f}{s['val_acc_std']:>8.4f}{s['zero_rank_layers']:>9.1f} / {s['layers']:<3}"
+            f"{100 * s['lora_trainable_fraction']:>15.2f}%{s['lora_epoch_time_s']:>14.3f}"
+        )
     print(f"written {write_json('frozen_prefix_accuracy', {'args': vars(args), 'runs': arms, 'summary': summary})}")
 
 

@@ -38,19 +38,39 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from common import RESULTS, build_phase, machine, make_step, spread, timed
 from PIL import Image
 
-from common import RESULTS, build_phase, machine, make_step, spread, timed
 from prelora_ray.config import DataSettings
 from prelora_ray.data import available_cpus, build_datasets, make_train_loader
 
 PHASES = ("full", "lora", "lora_prefix")  # the FULL vs LoRA comparison the paper's speed-up is about
 # Defaults per form; an explicit flag wins. The CUDA form is sized for 3-4 minutes on an H100 (estimated: not yet run on one).
 PROFILES = {
-    "cuda": dict(presets=["vit-base", "vit-large"], image_size=224, batch=128, steps=10, repeats=3, warmup=2,
-                 loader_seconds=20.0, jpeg_side=384, sweep_epochs=5, budget_s=450.0),
-    "tiny": dict(presets=["vit-digits", "vit-tiny"], image_size=32, batch=8, steps=2, repeats=2, warmup=1,
-                 loader_seconds=3.0, jpeg_side=40, sweep_epochs=5, budget_s=240.0),
+    "cuda": dict(
+        presets=["vit-base", "vit-large"],
+        image_size=224,
+        batch=128,
+        steps=10,
+        repeats=3,
+        warmup=2,
+        loader_seconds=20.0,
+        jpeg_side=384,
+        sweep_epochs=5,
+        budget_s=450.0,
+    ),
+    "tiny": dict(
+        presets=["vit-digits", "vit-tiny"],
+        image_size=32,
+        batch=8,
+        steps=2,
+        repeats=2,
+        warmup=1,
+        loader_seconds=3.0,
+        jpeg_side=40,
+        sweep_epochs=5,
+        budget_s=240.0,
+    ),
 }  # budget_s: the sweep's deadline from the start; 450 keeps the CUDA form under 8 minutes, 240 guards CI against a hang
 T0 = time.perf_counter()
 
@@ -94,8 +114,14 @@ def bench_model(preset: str, batch: int, args: argparse.Namespace) -> dict:
     rows = {}
     for phase in PHASES:
         s = spread(times[phase])
-        rows[phase] = {"batch": batch, "s_per_step": s["median"], "iqr": s["iqr"], "img_s": batch / s["median"],
-                       "ratio_to_full": s["median"] / full, "peak_mib": peaks[phase] / 2**20 if cuda else None}
+        rows[phase] = {
+            "batch": batch,
+            "s_per_step": s["median"],
+            "iqr": s["iqr"],
+            "img_s": batch / s["median"],
+            "ratio_to_full": s["median"] / full,
+            "peak_mib": peaks[phase] / 2**20 if cuda else None,
+        }
     return rows
 
 
@@ -157,9 +183,17 @@ def loader_throughput(settings: DataSettings, args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"workers": loader.num_workers, "train_images": len(bundle.train), "image_size": bundle.image_size,
-            "batch": settings.batch_size, "images": images, "epochs": epoch, "wall_s": wall, "img_s": images / wall,
-            "first_batch_s": sum(firsts) / len(firsts)}
+    return {
+        "workers": loader.num_workers,
+        "train_images": len(bundle.train),
+        "image_size": bundle.image_size,
+        "batch": settings.batch_size,
+        "images": images,
+        "epochs": epoch,
+        "wall_s": wall,
+        "img_s": images / wall,
+        "first_batch_s": sum(firsts) / len(firsts),
+    }
 
 
 def loaders(args: argparse.Namespace, tmp: Path) -> dict:
@@ -181,24 +215,45 @@ def fork_sweep(args: argparse.Namespace, tmp: Path, timeout: float) -> dict:
     """`prelora-ray tune` on a 2-trial digits space (tests/test_tune.py's shape) through the CLI, in a fresh store."""
     space = {
         "name": "gpucheck",
-        "base": {"epochs": args.sweep_epochs, "model": {"preset": "vit-digits"}, "data": {"name": "digits"},
-                 "prelora": {"k": 2, "m": 1, "warmup": 1},  # switch possible from epoch 1: forks happen in 5 epochs
-                 "cluster": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": args.device == "cuda"}},
-        "parameters": {"prelora.tau": {"type": "loguniform", "low": 20.0, "high": 80.0},
-                       "prelora.zeta": {"type": "uniform", "low": 20.0, "high": 80.0},
-                       "prelora.r_min": {"type": "categorical", "values": [1, 2]},
-                       "prelora.r_max": {"type": "categorical", "values": [4, 8]}},
+        "base": {
+            "epochs": args.sweep_epochs,
+            "model": {"preset": "vit-digits"},
+            "data": {"name": "digits"},
+            "prelora": {"k": 2, "m": 1, "warmup": 1},  # switch possible from epoch 1: forks happen in 5 epochs
+            "cluster": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": args.device == "cuda"},
+        },
+        "parameters": {
+            "prelora.tau": {"type": "loguniform", "low": 20.0, "high": 80.0},
+            "prelora.zeta": {"type": "uniform", "low": 20.0, "high": 80.0},
+            "prelora.r_min": {"type": "categorical", "values": [1, 2]},
+            "prelora.r_max": {"type": "categorical", "values": [4, 8]},
+        },
         "objectives": [{"metric": "final_val_acc", "mode": "max"}, {"metric": "mean_epoch_time_s", "mode": "min"}],
-        "sampler": {"type": "random", "seed": 0}, "num_samples": 2, "max_concurrent": 1, "baseline": True,
+        "sampler": {"type": "random", "seed": 0},
+        "num_samples": 2,
+        "max_concurrent": 1,
+        "baseline": True,
         "trial_executor": "tune",
     }
     path = tmp / "gpucheck.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", str(path), "--tracking-uri", uri, "--storage", str(tmp / "ray")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prelora_ray.cli",
+        "tune",
+        str(path),
+        "--tracking-uri",
+        uri,
+        "--storage",
+        str(tmp / "ray"),
+    ]
     start = time.perf_counter()
     # its own session, so a timeout ends the CLI and the local Ray it started, not this process
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -230,19 +285,32 @@ def sweep_records(uri: str) -> dict:
     runs = client.search_runs([client.get_experiment_by_name("prelora-ray").experiment_id])
     role = {r.info.run_id: r.data.tags.get(M.ROLE_TAG) for r in runs}
     parent = next((r.data.metrics for r in runs if role[r.info.run_id] == "parent"), {})
-    return {"trials_finished": sum(role[r.info.run_id] == "trial" and r.info.status == "FINISHED" for r in runs),
-            **{key: int(parent[metric]) if metric in parent else None
-               for key, metric in (("epochs_trained_total", M.EPOCHS_TRAINED_TOTAL), ("epochs_naive_total", M.EPOCHS_NAIVE_TOTAL))}}
+    return {
+        "trials_finished": sum(role[r.info.run_id] == "trial" and r.info.status == "FINISHED" for r in runs),
+        **{
+            key: int(parent[metric]) if metric in parent else None
+            for key, metric in (
+                ("epochs_trained_total", M.EPOCHS_TRAINED_TOTAL),
+                ("epochs_naive_total", M.EPOCHS_NAIVE_TOTAL),
+            )
+        },
+    }
 
 
 def device_info(device: str) -> dict:
     """What the figures were measured on: device name, torch, its CUDA build, cuDNN, the CPUs and shared memory a loader may use."""
     cuda = device == "cuda"
-    return {"type": device, "name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-            "bf16_autocast": cuda, "cpus_available": available_cpus(),
-            # loader workers hand batches over in /dev/shm: a small one (Docker's 64 MiB) kills them with a bus error
-            "dev_shm_gib": shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None}
+    return {
+        "type": device,
+        "name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "bf16_autocast": cuda,
+        "cpus_available": available_cpus(),
+        # loader workers hand batches over in /dev/shm: a small one (Docker's 64 MiB) kills them with a bus error
+        "dev_shm_gib": shutil.disk_usage("/dev/shm").total / 2**30 if os.path.isdir("/dev/shm") else None,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -253,8 +321,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/gpu_check_<device>.json)")
     ap.add_argument("--presets", nargs="+")
     ap.add_argument("--batch", type=int, help="per step; the paper's 128 per GPU on CUDA, halved on OOM")
-    for flag, kind in (("--image-size", int), ("--steps", int), ("--repeats", int), ("--warmup", int),
-                       ("--loader-seconds", float), ("--jpeg-side", int), ("--sweep-epochs", int), ("--budget-s", float)):
+    for flag, kind in (
+        ("--image-size", int),
+        ("--steps", int),
+        ("--repeats", int),
+        ("--warmup", int),
+        ("--loader-seconds", float),
+        ("--jpeg-side", int),
+        ("--sweep-epochs", int),
+        ("--budget-s", float),
+    ):
         ap.add_argument(flag, type=kind)
     ap.add_argument("--loader-workers", type=int, help="data.loader_workers of the loader check (default: auto)")
     args = ap.parse_args(argv)
@@ -268,7 +344,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every part (each bounded, a failure recorded and the rest still run), print the table, write the JSON."""
     args = parse_args(argv)
-    say(f"gpu_check on {args.device} ({args.form} form): {', '.join(args.presets)}, batch {args.batch}, image {args.image_size}")
+    say(
+        f"gpu_check on {args.device} ({args.form} form): {', '.join(args.presets)}, batch {args.batch}, image {args.image_size}"
+    )
     errors: list[dict] = []
     steps: dict = {}
     for preset in args.presets:
@@ -292,26 +370,43 @@ def main(argv: list[str] | None = None) -> int:
     for preset, model in steps.items():
         fastest = max(model["phases"], key=lambda p: model["phases"][p]["img_s"])  # the most demanding consumer
         need = model["phases"][fastest]["img_s"]
-        keeps_up[preset] = {name: {"phase": fastest, "step_img_s": need, "loader_img_s": lo["img_s"],
-                                   "ratio": lo["img_s"] / need, "keeps_up": lo["img_s"] >= need} for name, lo in loader.items()}
+        keeps_up[preset] = {
+            name: {
+                "phase": fastest,
+                "step_img_s": need,
+                "loader_img_s": lo["img_s"],
+                "ratio": lo["img_s"] / need,
+                "keeps_up": lo["img_s"] >= need,
+            }
+            for name, lo in loader.items()
+        }
     sweep: dict = {}
     try:
         sweep = fork_sweep(args, tmp, timeout=max(30.0, args.budget_s - (time.perf_counter() - T0)))
         if sweep["rc"] != 0 or sweep.get("trials_finished") != 2:
-            errors.append({"part": "sweep", "error": f"rc {sweep['rc']}, trials finished {sweep.get('trials_finished')} of 2"})
+            errors.append(
+                {"part": "sweep", "error": f"rc {sweep['rc']}, trials finished {sweep.get('trials_finished')} of 2"}
+            )
     except Exception as exc:
         errors.append({"part": "sweep", "error": f"{type(exc).__name__}: {exc}"})
         traceback.print_exc()
     say(f"sweep: {sweep.get('trials_finished')} trials finished in {sweep.get('wall_s', float('nan')):.1f} s")
     wall = time.perf_counter() - T0
     payload = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "device": device_info(args.device),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "device": device_info(args.device),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "memory_kind": "CUDA max allocated per phase, less the other phases' state" if args.device == "cuda"
+        "memory_kind": "CUDA max allocated per phase, less the other phases' state"
+        if args.device == "cuda"
         else "none per phase on CPU (peak_mib null); process_peak_rss_mib is the whole run's peak RSS",
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "steps": steps, "loader": loader, "loader_keeps_up": keeps_up, "sweep": sweep,
-        "errors": errors, "wall_time_s": wall,
+        "steps": steps,
+        "loader": loader,
+        "loader_keeps_up": keeps_up,
+        "sweep": sweep,
+        "errors": errors,
+        "wall_time_s": wall,
     }
     payload["scratch_kept"] = str(tmp) if errors else None  # the sweep's logs and stores, to look into a failure
     path = args.out or RESULTS / f"gpu_check_{args.device}.json"
@@ -332,14 +427,23 @@ def print_table(p: dict) -> None:
     for preset, model in p["steps"].items():
         for phase, r in model["phases"].items():
             peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-            print(f"{preset:<12}{phase:<13}{r['batch']:>6}{r['s_per_step']:>9.4f}{r['img_s']:>9.1f}{r['ratio_to_full']:>8.3f}{peak:>10}")
+            print(
+                f"{preset:<12}{phase:<13}{r['batch']:>6}{r['s_per_step']:>9.4f}{r['img_s']:>9.1f}{r['ratio_to_full']:>8.3f}{peak:>10}"
+            )
     for name, lo in p["loader"].items():
-        ups = ", ".join(f"{m} {k[name]['ratio']:.2f}x {'ok' if k[name]['keeps_up'] else 'SHORT'}" for m, k in p["loader_keeps_up"].items())
-        print(f"loader {name}: {lo['img_s']:.0f} img/s, {lo['workers']} workers; loader/step of the fastest phase: {ups}")
+        ups = ", ".join(
+            f"{m} {k[name]['ratio']:.2f}x {'ok' if k[name]['keeps_up'] else 'SHORT'}"
+            for m, k in p["loader_keeps_up"].items()
+        )
+        print(
+            f"loader {name}: {lo['img_s']:.0f} img/s, {lo['workers']} workers; loader/step of the fastest phase: {ups}"
+        )
     s = p["sweep"]
     if s:
-        print(f"sweep: {s.get('trials_finished')}/2 trials finished, {s['wall_s']:.1f} s, epochs trained {s.get('epochs_trained_total')} "
-              f"(naive {s.get('epochs_naive_total')}), front {len(s['front']) - 1 if s['front'] else 0} rows")
+        print(
+            f"sweep: {s.get('trials_finished')}/2 trials finished, {s['wall_s']:.1f} s, epochs trained {s.get('epochs_trained_total')} "
+            f"(naive {s.get('epochs_naive_total')}), front {len(s['front']) - 1 if s['front'] else 0} rows"
+        )
     for e in p["errors"]:
         print(f"FAILED {e['part']}: {e['error']}")
 

@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import make_step  # the same step as the other benchmarks (and the child processes import it from here)
 from torch import nn
 
-from common import make_step  # the same step as the other benchmarks (and the child processes import it from here)
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, PRESETS, build_model
 from prelora_ray.switch import Phase, inject_lora, lean_lora_forward, set_trainable
@@ -80,7 +80,9 @@ def build(kind: str, preset: str, image_size: int, ranks: tuple[int, int], *, de
         for name, p in model.named_parameters():
             p.requires_grad_(".embeddings." in f".{name}" or "classifier" in name)
     elif kind != "full":
-        model = inject_lora(model, ranks_for(PRESETS[preset].num_layers, *ranks, prefix=kind.startswith("prefix")), settings)
+        model = inject_lora(
+            model, ranks_for(PRESETS[preset].num_layers, *ranks, prefix=kind.startswith("prefix")), settings
+        )
         set_trainable(model, Phase.WARMUP if kind.startswith("warmup") else Phase.LORA, settings)
         if kind.endswith("stock"):
             lean_lora_forward(model, False)
@@ -89,18 +91,31 @@ def build(kind: str, preset: str, image_size: int, ranks: tuple[int, int], *, de
 
 def adamw(model: nn.Module, mode: str = "default", device: str = "cpu") -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"default": {"fused": device == "cuda" or None}, "single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[mode]
+    kwargs = {
+        "default": {"fused": device == "cuda" or None},
+        "single": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }[mode]
     return torch.optim.AdamW(params, lr=1e-4, **kwargs)
 
 
 def batch(size: int, image_size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(size, 3, image_size, image_size, generator=g).to(device), torch.randint(0, 100, (size,), generator=g).to(device)
+    return torch.randn(size, 3, image_size, image_size, generator=g).to(device), torch.randint(
+        0, 100, (size,), generator=g
+    ).to(device)
 
 
 def stats(values: list[float]) -> dict[str, float]:
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0], "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "iqr": q[2] - q[0],
+        "n": len(values),
+    }
 
 
 # -- sections ----------------------------------------------------------------------------------------
@@ -129,13 +144,24 @@ def section_steps(args: argparse.Namespace) -> dict:
             rows = {}
             for kind in STEP_KINDS:
                 s = stats(times[kind])
-                rows[kind] = {**s, "img_s": args.batch / s["median"], "ratio_median": s["median"] / full["median"], "ratio_min": s["min"] / full["min"]}
+                rows[kind] = {
+                    **s,
+                    "img_s": args.batch / s["median"],
+                    "ratio_median": s["median"] / full["median"],
+                    "ratio_min": s["min"] / full["min"],
+                }
             key = f"{preset}/ranks {ranks_text}"
             out[key] = rows
-            print(f"\n[steps] {preset}, ranks {ranks_text}, image {args.image_size} ({(args.image_size // 16) ** 2 + 1} tokens), batch {args.batch}, {device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats")
-            print(f"{'kind':<14}{'median s':>10}{'min s':>9}{'IQR':>8}{'img/s':>8}{'x full (med)':>14}{'x full (min)':>14}")
+            print(
+                f"\n[steps] {preset}, ranks {ranks_text}, image {args.image_size} ({(args.image_size // 16) ** 2 + 1} tokens), batch {args.batch}, {device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats"
+            )
+            print(
+                f"{'kind':<14}{'median s':>10}{'min s':>9}{'IQR':>8}{'img/s':>8}{'x full (med)':>14}{'x full (min)':>14}"
+            )
             for kind, r in rows.items():
-                print(f"{kind:<14}{r['median']:>10.3f}{r['min']:>9.3f}{r['iqr']:>8.3f}{r['img_s']:>8.1f}{r['ratio_median']:>14.3f}{r['ratio_min']:>14.3f}")
+                print(
+                    f"{kind:<14}{r['median']:>10.3f}{r['min']:>9.3f}{r['iqr']:>8.3f}{r['img_s']:>8.1f}{r['ratio_median']:>14.3f}{r['ratio_min']:>14.3f}"
+                )
             del steps
     return out
 
@@ -143,7 +169,12 @@ def section_steps(args: argparse.Namespace) -> dict:
 def section_optimizer(args: argparse.Namespace) -> dict:
     """AdamW step time by implementation, grads filled with noise (no forward needed)."""
     out: dict = {}
-    cases = [("vit-digits", 8, "full"), ("vit-digits", 8, "lora_lean"), (args.presets[0], args.image_size, "full"), (args.presets[0], args.image_size, "lora_lean")]
+    cases = [
+        ("vit-digits", 8, "full"),
+        ("vit-digits", 8, "lora_lean"),
+        (args.presets[0], args.image_size, "full"),
+        (args.presets[0], args.image_size, "lora_lean"),
+    ]
     print("\n[optimizer] one AdamW step (ms, median of 20 after 3 warm-up), CPU")
     print(f"{'model':<12}{'phase':<11}{'tensors':>8}{'params':>12}{'single':>9}{'foreach':>9}{'fused':>9}")
     for preset, image, kind in cases:
@@ -171,7 +202,9 @@ def section_optimizer(args: argparse.Namespace) -> dict:
             row[mode] = statistics.median(times) * 1e3
             del opt
         out[f"{preset}/{kind}"] = row
-        print(f"{preset:<12}{kind:<11}{row['tensors']:>8}{row['params']:>12,}{row['single']:>9.2f}{row['foreach']:>9.2f}{row['fused']:>9.2f}")
+        print(
+            f"{preset:<12}{kind:<11}{row['tensors']:>8}{row['params']:>12,}{row['single']:>9.2f}{row['foreach']:>9.2f}{row['fused']:>9.2f}"
+        )
     return out
 
 
@@ -208,7 +241,15 @@ print(json.dumps({{"built_mb": built, "peak_mb": peak, "step_s_min": min(times)}
 
 
 def child_peak(kind: str, args: argparse.Namespace, preset: str, env_extra: dict[str, str]) -> dict:
-    code = CHILD.format(here=str(Path(__file__).parent), threads=torch.get_num_threads(), kind=kind, preset=preset, image=args.image_size, ranks=args.ranks[0], batch=args.batch)
+    code = CHILD.format(
+        here=str(Path(__file__).parent),
+        threads=torch.get_num_threads(),
+        kind=kind,
+        preset=preset,
+        image=args.image_size,
+        ranks=args.ranks[0],
+        batch=args.batch,
+    )
     env = {**os.environ, **env_extra}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -225,7 +266,10 @@ def section_memory(args: argparse.Namespace) -> dict:
             saved[kind] = {"fp32": saved_bytes(model, x, False), "bf16_autocast": saved_bytes(model, x, True)}
             del model
         peaks: dict = {}
-        for label, env in (("glibc default", {}), ("MALLOC_MMAP_THRESHOLD_=65536", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        for label, env in (
+            ("glibc default", {}),
+            ("MALLOC_MMAP_THRESHOLD_=65536", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+        ):
             peaks[label] = {}
             for kind in kinds:
                 r = child_peak(kind, args, preset, env)
@@ -233,7 +277,10 @@ def section_memory(args: argparse.Namespace) -> dict:
                 peaks[label][kind] = r
         out[preset] = {"saved_for_backward_bytes": saved, "child_peak_rss": peaks}
         print(f"\n[memory] {preset}, ranks {args.ranks[0]}, image {args.image_size}, batch {args.batch}")
-        print(f"{'kind':<14}{'saved fp32 MB':>14}{'saved bf16 MB':>14}" + "".join(f"{'peak-built ' + ('default' if 'default' in l else 'mmap64k'):>20}{'s/step':>8}" for l in peaks))
+        print(
+            f"{'kind':<14}{'saved fp32 MB':>14}{'saved bf16 MB':>14}"
+            + "".join(f"{'peak-built ' + ('default' if 'default' in l else 'mmap64k'):>20}{'s/step':>8}" for l in peaks)
+        )
         for kind in kinds:
             line = f"{kind:<14}{saved[kind]['fp32'] / 2**20:>14.1f}{saved[kind]['bf16_autocast'] / 2**20:>14.1f}"
             for label in peaks:
@@ -264,19 +311,34 @@ def section_compile(args: argparse.Namespace) -> dict:
                 s = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - s)
-        rows[kind] = {"compile_s": compile_s, "eager": stats(te), "compiled": stats(tc), "speedup_median": statistics.median(te) / statistics.median(tc)}
+        rows[kind] = {
+            "compile_s": compile_s,
+            "eager": stats(te),
+            "compiled": stats(tc),
+            "speedup_median": statistics.median(te) / statistics.median(tc),
+        }
     out[preset] = rows
     print(f"\n[compile] {preset}, ranks {args.ranks[0]}, image {args.image_size}, batch {args.batch}, CPU inductor")
     print(f"{'kind':<12}{'compile s':>10}{'eager s':>9}{'compiled s':>11}{'speed-up':>10}")
     for kind, r in rows.items():
-        print(f"{kind:<12}{r['compile_s']:>10.1f}{r['eager']['median']:>9.3f}{r['compiled']['median']:>11.3f}{r['speedup_median']:>10.2f}")
+        print(
+            f"{kind:<12}{r['compile_s']:>10.1f}{r['eager']['median']:>9.3f}{r['compiled']['median']:>11.3f}{r['speedup_median']:>10.2f}"
+        )
     if "full" in rows and "lora_lean" in rows:
-        print(f"lora/full ratio: eager {rows['lora_lean']['eager']['median'] / rows['full']['eager']['median']:.3f}, compiled {rows['lora_lean']['compiled']['median'] / rows['full']['compiled']['median']:.3f}")
+        print(
+            f"lora/full ratio: eager {rows['lora_lean']['eager']['median'] / rows['full']['eager']['median']:.3f}, compiled {rows['lora_lean']['compiled']['median'] / rows['full']['compiled']['median']:.3f}"
+        )
     return out
 
 
 def machine() -> dict[str, str]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads())}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": str(os.cpu_count()),
+        "threads": str(torch.get_num_threads()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -284,9 +346,19 @@ def machine() -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["steps", "optimizer", "memory"], choices=["steps", "optimizer", "memory", "compile"])
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=["steps", "optimizer", "memory"],
+        choices=["steps", "optimizer", "memory", "compile"],
+    )
     ap.add_argument("--presets", nargs="+", default=["vit-small", "vit-base"])
-    ap.add_argument("--ranks", nargs="+", default=["8-64", "2-16"], help="r_min-r_max sets; the first is used by optimizer, memory, compile")
+    ap.add_argument(
+        "--ranks",
+        nargs="+",
+        default=["8-64", "2-16"],
+        help="r_min-r_max sets; the first is used by optimizer, memory, compile",
+    )
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
@@ -295,9 +367,18 @@ def main() -> None:
     args = ap.parse_args()
     path = Path(args.out)
     previous = json.loads(path.read_text()) if path.exists() else {}
-    payload = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "args": vars(args), "sections": previous.get("sections", {})}
+    payload = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "args": vars(args),
+        "sections": previous.get("sections", {}),
+    }
     for name in args.sections:
-        payload["sections"][name] = {"args": vars(args), "date": payload["date"], "results": globals()[f"section_{name}"](args)}
+        payload["sections"][name] = {
+            "args": vars(args),
+            "date": payload["date"],
+            "results": globals()[f"section_{name}"](args),
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwritten {path}")

@@ -17,7 +17,6 @@ import subprocess
 import sys
 
 import torch
-
 from common import PHASES, build_phase, make_step, write_json
 
 
@@ -45,7 +44,10 @@ def saved_activation_bytes(model, images, labels) -> int:
 def account(preset: str, phase: str, image_size: int, batch: int) -> dict[str, int]:
     model, opt = build_phase(preset, phase, image_size=image_size)
     g = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(batch, 3, image_size, image_size, generator=g), torch.randint(0, 100, (batch,), generator=g)
+    images, labels = (
+        torch.randn(batch, 3, image_size, image_size, generator=g),
+        torch.randint(0, 100, (batch,), generator=g),
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     out = {
         "parameters": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -65,10 +67,21 @@ def child_peak(preset: str, phase: str, image_size: int, batch: int, env: dict[s
         "x = torch.randn(%d, 3, %d, %d, generator=g); y = torch.randint(0, 100, (%d,), generator=g); "
         "s = make_step(m, o, x, y); [s() for _ in range(3)]; "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (str(__import__("pathlib").Path(__file__).parent), preset, phase, image_size, batch, image_size, image_size, batch)
+    ) % (
+        str(__import__("pathlib").Path(__file__).parent),
+        preset,
+        phase,
+        image_size,
+        batch,
+        image_size,
+        image_size,
+        batch,
+    )
     import os
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,28 +109,45 @@ def main() -> None:
     rows = {}
     for phase in PHASES:
         acc = account(args.preset, phase, args.image_size, args.batch)
-        peak = cuda_peak(args.preset, phase, args.image_size, args.batch) if torch.cuda.is_available() else child_peak(args.preset, phase, args.image_size, args.batch)
+        peak = (
+            cuda_peak(args.preset, phase, args.image_size, args.batch)
+            if torch.cuda.is_available()
+            else child_peak(args.preset, phase, args.image_size, args.batch)
+        )
         rows[phase] = {**acc, "real_peak_mib": peak}
         if not torch.cuda.is_available():
             # glibc keeps freed heap memory; with large blocks mmapped, what the LoRA phase frees goes back
-            rows[phase]["peak_mib_mmap_threshold"] = child_peak(args.preset, phase, args.image_size, args.batch, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+            rows[phase]["peak_mib_mmap_threshold"] = child_peak(
+                args.preset, phase, args.image_size, args.batch, {"MALLOC_MMAP_THRESHOLD_": "131072"}
+            )
     full = rows["full"]
     kind = "CUDA max allocated" if torch.cuda.is_available() else "child-process peak RSS"
-    print(f"{args.preset}, image {args.image_size}, batch {args.batch}: deterministic account (MiB) and real peak ({kind})")
-    print(f"{'phase':<12}{'params':>9}{'grads':>9}{'adam':>9}{'activ.':>9}{'total':>9}{'x full':>8}{'peak':>9}{'x full':>8}{'peak*':>9}{'x full':>8}")
+    print(
+        f"{args.preset}, image {args.image_size}, batch {args.batch}: deterministic account (MiB) and real peak ({kind})"
+    )
+    print(
+        f"{'phase':<12}{'params':>9}{'grads':>9}{'adam':>9}{'activ.':>9}{'total':>9}{'x full':>8}{'peak':>9}{'x full':>8}{'peak*':>9}{'x full':>8}"
+    )
     for phase, r in rows.items():
         mib = {k: v / 2**20 for k, v in r.items() if not k.startswith(("real_peak", "peak_"))}
         r["total_ratio_to_full"] = r["total"] / full["total"]
         r["peak_ratio_to_full"] = r["real_peak_mib"] / full["real_peak_mib"]
-        print(f"{phase:<12}{mib['parameters']:>9.1f}{mib['gradients']:>9.1f}{mib['optimizer_state']:>9.1f}{mib['activations']:>9.1f}"
-              f"{mib['total']:>9.1f}{r['total_ratio_to_full']:>8.3f}{r['real_peak_mib']:>9.1f}{r['peak_ratio_to_full']:>8.3f}", end="")
+        print(
+            f"{phase:<12}{mib['parameters']:>9.1f}{mib['gradients']:>9.1f}{mib['optimizer_state']:>9.1f}{mib['activations']:>9.1f}"
+            f"{mib['total']:>9.1f}{r['total_ratio_to_full']:>8.3f}{r['real_peak_mib']:>9.1f}{r['peak_ratio_to_full']:>8.3f}",
+            end="",
+        )
         if "peak_mib_mmap_threshold" in r:
             r["peak_mmap_ratio_to_full"] = r["peak_mib_mmap_threshold"] / full["peak_mib_mmap_threshold"]
             print(f"{r['peak_mib_mmap_threshold']:>9.1f}{r['peak_mmap_ratio_to_full']:>8.3f}", end="")
         print()
     if not torch.cuda.is_available():
-        print("peak*: the same with MALLOC_MMAP_THRESHOLD_=131072 (what cluster.release_memory=true sets in CPU workers)")
-    print(f"written {write_json('memory_' + ('cuda' if torch.cuda.is_available() else 'cpu'), {'args': vars(args), 'results': rows})}")
+        print(
+            "peak*: the same with MALLOC_MMAP_THRESHOLD_=131072 (what cluster.release_memory=true sets in CPU workers)"
+        )
+    print(
+        f"written {write_json('memory_' + ('cuda' if torch.cuda.is_available() else 'cpu'), {'args': vars(args), 'results': rows})}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ def main() -> None:
     exp = c.get_experiment_by_name(args.experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {args.experiment!r} in {args.db}")
-    runs = c.search_runs([exp.experiment_id], f"tags.`{M.ROLE_TAG}` = 'trial' and tags.`{M.SWEEP_TAG}` = '{args.sweep}'", max_results=1000)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        f"tags.`{M.ROLE_TAG}` = 'trial' and tags.`{M.SWEEP_TAG}` = '{args.sweep}'",
+        max_results=1000,
+    )
     ratios, best = {}, (0.0, "")
     for r in runs:
         times = {m.step: m.value for m in c.get_metric_history(r.info.run_id, M.EPOCH_TIME_S)}

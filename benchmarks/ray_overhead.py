@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import torch
-
 from common import write_json
+
 from prelora_ray.config import TrainSettings
 from prelora_ray.runtime import LocalRuntime
 from prelora_ray.trainer import TrainingLoop
@@ -38,13 +38,23 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for both runs, e.g. cluster.checkpoint_every=5")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="extra config overrides for both runs, e.g. cluster.checkpoint_every=5"
+    )
     args = ap.parse_args()
     from prelora_ray.orchestration.train import init_ray, run_train
 
     tmp = tempfile.mkdtemp()
-    base = [f"epochs={args.epochs}", "tracking.enabled=false", "model.preset=vit-digits", f"cluster.cpus_per_worker={args.threads}", f"cluster.torch_threads={args.threads}",
-            f"cluster.storage_path={tmp}/ray", f"output_dir={tmp}/out", *args.set]
+    base = [
+        f"epochs={args.epochs}",
+        "tracking.enabled=false",
+        "model.preset=vit-digits",
+        f"cluster.cpus_per_worker={args.threads}",
+        f"cluster.torch_threads={args.threads}",
+        f"cluster.storage_path={tmp}/ray",
+        f"output_dir={tmp}/out",
+        *args.set,
+    ]
     t0 = time.perf_counter()
     init_ray(None, num_cpus=args.threads)
     ray_init_s = time.perf_counter() - t0
@@ -56,19 +66,38 @@ def main() -> None:
         loop = TrainingLoop(cfg, LocalRuntime())
         loop.run()
         h = loop.state.history
-        rows["plain"].append({"per_epoch_s": per_epoch(h), "startup_s": startup(h, started), "epoch_time_s": statistics.mean(e["epoch_time_s"] for e in h)})
+        rows["plain"].append(
+            {
+                "per_epoch_s": per_epoch(h),
+                "startup_s": startup(h, started),
+                "epoch_time_s": statistics.mean(e["epoch_time_s"] for e in h),
+            }
+        )
         started = time.time()
         summary = run_train(TrainSettings.load(None, [*base, f"name=overhead-{i}"]))
         h = summary["history"]
-        rows["ray"].append({"per_epoch_s": per_epoch(h), "startup_s": startup(h, started), "epoch_time_s": statistics.mean(e["epoch_time_s"] for e in h)})
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("per_epoch_s", "startup_s", "epoch_time_s")} for k, v in rows.items()}
+        rows["ray"].append(
+            {
+                "per_epoch_s": per_epoch(h),
+                "startup_s": startup(h, started),
+                "epoch_time_s": statistics.mean(e["epoch_time_s"] for e in h),
+            }
+        )
+    med = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("per_epoch_s", "startup_s", "epoch_time_s")}
+        for k, v in rows.items()
+    }
     overhead = med["ray"]["per_epoch_s"] / med["plain"]["per_epoch_s"] - 1
-    print(f"digits, vit-digits, {args.epochs} epochs, {args.threads} threads, {args.repeats} alternating repeats (medians)")
+    print(
+        f"digits, vit-digits, {args.epochs} epochs, {args.threads} threads, {args.repeats} alternating repeats (medians)"
+    )
     print(f"{'':<8}{'wall/epoch s':>14}{'train-only s':>14}{'start-up s':>12}")
     for k, v in med.items():
         print(f"{k:<8}{v['per_epoch_s']:>14.3f}{v['epoch_time_s']:>14.3f}{v['startup_s']:>12.2f}")
     print(f"Ray overhead per epoch: {100 * overhead:+.1f}% (ray.init itself: {ray_init_s:.1f} s, once per driver)")
-    print(f"written {write_json('ray_overhead', {'args': vars(args), 'runs': rows, 'medians': med, 'overhead_per_epoch': overhead, 'ray_init_s': ray_init_s})}")
+    print(
+        f"written {write_json('ray_overhead', {'args': vars(args), 'runs': rows, 'medians': med, 'overhead_per_epoch': overhead, 'ray_init_s': ray_init_s})}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from common import write_json
+
 from prelora_ray import metrics as M
 from prelora_ray import tracking
 
@@ -35,7 +36,14 @@ def run_cli(args: list[str], root: Path) -> tuple[float, str]:
     """Run `prelora-ray ARGS` in `root`; its wall time and output (fails loudly)."""
     cmd = [sys.executable, "-m", "prelora_ray.cli", *args, "--tracking-uri", f"sqlite:///{root}/mlflow.db"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.run(
+        cmd,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
@@ -53,28 +61,50 @@ def main() -> None:
     scan_wall, scan_out = run_cli(["scan", *sets, "--name", "scancost", "--storage", str(scan_root / "ray")], scan_root)
     load_between = uptime()
     base_root = Path(tempfile.mkdtemp(prefix="scancost-full-"))
-    base_wall, _ = run_cli(["train", *sets, "--set", "strategy=full", "--set", "name=scancost-full",
-                            "--set", f"cluster.storage_path={base_root / 'ray'}", "--set", f"output_dir={base_root / 'outputs'}"], base_root)
+    base_wall, _ = run_cli(
+        [
+            "train",
+            *sets,
+            "--set",
+            "strategy=full",
+            "--set",
+            "name=scancost-full",
+            "--set",
+            f"cluster.storage_path={base_root / 'ray'}",
+            "--set",
+            f"output_dir={base_root / 'outputs'}",
+        ],
+        base_root,
+    )
     load_after = uptime()
 
     c = tracking.client(f"sqlite:///{scan_root}/mlflow.db")
     exp = c.get_experiment_by_name("prelora-ray").experiment_id
     parent = c.search_runs([exp], f"tags.`{M.SCAN_TAG}` = 'scancost' and tags.`{M.ROLE_TAG}` = 'scan'")[0]
     scan_epochs = int(parent.data.metrics[M.EPOCHS_TRAINED_TOTAL])
-    table = (scan_root / "scan.csv")
+    table = scan_root / "scan.csv"
     table.write_text(Path(c.download_artifacts(parent.info.run_id, "scan.csv", str(scan_root))).read_text())
     b = tracking.client(f"sqlite:///{base_root}/mlflow.db")
     base_run = b.search_runs([b.get_experiment_by_name("prelora-ray").experiment_id], "")[0]
     base_epochs = int(base_run.data.tags[M.EPOCHS_TRAINED_TAG])
 
     result = {
-        "scan_epochs_trained": scan_epochs, "baseline_epochs_trained": base_epochs, "epochs_ratio": scan_epochs / base_epochs,
-        "scan_wall_s": scan_wall, "baseline_wall_s": base_wall, "wall_ratio": scan_wall / base_wall,
-        "uptime_before": load_before, "uptime_between": load_between, "uptime_after": load_after, "overrides": args.overrides,
+        "scan_epochs_trained": scan_epochs,
+        "baseline_epochs_trained": base_epochs,
+        "epochs_ratio": scan_epochs / base_epochs,
+        "scan_wall_s": scan_wall,
+        "baseline_wall_s": base_wall,
+        "wall_ratio": scan_wall / base_wall,
+        "uptime_before": load_before,
+        "uptime_between": load_between,
+        "uptime_after": load_after,
+        "overrides": args.overrides,
         "scan_csv": table.read_text(),
     }
-    print(scan_out[scan_out.rfind("\nscan scancost"):])
-    print(f"epochs trained: scan {scan_epochs} (trunk included) vs one full run {base_epochs}: {scan_epochs / base_epochs:.2f}x")
+    print(scan_out[scan_out.rfind("\nscan scancost") :])
+    print(
+        f"epochs trained: scan {scan_epochs} (trunk included) vs one full run {base_epochs}: {scan_epochs / base_epochs:.2f}x"
+    )
     print(f"wall time: scan {scan_wall:.0f} s vs one full run {base_wall:.0f} s: {scan_wall / base_wall:.2f}x")
     print(f"load: before {load_before}\n      between {load_between}\n      after {load_after}")
     print(f"written: {write_json('scan_cost', result)}")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import PHASES, build_phase, make_step, spread, timed, write_json
+
 from prelora_ray.optim import prune_moments
 from prelora_ray.switch import fold_adapters, is_adapter_param, reinit_adapters
 
@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--merge-every", type=int, default=200, help="RELORA steps between merges, to amortise the merge's time")
+    ap.add_argument(
+        "--merge-every", type=int, default=200, help="RELORA steps between merges, to amortise the merge's time"
+    )
     args = ap.parse_args()
     amp = args.device == "cuda"
     results = {}
@@ -57,13 +59,24 @@ def main() -> None:
             rows[phase] = {**s, "img_s": args.batch / s["median"], "ratio_to_full": s["median"] / full}
         merge = spread(times["merge"])["median"]
         amortised = rows["relora"]["median"] + merge / args.merge_every
-        rows["relora+merge"] = {"median": amortised, "iqr": float("nan"), "min": float("nan"), "max": float("nan"),
-                                "img_s": args.batch / amortised, "ratio_to_full": amortised / full, "merge_s": merge}
+        rows["relora+merge"] = {
+            "median": amortised,
+            "iqr": float("nan"),
+            "min": float("nan"),
+            "max": float("nan"),
+            "img_s": args.batch / amortised,
+            "ratio_to_full": amortised / full,
+            "merge_s": merge,
+        }
         results[preset] = rows
-        print(f"\n{preset}  image {args.image_size}, batch {args.batch}, {args.device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats x {args.steps} steps")
+        print(
+            f"\n{preset}  image {args.image_size}, batch {args.batch}, {args.device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats x {args.steps} steps"
+        )
         print(f"{'phase':<12}{'s/step':>10}{'IQR':>9}{'min':>9}{'max':>9}{'img/s':>9}{'x full':>9}")
         for phase, r in rows.items():
-            print(f"{phase:<12}{r['median']:>10.4f}{r['iqr']:>9.4f}{r['min']:>9.4f}{r['max']:>9.4f}{r['img_s']:>9.1f}{r['ratio_to_full']:>9.3f}")
+            print(
+                f"{phase:<12}{r['median']:>10.4f}{r['iqr']:>9.4f}{r['min']:>9.4f}{r['max']:>9.4f}{r['img_s']:>9.1f}{r['ratio_to_full']:>9.3f}"
+            )
         print(f"(one RELORA merge: {merge:.4f} s, amortised over {args.merge_every} steps in relora+merge)")
     path = write_json(f"step_time_{args.device}", {"args": vars(args), "results": results})
     print(f"\nwritten {path}")

@@ -24,6 +24,7 @@ import mlflow
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from common import RESULTS, machine  # noqa: E402
+
 from tests.servers import S3_ENV, bucket_keys, create_bucket, local_s3_folders, moto_server, s3_uri  # noqa: E402
 
 ROW_KEYS = ("switch_epoch", "final_val_acc", "best_val_acc", "epochs_trained", "pareto", "mean_epoch_time_s")
@@ -31,7 +32,17 @@ ROW_KEYS = ("switch_epoch", "final_val_acc", "best_val_acc", "epochs_trained", "
 
 def run_sweep(space: str, workdir: Path, storage: str, num_samples: int | None) -> tuple[float, str]:
     """`prelora-ray tune` in `workdir` with its records in `storage`; returns (wall seconds, console output)."""
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", space, "--storage", storage, "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prelora_ray.cli",
+        "tune",
+        space,
+        "--storage",
+        storage,
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+    ]
     if num_samples:
         cmd += ["--num-samples", str(num_samples)]
     started = time.perf_counter()
@@ -50,8 +61,12 @@ def trials(workdir: Path) -> dict[str, dict]:
     for run in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
         m, t = run.data.metrics, run.data.tags
         out[t.get("sampled", "baseline")] = {
-            "run_name": run.info.run_name, "switch_epoch": int(m.get("switch_epoch", -1)), "final_val_acc": m["final_val_acc"],
-            "best_val_acc": m["best_val_acc"], "epochs_trained": t.get("epochs_trained"), "pareto": t.get("pareto", "baseline"),
+            "run_name": run.info.run_name,
+            "switch_epoch": int(m.get("switch_epoch", -1)),
+            "final_val_acc": m["final_val_acc"],
+            "best_val_acc": m["best_val_acc"],
+            "epochs_trained": t.get("epochs_trained"),
+            "pareto": t.get("pareto", "baseline"),
             "mean_epoch_time_s": m["mean_epoch_time_s"],
         }
     return out
@@ -80,21 +95,44 @@ def main() -> int:
     print(f"{'trial (sampled)':<60} {'switch':>6} {'acc local':>9} {'acc s3':>9} {'equal':>5} {'pareto local/s3':>16}")
     for k, row in sorted(local.items(), key=lambda kv: kv[1]["switch_epoch"]):
         other = remote.get(k, {})
-        label = "baseline" if k == "baseline" else " ".join(f"{a.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{a.split('.')[-1]}={v}"
-                                                            for a, v in json.loads(k).items())
-        print(f"{label[:60]:<60} {row['switch_epoch']:>6} {row['final_val_acc']:>9.4f} {other.get('final_val_acc', float('nan')):>9.4f} "
-              f"{'yes' if same[k] else 'NO':>5} {row['pareto'] + '/' + str(other.get('pareto')):>16}")
+        label = (
+            "baseline"
+            if k == "baseline"
+            else " ".join(
+                f"{a.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{a.split('.')[-1]}={v}"
+                for a, v in json.loads(k).items()
+            )
+        )
+        print(
+            f"{label[:60]:<60} {row['switch_epoch']:>6} {row['final_val_acc']:>9.4f} {other.get('final_val_acc', float('nan')):>9.4f} "
+            f"{'yes' if same[k] else 'NO':>5} {row['pareto'] + '/' + str(other.get('pareto')):>16}"
+        )
     trunk_keys = [k for k in keys if k.startswith("prelora/quickstart/trunk/")]
     stray = local_s3_folders(root)
-    print(f"\n{sum(same.values())}/{len(same)} runs equal (switch epoch, final and best val_acc, epochs trained); "
-          f"wall {local_s:.0f} s local, {s3_s:.0f} s on S3; {len(keys)} objects in the bucket ({len(trunk_keys)} under the trunk); "
-          f"local folders named s3: {len(stray)}")
+    print(
+        f"\n{sum(same.values())}/{len(same)} runs equal (switch epoch, final and best val_acc, epochs trained); "
+        f"wall {local_s:.0f} s local, {s3_s:.0f} s on S3; {len(keys)} objects in the bucket ({len(trunk_keys)} under the trunk); "
+        f"local folders named s3: {len(stray)}"
+    )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "storage_equality.json").write_text(json.dumps({
-        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "space": args.space, "num_samples": args.num_samples,
-        "wall_s": {"local": local_s, "s3": s3_s}, "runs": {"local": local, "s3": remote}, "equal": same,
-        "bucket_objects": len(keys), "trunk_objects": len(trunk_keys), "local_s3_folders": [str(p) for p in stray],
-    }, indent=2, default=str))
+    (RESULTS / "storage_equality.json").write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "space": args.space,
+                "num_samples": args.num_samples,
+                "wall_s": {"local": local_s, "s3": s3_s},
+                "runs": {"local": local, "s3": remote},
+                "equal": same,
+                "bucket_objects": len(keys),
+                "trunk_objects": len(trunk_keys),
+                "local_s3_folders": [str(p) for p in stray],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(s3_out.strip().splitlines()[-1])
     return 0 if all(same.values()) and len(local) == len(remote) and not stray else 1
 

@@ -26,8 +26,19 @@ from prelora_ray.runtime import LocalRuntime
 from prelora_ray.trainer import TrainingLoop
 
 TIMING = ("epoch_time_s", "throughput_img_s", "peak_mem_mb", "wall_time")
-BASE = ["epochs=6", "deterministic=true", "model.preset=vit-digits", "tracking.enabled=false", "data.name=digits", "seed=3",
-        "prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"]
+BASE = [
+    "epochs=6",
+    "deterministic=true",
+    "model.preset=vit-digits",
+    "tracking.enabled=false",
+    "data.name=digits",
+    "seed=3",
+    "prelora.k=2",
+    "prelora.m=1",
+    "prelora.tau=50",
+    "prelora.zeta=50",
+    "prelora.warmup=1",
+]
 RUNS = {
     "full": ["strategy=full"],
     "prelora": [],
@@ -46,8 +57,11 @@ def record(extra: list[str]) -> dict[str, Any]:
         weights.update(value.detach().cpu().contiguous().numpy().tobytes())
     return {
         "history": [{k: v for k, v in h.items() if k not in TIMING} for h in loop.state.history],
-        "switch_epoch": summary["switch_epoch"], "freeze_epoch": summary["freeze_epoch"], "ranks": summary["ranks"],
-        "steps": loop.state.step, "weights_sha256": weights.hexdigest(),
+        "switch_epoch": summary["switch_epoch"],
+        "freeze_epoch": summary["freeze_epoch"],
+        "ranks": summary["ranks"],
+        "steps": loop.state.step,
+        "weights_sha256": weights.hexdigest(),
     }
 
 
@@ -66,7 +80,9 @@ def main() -> int:
             other = json.load(f)
         for name in RUNS:
             same = results[name] == other[name]
-            print(f"{name}: {'equal' if same else 'DIFFERENT'} (switch {results[name]['switch_epoch']}, freeze {results[name]['freeze_epoch']})")
+            print(
+                f"{name}: {'equal' if same else 'DIFFERENT'} (switch {results[name]['switch_epoch']}, freeze {results[name]['freeze_epoch']})"
+            )
         return 0 if results == other else 1
     return 0
 

@@ -13,8 +13,8 @@ those training too (prelora.trainable_after_freeze).
 from __future__ import annotations
 
 import torch
-
 from common import write_json
+
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, build_model
 from prelora_ray.switch import Phase, inject_lora, set_trainable
@@ -44,10 +44,15 @@ def main() -> None:
     print("ViT-L/16 (224x224, 1000 classes); fractions relative to the plain ViT's parameters")
     print(f"{'rank':>5}{'ViT-L params':>15}{'LoRA params':>14}{'LoRA %':>9}{'+head/norms/emb':>17}{'%':>8}")
     for rank, r in rows.items():
-        print(f"{rank:>5}{r['vit_large_parameters']:>15,}{r['lora_parameters']:>14,}{100 * r['lora_fraction_of_vit']:>9.2f}"
-              f"{r['lora_plus_head_norms_embeddings']:>17,}{100 * r['fraction_with_head_norms_embeddings']:>8.2f}")
+        print(
+            f"{rank:>5}{r['vit_large_parameters']:>15,}{r['lora_parameters']:>14,}{100 * r['lora_fraction_of_vit']:>9.2f}"
+            f"{r['lora_plus_head_norms_embeddings']:>17,}{100 * r['fraction_with_head_norms_embeddings']:>8.2f}"
+        )
     assert abs(rows[8]["vit_large_parameters"] / 1e6 - 304.3) < 0.2
-    assert abs(100 * rows[8]["lora_fraction_of_vit"] - 1.16) < 0.01 and abs(100 * rows[64]["lora_fraction_of_vit"] - 9.30) < 0.01
+    assert (
+        abs(100 * rows[8]["lora_fraction_of_vit"] - 1.16) < 0.01
+        and abs(100 * rows[64]["lora_fraction_of_vit"] - 9.30) < 0.01
+    )
     print(f"arithmetic checked; written {write_json('trainable_params', {'results': rows})}")
 
 

@@ -155,7 +155,9 @@ def assign_ranks(
     return result
 
 
-def window_values(snapshots: Sequence[Snapshot], k: int, m: int, window_stat: str = "mean") -> tuple[dict[str, list[list[float]]], list[float]]:
+def window_values(
+    snapshots: Sequence[Snapshot], k: int, m: int, window_stat: str = "mean"
+) -> tuple[dict[str, list[list[float]]], list[float]]:
     """The k windows of m units over the last k·m snapshots: family -> window -> per-layer value, and L_1..L_k.
 
     A window's value is the mean of its m snapshots (`mean`) or its last one (`last`).
@@ -172,7 +174,10 @@ def window_values(snapshots: Sequence[Snapshot], k: int, m: int, window_stat: st
     chunks = [snaps[i * m : (i + 1) * m] for i in range(k)]
     first = snaps[0][0]
     per_layer = {
-        fam: [[reduce([float(s[0][fam][layer]) for s in chunk]) for layer in range(len(first[fam]))] for chunk in chunks] for fam in first
+        fam: [
+            [reduce([float(s[0][fam][layer]) for s in chunk]) for layer in range(len(first[fam]))] for chunk in chunks
+        ]
+        for fam in first
     }
     return per_layer, [reduce([float(s[1]) for s in chunk]) for chunk in chunks]
 
@@ -216,14 +221,18 @@ def replay_switch(
         if len(history) <= switch_at_epoch:
             return None
         per_layer, _ = window_values(history[: switch_at_epoch + 1], k, m, window_stat)
-        ranks = assign_ranks(last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below)
+        ranks = assign_ranks(
+            last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below
+        )
         return SwitchPoint(epoch=switch_at_epoch, ranks=ranks)
     for i in range(k * m - 1, len(history)):
         if (i + 1) % m or i < min_switch_epoch:
             continue
         per_layer, losses = window_values(history[: i + 1], k, m, window_stat)
         if partial_convergence_test(family_means(per_layer), losses, tau, zeta):
-            ranks = assign_ranks(last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below)
+            ranks = assign_ranks(
+                last_window_changes(per_layer), r_min, r_max, tie_rank=tie_rank, zero_rank_below=zero_rank_below
+            )
             return SwitchPoint(epoch=i, ranks=ranks)
     return None
 

@@ -17,7 +17,6 @@ import torch
 
 from prelora_ray.storage import Location, location
 
-
 # weights_only's errors for bytes it cannot parse, as opposed to objects it refuses to build
 _UNREADABLE = re.compile(r"Unsupported operand|String is too long")
 
@@ -51,7 +50,9 @@ def _load(file: Path, name: str) -> dict[str, Any]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _UNREADABLE.search(str(exc)):  # bytes that are no pickle stream at all (a text file, garbage)
-            raise CheckpointError(f"checkpoint {name} is missing or corrupt (not a pickle stream: {_refusal_detail(exc)})") from exc
+            raise CheckpointError(
+                f"checkpoint {name} is missing or corrupt (not a pickle stream: {_refusal_detail(exc)})"
+            ) from exc
         raise CheckpointError(
             f"checkpoint {name} holds a pickled object that is not plain data (tensors, numbers, strings, lists, dicts), "
             f"so it was refused: loading it could run code ({_refusal_detail(exc)})"

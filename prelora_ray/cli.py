@@ -49,11 +49,20 @@ def mlflow_lines(uri: str, experiment_id: str | None, run_id: str | None = None)
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="one PreLoRA (or full) training run on Ray Train, logged to MLflow")
     p.add_argument("--config", help="YAML file of config keys (see the README's reference)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set prelora.tau=0.5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set prelora.tau=0.5 (repeatable)",
+    )
     p.add_argument("--address", help="Ray cluster to join (same as --set cluster.address=...)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (same as --set tracking.uri=...)")
     p.add_argument("--no-tracking", action="store_true", help="train without MLflow")
-    p.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning, then exit")
+    p.add_argument(
+        "--help-config", action="store_true", help="print every config key with its default and meaning, then exit"
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
@@ -81,12 +90,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _run_prepared(run: Any, *, verbose: bool = False) -> dict[str, Any]:
     from prelora_ray.orchestration.train import fit_run, init_ray
 
-    log.info("run %s: %s on %s, %d epochs; MLflow %s", run.name, run.cfg.strategy, run.cfg.data.name, run.cfg.epochs, run.tracking_uri or "off")
+    log.info(
+        "run %s: %s on %s, %d epochs; MLflow %s",
+        run.name,
+        run.cfg.strategy,
+        run.cfg.data.name,
+        run.cfg.epochs,
+        run.tracking_uri or "off",
+    )
     init_ray(run.cfg.cluster.address, verbose=verbose)
     summary = fit_run(run, verbose=verbose, epoch_lines=True)
     summary.update(
-        run_name=run.name, mlflow_run_id=run.mlflow_run_id, tracking_uri=run.tracking_uri,
-        experiment=run.cfg.tracking.experiment, experiment_id=run.experiment_id,
+        run_name=run.name,
+        mlflow_run_id=run.mlflow_run_id,
+        tracking_uri=run.tracking_uri,
+        experiment=run.cfg.tracking.experiment,
+        experiment_id=run.experiment_id,
     )
     return summary
 
@@ -97,7 +116,9 @@ def _summary_text(s: dict[str, Any]) -> str:
         f"mean epoch time {s.get('mean_epoch_time_s', float('nan')):.3f} s, total {s.get('total_train_time_s', float('nan')):.1f} s",
     ]
     if s.get("switch_epoch", -1) >= 0:
-        lines.append(f"switch at epoch {s['switch_epoch']}, base frozen at epoch {s['freeze_epoch']}; ranks {json.dumps(s.get('ranks'))}")
+        lines.append(
+            f"switch at epoch {s['switch_epoch']}, base frozen at epoch {s['freeze_epoch']}; ranks {json.dumps(s.get('ranks'))}"
+        )
     elif (merges := (s.get("history") or [{}])[-1].get(M.LTE_MERGES)) is not None:
         lines.append(f"strategy lte: {merges} merges of the heads into the base")
     else:
@@ -105,7 +126,9 @@ def _summary_text(s: dict[str, Any]) -> str:
     if s.get("merged_model_path"):
         lines.append(f"merged model (plain ViT): {s['merged_model_path']}")
     if s.get("tracking_uri"):
-        lines.append(f"MLflow run {s.get('mlflow_run_id')} in experiment {s.get('experiment')!r} (id {s.get('experiment_id')})")
+        lines.append(
+            f"MLflow run {s.get('mlflow_run_id')} in experiment {s.get('experiment')!r} (id {s.get('experiment_id')})"
+        )
         lines += mlflow_lines(s["tracking_uri"], s.get("experiment_id"), s.get("mlflow_run_id"))
     return "\n".join(lines)
 
@@ -119,10 +142,16 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="sweep name (default: the file's name); same name + --resume continues it")
     p.add_argument("--experiment", help="MLflow experiment (default: the file's, else tracking.experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
-    p.add_argument("--storage", help="where the sweep's records, checkpoints and models go: a folder every node sees, or "
-                   "s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX (default: the base config's cluster.storage_path)")
-    p.add_argument("--optuna-storage", help="the Optuna study's storage: sqlite:///PATH, postgresql://..., mysql://... or journal:PATH "
-                   "(default: the file's optuna_storage, else optuna.db beside a sqlite MLflow store)")
+    p.add_argument(
+        "--storage",
+        help="where the sweep's records, checkpoints and models go: a folder every node sees, or "
+        "s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX (default: the base config's cluster.storage_path)",
+    )
+    p.add_argument(
+        "--optuna-storage",
+        help="the Optuna study's storage: sqlite:///PATH, postgresql://..., mysql://... or journal:PATH "
+        "(default: the file's optuna_storage, else optuna.db beside a sqlite MLflow store)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
@@ -138,13 +167,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: an integer >= 1")
     from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
 
-    sweep = make_sweep(space, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment, verbose=args.verbose,
-                       optuna_storage=args.optuna_storage)
-    log.info("sweep %s: %d trials of %s (+ baseline), MLflow %s", sweep.name, args.num_samples or space.num_samples, space.path, sweep.tracking_uri)
-    table = run_sweep(sweep, address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent, resume=args.resume)
+    sweep = make_sweep(
+        space,
+        name=args.name,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage,
+        experiment=args.experiment,
+        verbose=args.verbose,
+        optuna_storage=args.optuna_storage,
+    )
+    log.info(
+        "sweep %s: %d trials of %s (+ baseline), MLflow %s",
+        sweep.name,
+        args.num_samples or space.num_samples,
+        space.path,
+        sweep.tracking_uri,
+    )
+    table = run_sweep(
+        sweep,
+        address=args.address,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        resume=args.resume,
+    )
     print("\nPareto front (and the full-training baseline):")
     print(format_front(table))
-    print(f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id}), parent run {sweep.parent_run_id}")
+    print(
+        f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id}), parent run {sweep.parent_run_id}"
+    )
     print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id)))
     return 0
 
@@ -157,19 +207,41 @@ def _epoch_list(text: str) -> list[int]:
 
 
 def _scan_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scan", help="the accuracy/time curve over the switch epoch: forks of one trunk, and where threshold settings land")
+    p = sub.add_parser(
+        "scan",
+        help="the accuracy/time curve over the switch epoch: forks of one trunk, and where threshold settings land",
+    )
     p.add_argument("--config", help="train config YAML (the scan's base)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--every", type=int, help="a switch epoch every N epochs after the first Algorithm 1 could run")
     which.add_argument("--epochs", type=_epoch_list, help="switch epochs, comma-separated (0-based), e.g. 9,15,21")
-    p.add_argument("--grid", help="YAML list of (name, tau, zeta, k, m) to replay on the trunk (default: the paper's Exp1-3)")
-    p.add_argument("--name", help="scan name; the same name reuses its finished trunk and adds the new points to the scan's table (default: scan-<dataset>-<time>)")
+    p.add_argument(
+        "--grid", help="YAML list of (name, tau, zeta, k, m) to replay on the trunk (default: the paper's Exp1-3)"
+    )
+    p.add_argument(
+        "--name",
+        help="scan name; the same name reuses its finished trunk and adds the new points to the scan's table (default: scan-<dataset>-<time>)",
+    )
     p.add_argument("--experiment", help="MLflow experiment (default: the config's tracking.experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
-    p.add_argument("--storage", help="where the trunk, the points' checkpoints and models go: a folder, s3://... or gs://... (default: the config's cluster.storage_path)")
+    p.add_argument(
+        "--storage",
+        help="where the trunk, the points' checkpoints and models go: a folder, s3://... or gs://... (default: the config's cluster.storage_path)",
+    )
     p.add_argument("--address", help="Ray cluster to join, e.g. auto")
-    p.add_argument("--trial-executor", choices=("ray_train", "tune"), help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train")
+    p.add_argument(
+        "--trial-executor",
+        choices=("ray_train", "tune"),
+        help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
@@ -183,17 +255,39 @@ def cmd_scan(args: argparse.Namespace) -> int:
     grid = scan.load_grid(args.grid, cfg) if args.grid else scan.default_grid(cfg)
     from prelora_ray.orchestration.scan import make_scan, run_scan
 
-    sweep = make_scan(cfg, name=args.name, tracking_uri=args.tracking_uri, storage_path=args.storage, experiment=args.experiment,
-                      trial_executor=args.trial_executor, verbose=args.verbose)
-    log.info("scan %s: switch epochs %s of %d, %s, MLflow %s", sweep.name, ",".join(map(str, candidates)), cfg.epochs, sweep.space.trial_executor, sweep.tracking_uri)
+    sweep = make_scan(
+        cfg,
+        name=args.name,
+        tracking_uri=args.tracking_uri,
+        storage_path=args.storage,
+        experiment=args.experiment,
+        trial_executor=args.trial_executor,
+        verbose=args.verbose,
+    )
+    log.info(
+        "scan %s: switch epochs %s of %d, %s, MLflow %s",
+        sweep.name,
+        ",".join(map(str, candidates)),
+        cfg.epochs,
+        sweep.space.trial_executor,
+        sweep.tracking_uri,
+    )
     result = run_scan(sweep, candidates, grid, address=args.address)
-    print(f"\nscan {sweep.name} ({cfg.model.preset} on {cfg.data.name}, {cfg.epochs} epochs; speedup = trunk epoch time / point epoch time):")
+    print(
+        f"\nscan {sweep.name} ({cfg.model.preset} on {cfg.data.name}, {cfg.epochs} epochs; speedup = trunk epoch time / point epoch time):"
+    )
     print(scan.format_table(result["trunk"], result["rows"], result["landings"]))
     if result["failed"]:
-        print(f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; run again with --name {sweep.name}")
-    print(f"\nscan.csv, grid.csv and scan.png on parent run {sweep.parent_run_id} in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id})")
+        print(
+            f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; run again with --name {sweep.name}"
+        )
+    print(
+        f"\nscan.csv, grid.csv and scan.png on parent run {sweep.parent_run_id} in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id})"
+    )
     print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)))
-    print(f"config at a point: prelora-ray best --experiment {sweep.experiment} --scan {sweep.name} --switch-epoch E (or --pick earliest-within=0.5)")
+    print(
+        f"config at a point: prelora-ray best --experiment {sweep.experiment} --scan {sweep.name} --switch-epoch E (or --pick earliest-within=0.5)"
+    )
     return 1 if result["failed"] else 0
 
 
@@ -201,9 +295,13 @@ def _best_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("best", help="write a train config from a sweep's chosen Pareto trial, or from a scan's point")
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep")
     p.add_argument("--sweep", help="sweep name (default: the newest sweep in the experiment)")
-    p.add_argument("--scan", help="scan name: export a config switching at --switch-epoch, or --pick earliest-within=POINTS")
+    p.add_argument(
+        "--scan", help="scan name: export a config switching at --switch-epoch, or --pick earliest-within=POINTS"
+    )
     p.add_argument("--switch-epoch", type=int, help="with --scan: the switch epoch (0-based)")
-    p.add_argument("--pick", help="knee (default), max-acc, min-time or fastest-within=POINTS; with --scan: earliest-within=POINTS")
+    p.add_argument(
+        "--pick", help="knee (default), max-acc, min-time or fastest-within=POINTS; with --scan: earliest-within=POINTS"
+    )
     p.add_argument("--out", default="best.yaml", help="where to write the config (default best.yaml)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
 
@@ -217,7 +315,14 @@ def cmd_best(args: argparse.Namespace) -> int:
             raise ValueError("give --sweep or --scan, not both")
         from prelora_ray.orchestration.scan import export_scan_config
 
-        epoch, how, _ = export_scan_config(tracking.resolve_uri(args.tracking_uri), args.experiment, args.scan, switch_epoch=args.switch_epoch, pick=args.pick, out=args.out)
+        epoch, how, _ = export_scan_config(
+            tracking.resolve_uri(args.tracking_uri),
+            args.experiment,
+            args.scan,
+            switch_epoch=args.switch_epoch,
+            pick=args.pick,
+            out=args.out,
+        )
         print(f"{args.out}: switch at epoch {epoch} via {how}")
         print(f"final run: prelora-ray train --config {args.out}")
         return 0
@@ -228,7 +333,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     args.pick = args.pick or "knee"
     row, cfg = export_best(tracking.resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.pick, args.out)
     flat = cfg.flat()
-    print(f"{args.out}: trial {row['run_name']} ({args.pick}): " + ", ".join(f"{k.split('.')[-1]}={flat[k]}" for k in SWITCH_PARAMS))
+    print(
+        f"{args.out}: trial {row['run_name']} ({args.pick}): "
+        + ", ".join(f"{k.split('.')[-1]}={flat[k]}" for k in SWITCH_PARAMS)
+    )
     print(f"final run: prelora-ray train --config {args.out} --set epochs=300")
     return 0
 

@@ -50,14 +50,25 @@ def _check(cond: bool, key: str, value: Any, valid: str) -> None:
 class ModelSettings:
     """Which ViT to build (always from a config: nothing is downloaded)."""
 
-    preset: str = _f("vit-digits-wide", "ViT preset: vit-digits-wide (the default: 2 layers, hidden 256, where LoRA epochs are cheaper on CPU), vit-digits (4 layers, hidden 64: the fastest), vit-tiny, vit-small, vit-base, vit-large (ViT-L/16) or vit-huge.")
-    patch_size: int | None = _f(None, "Patch size; None takes the preset's (2 for vit-digits, 4 for vit-digits-wide, 16 for the others, 14 for vit-huge).")
+    preset: str = _f(
+        "vit-digits-wide",
+        "ViT preset: vit-digits-wide (the default: 2 layers, hidden 256, where LoRA epochs are cheaper on CPU), vit-digits (4 layers, hidden 64: the fastest), vit-tiny, vit-small, vit-base, vit-large (ViT-L/16) or vit-huge.",
+    )
+    patch_size: int | None = _f(
+        None,
+        "Patch size; None takes the preset's (2 for vit-digits, 4 for vit-digits-wide, 16 for the others, 14 for vit-huge).",
+    )
     dropout: float = _f(0.0, "Hidden-state dropout probability.")
     attention_dropout: float = _f(0.0, "Attention-probability dropout.")
 
     def __post_init__(self) -> None:
         _check(self.preset in MODEL_PRESETS, "model.preset", self.preset, f"one of {', '.join(MODEL_PRESETS)}")
-        _check(self.patch_size is None or self.patch_size >= 1, "model.patch_size", self.patch_size, "an integer >= 1 or null")
+        _check(
+            self.patch_size is None or self.patch_size >= 1,
+            "model.patch_size",
+            self.patch_size,
+            "an integer >= 1 or null",
+        )
         for name in ("dropout", "attention_dropout"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, f"model.{name}", v, "a probability in [0, 1)")
@@ -67,12 +78,20 @@ class ModelSettings:
 class DataSettings:
     """The data set and how each worker reads it."""
 
-    name: str = _f("digits", "Data set: digits (embedded, offline), cifar10, cifar100, imagefolder (train/ and val/ trees) or synthetic (random tensors, for tests and benchmarks).")
+    name: str = _f(
+        "digits",
+        "Data set: digits (embedded, offline), cifar10, cifar100, imagefolder (train/ and val/ trees) or synthetic (random tensors, for tests and benchmarks).",
+    )
     root: str | None = _f(None, "Folder of the data set (cifar*, imagefolder); unused for digits and synthetic.")
     download: bool = _f(False, "Let torchvision download cifar10/cifar100 into root (needs internet).")
-    image_size: int | None = _f(None, "Input side in pixels; None: 8 for digits, 32 for cifar, 224 for imagefolder and synthetic.")
+    image_size: int | None = _f(
+        None, "Input side in pixels; None: 8 for digits, 32 for cifar, 224 for imagefolder and synthetic."
+    )
     batch_size: int = _f(64, "Batch size per worker.")
-    loader_workers: int | None = _f(None, "DataLoader worker processes per training worker; None (auto): 0 on CPU and for digits, min(8, CPUs - 1) on CUDA.")
+    loader_workers: int | None = _f(
+        None,
+        "DataLoader worker processes per training worker; None (auto): 0 on CPU and for digits, min(8, CPUs - 1) on CUDA.",
+    )
     randaugment: bool = _f(True, "RandAugment in the train transform of real-image data sets (cifar, imagefolder).")
     synthetic_samples: int = _f(512, "Train images of the synthetic data set (val gets a quarter).")
     synthetic_classes: int = _f(10, "Classes of the synthetic data set.")
@@ -80,14 +99,28 @@ class DataSettings:
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, "data.name", self.name, f"one of {', '.join(DATASETS)}")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.loader_workers is None or (type(self.loader_workers) is int and self.loader_workers >= 0), "data.loader_workers", self.loader_workers, "null (auto) or an integer >= 0")
-        _check(self.image_size is None or self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1 or null")
+        _check(
+            self.loader_workers is None or (type(self.loader_workers) is int and self.loader_workers >= 0),
+            "data.loader_workers",
+            self.loader_workers,
+            "null (auto) or an integer >= 0",
+        )
+        _check(
+            self.image_size is None or self.image_size >= 1,
+            "data.image_size",
+            self.image_size,
+            "an integer >= 1 or null",
+        )
         _check(self.synthetic_samples >= 2, "data.synthetic_samples", self.synthetic_samples, "an integer >= 2")
         _check(self.synthetic_classes >= 2, "data.synthetic_classes", self.synthetic_classes, "an integer >= 2")
         if self.name in ("cifar10", "cifar100", "imagefolder"):
             _check(bool(self.root), "data.root", self.root, f"a folder path (data.name={self.name} reads from disk)")
-        _check(self.root is None or "://" not in str(self.root), "data.root", self.root,
-               "a local or mounted folder: images are not read from object storage; mount the bucket (s3fs, gcsfuse, NFS) and give its path")
+        _check(
+            self.root is None or "://" not in str(self.root),
+            "data.root",
+            self.root,
+            "a local or mounted folder: images are not read from object storage; mount the bucket (s3fs, gcsfuse, NFS) and give its path",
+        )
 
 
 @dataclass(kw_only=True)
@@ -102,17 +135,32 @@ class OptimSettings:
     schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
     min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr (cosine and linear).")
     grad_clip: float | None = _f(1.0, "Max global gradient norm; None disables clipping.")
-    label_smoothing: float = _f(0.1, "Label smoothing of the cross-entropy loss (keeps the loss off zero, so ζ can be met).")
-    carry_optimizer_state: bool = _f(True, "Keep AdamW moments of parameters that keep training across a phase change (False: fresh optimizer, as the paper's code).")
+    label_smoothing: float = _f(
+        0.1, "Label smoothing of the cross-entropy loss (keeps the loss off zero, so ζ can be met)."
+    )
+    carry_optimizer_state: bool = _f(
+        True,
+        "Keep AdamW moments of parameters that keep training across a phase change (False: fresh optimizer, as the paper's code).",
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
         _check(self.lr > 0, "optim.lr", self.lr, "a number > 0")
         _check(self.lora_lr is None or self.lora_lr > 0, "optim.lora_lr", self.lora_lr, "a number > 0 or null")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
         _check(self.lr_warmup_epochs >= 0, "optim.lr_warmup_epochs", self.lr_warmup_epochs, "a number >= 0")
-        _check(self.schedule in ("cosine", "linear", "constant"), "optim.schedule", self.schedule, "one of cosine, linear, constant")
+        _check(
+            self.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            self.schedule,
+            "one of cosine, linear, constant",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "a number > 0 or null")
         _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", self.label_smoothing, "a number in [0, 1)")
@@ -131,14 +179,26 @@ class PreLoRASettings:
     warmup: int = _f(3, "w: epochs base and LoRA train together after the test passes (the paper: 10 of 300).")
     r_min: int = _f(2, "Smallest LoRA rank (power of two; the paper: 8 on ViT-L).")
     r_max: int = _f(16, "Largest LoRA rank (power of two, >= r_min; the paper: 64 on ViT-L).")
-    modules: tuple[str, ...] = _f(MODULE_FAMILIES, "Module families that get adapters: query, key, value, attn_out, mlp_in, mlp_out.")
+    modules: tuple[str, ...] = _f(
+        MODULE_FAMILIES, "Module families that get adapters: query, key, value, attn_out, mlp_in, mlp_out."
+    )
     alpha_scale: float = _f(2.0, "lora_alpha = alpha_scale * rank for each layer (the paper: 2).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input (0: no copy of the activations is made).")
-    tie_rank: str = _f("min", "Rank of a family whose layers all changed equally: min (r_min, the paper's v=0), middle or max.")
-    zero_rank_below: float | None = _f(None, "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.")
-    trainable_after_freeze: tuple[str, ...] = _f((), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none).")
+    tie_rank: str = _f(
+        "min", "Rank of a family whose layers all changed equally: min (r_min, the paper's v=0), middle or max."
+    )
+    zero_rank_below: float | None = _f(
+        None,
+        "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.",
+    )
+    trainable_after_freeze: tuple[str, ...] = _f(
+        (), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none)."
+    )
     min_switch_epoch: int = _f(0, "Earliest epoch (0-based) at whose end the switch may happen.")
-    switch_at_epoch: int | None = _f(None, "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).")
+    switch_at_epoch: int | None = _f(
+        None,
+        "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).",
+    )
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
@@ -153,14 +213,24 @@ class PreLoRASettings:
         _check(is_power_of_two(self.r_min), "prelora.r_min", self.r_min, "a power of two (1, 2, 4, 8, ...)")
         _check(is_power_of_two(self.r_max), "prelora.r_max", self.r_max, "a power of two (1, 2, 4, 8, ...)")
         _check(self.r_min <= self.r_max, "prelora.r_min", self.r_min, f"<= prelora.r_max ({self.r_max})")
-        _check(len(self.modules) > 0, "prelora.modules", list(self.modules), f"a non-empty list of {', '.join(MODULE_FAMILIES)}")
+        _check(
+            len(self.modules) > 0,
+            "prelora.modules",
+            list(self.modules),
+            f"a non-empty list of {', '.join(MODULE_FAMILIES)}",
+        )
         bad = [m for m in self.modules if m not in MODULE_FAMILIES]
         _check(not bad, "prelora.modules", bad, f"module families from {', '.join(MODULE_FAMILIES)}")
         _check(len(set(self.modules)) == len(self.modules), "prelora.modules", list(self.modules), "no family twice")
         _check(self.alpha_scale > 0, "prelora.alpha_scale", self.alpha_scale, "a number > 0")
         _check(0 <= self.lora_dropout < 1, "prelora.lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         _check(self.tie_rank in ("min", "middle", "max"), "prelora.tie_rank", self.tie_rank, "min, middle or max")
-        _check(self.zero_rank_below is None or self.zero_rank_below >= 0, "prelora.zero_rank_below", self.zero_rank_below, "a percentage >= 0 or null")
+        _check(
+            self.zero_rank_below is None or self.zero_rank_below >= 0,
+            "prelora.zero_rank_below",
+            self.zero_rank_below,
+            "a percentage >= 0 or null",
+        )
         bad = [g for g in self.trainable_after_freeze if g not in EXTRA_TRAINABLE]
         _check(not bad, "prelora.trainable_after_freeze", bad, f"groups from {', '.join(EXTRA_TRAINABLE)}")
         _check(self.min_switch_epoch >= 0, "prelora.min_switch_epoch", self.min_switch_epoch, "an integer >= 0")
@@ -170,20 +240,46 @@ class PreLoRASettings:
 class ReLoRASettings:
     """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer switch."""
 
-    start_epoch: int = _f(5, "First epoch (0-based) of the RELORA phase; FULL before it (the paper: \"several\" full epochs).")
+    start_epoch: int = _f(
+        5, 'First epoch (0-based) of the RELORA phase; FULL before it (the paper: "several" full epochs).'
+    )
     rank: int = _f(16, "Uniform LoRA rank of every target layer in RELORA (the paper: 256 on ViT-L).")
-    merge_every: int = _f(100, "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.")
-    prune: float = _f(0.9, "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).")
-    rewarm_steps: int = _f(50, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100).")
-    alpha_scale: float = _f(2.0, "LoRA scale s = lora_alpha / rank of the uniform adapters (prelora.alpha_scale is the per-layer phase's).")
+    merge_every: int = _f(
+        100,
+        "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.",
+    )
+    prune: float = _f(
+        0.9,
+        "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).",
+    )
+    rewarm_steps: int = _f(
+        50, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100)."
+    )
+    alpha_scale: float = _f(
+        2.0, "LoRA scale s = lora_alpha / rank of the uniform adapters (prelora.alpha_scale is the per-layer phase's)."
+    )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.start_epoch, int) and self.start_epoch >= 0, "relora.start_epoch", self.start_epoch, "an integer >= 0")
+        _check(
+            isinstance(self.start_epoch, int) and self.start_epoch >= 0,
+            "relora.start_epoch",
+            self.start_epoch,
+            "an integer >= 0",
+        )
         _check(isinstance(self.rank, int) and self.rank >= 1, "relora.rank", self.rank, "an integer >= 1")
-        _check(isinstance(self.merge_every, int) and self.merge_every >= 1, "relora.merge_every", self.merge_every, "an integer >= 1 (optimizer steps)")
+        _check(
+            isinstance(self.merge_every, int) and self.merge_every >= 1,
+            "relora.merge_every",
+            self.merge_every,
+            "an integer >= 1 (optimizer steps)",
+        )
         _check(0 <= self.prune < 1, "relora.prune", self.prune, "a fraction in [0, 1)")
-        _check(isinstance(self.rewarm_steps, int) and 0 <= self.rewarm_steps < self.merge_every, "relora.rewarm_steps", self.rewarm_steps,
-               f"an integer in [0, relora.merge_every) = [0, {self.merge_every})")
+        _check(
+            isinstance(self.rewarm_steps, int) and 0 <= self.rewarm_steps < self.merge_every,
+            "relora.rewarm_steps",
+            self.rewarm_steps,
+            f"an integer in [0, relora.merge_every) = [0, {self.merge_every})",
+        )
         _check(self.alpha_scale > 0, "relora.alpha_scale", self.alpha_scale, "a number > 0")
 
 
@@ -191,19 +287,43 @@ class ReLoRASettings:
 class LTESettings:
     """`strategy: lte` (LoRA-the-Explorer): parallel LoRA heads, merged into the frozen base every T steps."""
 
-    heads_per_worker: int = _f(1, "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).")
+    heads_per_worker: int = _f(
+        1,
+        "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).",
+    )
     rank: int = _f(8, "Rank r of every head on the target families (prelora.modules).")
     alpha: float = _f(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
-    merge_every: int = _f(6, "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).")
+    merge_every: int = _f(
+        6,
+        "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).",
+    )
     start_epoch: int = _f(0, "Full-training epochs before LTE starts (0: LTE from scratch, as the paper).")
-    train_others: str = _f("averaged", "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).")
+    train_others: str = _f(
+        "averaged",
+        "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).",
+    )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.heads_per_worker, int) and self.heads_per_worker >= 1, "lte.heads_per_worker", self.heads_per_worker, "an integer >= 1")
+        _check(
+            isinstance(self.heads_per_worker, int) and self.heads_per_worker >= 1,
+            "lte.heads_per_worker",
+            self.heads_per_worker,
+            "an integer >= 1",
+        )
         _check(isinstance(self.rank, int) and self.rank >= 1, "lte.rank", self.rank, "an integer >= 1")
         _check(self.alpha > 0, "lte.alpha", self.alpha, "a number > 0")
-        _check(isinstance(self.merge_every, int) and self.merge_every >= 1, "lte.merge_every", self.merge_every, "an integer >= 1 (optimizer steps)")
-        _check(isinstance(self.start_epoch, int) and self.start_epoch >= 0, "lte.start_epoch", self.start_epoch, "an integer >= 0")
+        _check(
+            isinstance(self.merge_every, int) and self.merge_every >= 1,
+            "lte.merge_every",
+            self.merge_every,
+            "an integer >= 1 (optimizer steps)",
+        )
+        _check(
+            isinstance(self.start_epoch, int) and self.start_epoch >= 0,
+            "lte.start_epoch",
+            self.start_epoch,
+            "an integer >= 0",
+        )
         _check(self.train_others in ("averaged", "frozen"), "lte.train_others", self.train_others, "averaged or frozen")
 
 
@@ -216,19 +336,39 @@ class ClusterSettings:
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker.")
     address: str | None = _f(None, "Ray cluster to join ('auto' or ray://host:port); None starts a local Ray.")
     max_failures: int = _f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
-    storage_path: str = _f("./ray_results", "Where checkpoints and the sweep's records go: a folder every node sees (made absolute), s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX. Same path and name resumes.")
+    storage_path: str = _f(
+        "./ray_results",
+        "Where checkpoints and the sweep's records go: a folder every node sees (made absolute), s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX. Same path and name resumes.",
+    )
     checkpoints_to_keep: int = _f(2, "Checkpoints kept per run (the newest).")
-    checkpoint_every: int = _f(1, "Attach a checkpoint to every N-th epoch's report (and always the last and each phase change).")
+    checkpoint_every: int = _f(
+        1, "Attach a checkpoint to every N-th epoch's report (and always the last and each phase change)."
+    )
     torch_threads: int | None = _f(None, "torch.set_num_threads per worker; None: cpus_per_worker rounded up.")
-    release_memory: bool = _f(False, "CPU workers hand freed memory back to the OS (glibc mmap threshold): lower peak RSS in the LoRA phase, slower steps.")
+    release_memory: bool = _f(
+        False,
+        "CPU workers hand freed memory back to the OS (glibc mmap threshold): lower peak RSS in the LoRA phase, slower steps.",
+    )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "cluster.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            isinstance(self.num_workers, int) and self.num_workers >= 1,
+            "cluster.num_workers",
+            self.num_workers,
+            "an integer >= 1",
+        )
         _check(self.cpus_per_worker > 0, "cluster.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         _check(self.max_failures >= -1, "cluster.max_failures", self.max_failures, "an integer >= -1")
-        _check(self.checkpoints_to_keep >= 1, "cluster.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
+        _check(
+            self.checkpoints_to_keep >= 1, "cluster.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1"
+        )
         _check(self.checkpoint_every >= 1, "cluster.checkpoint_every", self.checkpoint_every, "an integer >= 1")
-        _check(self.torch_threads is None or self.torch_threads >= 1, "cluster.torch_threads", self.torch_threads, "an integer >= 1 or null")
+        _check(
+            self.torch_threads is None or self.torch_threads >= 1,
+            "cluster.torch_threads",
+            self.torch_threads,
+            "an integer >= 1 or null",
+        )
 
 
 @dataclass(kw_only=True)
@@ -248,13 +388,19 @@ class TrackingSettings:
 class TrainSettings:
     """One training run: `prelora-ray train` takes exactly this."""
 
-    strategy: str = _f("prelora", "prelora (full -> warmup -> LoRA), full (the baseline: never switches), relora_prelora (full -> ReLoRA -> warmup -> LoRA) or lte (LoRA-the-Explorer: parallel heads merged every lte.merge_every steps).")
+    strategy: str = _f(
+        "prelora",
+        "prelora (full -> warmup -> LoRA), full (the baseline: never switches), relora_prelora (full -> ReLoRA -> warmup -> LoRA) or lte (LoRA-the-Explorer: parallel heads merged every lte.merge_every steps).",
+    )
     epochs: int = _f(40, "Training epochs.")
     seed: int = _f(0, "Seed of weights, data order and augmentation.")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: exact resume on CPU, slower on GPU.")
     amp: bool = _f(True, "bf16 autocast on GPU (ignored on CPU).")
     name: str | None = _f(None, "Run name (Ray Train run and checkpoint folder); None: <strategy>-<dataset>-<time>.")
-    output_dir: str = _f("./outputs", "Where the merged model (a plain ViT, save_pretrained) is written, under <name>/: a folder, s3://... or gs://...")
+    output_dir: str = _f(
+        "./outputs",
+        "Where the merged model (a plain ViT, save_pretrained) is written, under <name>/: a folder, s3://... or gs://...",
+    )
     model: ModelSettings = _nested(ModelSettings, "The ViT.")
     data: DataSettings = _nested(DataSettings, "The data.")
     optim: OptimSettings = _nested(OptimSettings, "The optimizer and schedule.")
@@ -270,27 +416,51 @@ class TrainSettings:
         at = self.prelora.switch_at_epoch
         if at is not None:
             lo, hi = switch_epoch_range(self)
-            _check(self.prelora.window_unit == "epoch", "prelora.switch_at_epoch", at, "only with prelora.window_unit=epoch")
-            _check(lo <= at <= hi, "prelora.switch_at_epoch", at,
-                   f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
-                   f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}")
+            _check(
+                self.prelora.window_unit == "epoch",
+                "prelora.switch_at_epoch",
+                at,
+                "only with prelora.window_unit=epoch",
+            )
+            _check(
+                lo <= at <= hi,
+                "prelora.switch_at_epoch",
+                at,
+                f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
+                f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}",
+            )
         if self.strategy == "relora_prelora":
-            _check(self.relora.start_epoch < self.epochs, "relora.start_epoch", self.relora.start_epoch, f"< epochs ({self.epochs})")
-            _check(at is None or at >= self.relora.start_epoch, "prelora.switch_at_epoch", at,
-                   f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)")
+            _check(
+                self.relora.start_epoch < self.epochs,
+                "relora.start_epoch",
+                self.relora.start_epoch,
+                f"< epochs ({self.epochs})",
+            )
+            _check(
+                at is None or at >= self.relora.start_epoch,
+                "prelora.switch_at_epoch",
+                at,
+                f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)",
+            )
         if self.strategy == "lte":
-            _check(self.lte.start_epoch < self.epochs, "lte.start_epoch", self.lte.start_epoch, f"< epochs ({self.epochs})")
-            _check(self.data.batch_size % self.lte.heads_per_worker == 0, "data.batch_size", self.data.batch_size,
-                   f"a multiple of lte.heads_per_worker ({self.lte.heads_per_worker}): each head trains on an equal chunk of the batch")
+            _check(
+                self.lte.start_epoch < self.epochs, "lte.start_epoch", self.lte.start_epoch, f"< epochs ({self.epochs})"
+            )
+            _check(
+                self.data.batch_size % self.lte.heads_per_worker == 0,
+                "data.batch_size",
+                self.data.batch_size,
+                f"a multiple of lte.heads_per_worker ({self.lte.heads_per_worker}): each head trains on an equal chunk of the batch",
+            )
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> "TrainSettings":
+    def from_dict(cls, data: dict[str, Any] | None, *, source: str = "config") -> TrainSettings:
         """Build from nested dicts (YAML). Unknown keys and bad types raise ValueError naming the key."""
         return _build(cls, data or {}, prefix="", source=source)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainSettings":
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainSettings:
         """Read a YAML file (optional) and apply `key.sub=value` overrides, in that order."""
         data: dict[str, Any] = {}
         source = "config"
@@ -328,7 +498,7 @@ class TrainSettings:
         walk(self.to_dict(), "")
         return out
 
-    def replace(self, **dotted: Any) -> "TrainSettings":
+    def replace(self, **dotted: Any) -> TrainSettings:
         """A copy with dotted keys changed: cfg.replace(**{'prelora.tau': 0.5})."""
         data = self.to_dict()
         for key, value in dotted.items():
@@ -402,7 +572,11 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str) -> Any:
 
 
 def _section_prefixes() -> list[str]:
-    return [f"{f.name}." for f in dataclasses.fields(TrainSettings) if dataclasses.is_dataclass(typing.get_type_hints(TrainSettings)[f.name])]
+    return [
+        f"{f.name}."
+        for f in dataclasses.fields(TrainSettings)
+        if dataclasses.is_dataclass(typing.get_type_hints(TrainSettings)[f.name])
+    ]
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

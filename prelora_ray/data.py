@@ -67,7 +67,9 @@ def check_data(settings: DataSettings) -> None:
     for split in ("train", "val"):
         sub = root / split
         if not sub.is_dir():
-            raise ValueError(f"data.root={settings.root!r} has no {split}/ folder: imagefolder needs root/train/<class>/*.png and root/val/<class>/*.png")
+            raise ValueError(
+                f"data.root={settings.root!r} has no {split}/ folder: imagefolder needs root/train/<class>/*.png and root/val/<class>/*.png"
+            )
         if not _has_images(sub):
             raise ValueError(f"data.root={settings.root!r}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")
 
@@ -146,7 +148,9 @@ def _torchvision(settings: DataSettings) -> DatasetBundle:
         if train.classes != val.classes:
             raise ValueError(f"data.root={settings.root!r}: train/ and val/ have different class folders")
         num_classes = len(train.classes)
-    return DatasetBundle(train=train, val=val, num_classes=num_classes, image_size=default_image_size(settings), num_channels=3)
+    return DatasetBundle(
+        train=train, val=val, num_classes=num_classes, image_size=default_image_size(settings), num_channels=3
+    )
 
 
 def build_datasets(settings: DataSettings) -> DatasetBundle:
@@ -183,8 +187,14 @@ def resolve_loader_workers(settings: DataSettings, device: torch.device | str, c
 
 
 def make_train_loader(
-    dataset: Dataset, settings: DataSettings, device: torch.device | str, *,
-    world_size: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = False,
+    dataset: Dataset,
+    settings: DataSettings,
+    device: torch.device | str,
+    *,
+    world_size: int = 1,
+    rank: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
 ) -> tuple[DataLoader, DistributedSampler]:
     """The training loop's train loader and its sampler: this worker's shard through a seeded DistributedSampler,
     `resolve_loader_workers` processes, pinned memory on CUDA (asynchronous copies to the GPU).

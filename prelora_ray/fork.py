@@ -41,11 +41,29 @@ _CKPT = re.compile(r"epoch_(\d+)\.pt$")
 
 # keys that only decide *when* the switch happens and which ranks it gives: two trials that differ
 # only in these, and land on the same switch epoch and ranks, train exactly the same after it
-SWITCH_DECISION_KEYS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.window_stat", "prelora.min_switch_epoch",
-                        "prelora.switch_at_epoch",
-                        "prelora.r_min", "prelora.r_max", "prelora.tie_rank", "prelora.zero_rank_below")
+SWITCH_DECISION_KEYS = (
+    "prelora.tau",
+    "prelora.zeta",
+    "prelora.k",
+    "prelora.m",
+    "prelora.window_stat",
+    "prelora.min_switch_epoch",
+    "prelora.switch_at_epoch",
+    "prelora.r_min",
+    "prelora.r_max",
+    "prelora.tie_rank",
+    "prelora.zero_rank_below",
+)
 # keys that name or place a run without changing what it computes
-RUN_IDENTITY_KEYS = ("name", "output_dir", "tracking.run_name", "tracking.uri", "tracking.experiment", "tracking.enabled", "cluster.storage_path")
+RUN_IDENTITY_KEYS = (
+    "name",
+    "output_dir",
+    "tracking.run_name",
+    "tracking.uri",
+    "tracking.experiment",
+    "tracking.enabled",
+    "cluster.storage_path",
+)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -147,7 +165,7 @@ def snapshots(history: Sequence[dict[str, Any]], families: Sequence[str] = MODUL
         norms = {}
         for fam in families:
             prefix = f"{M.LAYER_NORM_PREFIX}{fam}/"
-            layers = sorted((int(k[len(prefix):]), v) for k, v in record.items() if k.startswith(prefix))
+            layers = sorted((int(k[len(prefix) :]), v) for k, v in record.items() if k.startswith(prefix))
             if not layers:
                 raise ValueError(f"the trunk's epoch {record.get(M.EPOCH)} has no per-layer norms of family {fam!r}")
             norms[fam] = [float(v) for _, v in layers]
@@ -180,8 +198,18 @@ def replay_for(cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> SwitchP
     """Algorithm 1 and 2 with the trial's settings on the trunk's history."""
     p = cfg.prelora
     return replay_switch(
-        snapshots(history, p.modules), tau=p.tau, zeta=p.zeta, k=p.k, m=p.m, r_min=p.r_min, r_max=p.r_max, window_stat=p.window_stat,
-        min_switch_epoch=p.min_switch_epoch, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below, switch_at_epoch=p.switch_at_epoch,
+        snapshots(history, p.modules),
+        tau=p.tau,
+        zeta=p.zeta,
+        k=p.k,
+        m=p.m,
+        r_min=p.r_min,
+        r_max=p.r_max,
+        window_stat=p.window_stat,
+        min_switch_epoch=p.min_switch_epoch,
+        tie_rank=p.tie_rank,
+        zero_rank_below=p.zero_rank_below,
+        switch_at_epoch=p.switch_at_epoch,
     )
 
 
@@ -203,13 +231,19 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
     if point.mode != "fork":
         return ForkPlan(switch=None, mode=point.mode, why=point.why)
     ready = point.switch is not None or len(history) > point.until or len(history) >= cfg.epochs
-    usable = [c for c in checkpoint_epochs(folder) if c <= point.until]  # prelora: c = s + 1, switch right after loading
+    usable = [
+        c for c in checkpoint_epochs(folder) if c <= point.until
+    ]  # prelora: c = s + 1, switch right after loading
     if not ready or not usable:
         return None
-    return ForkPlan(switch=point.switch, mode="fork", fork_epoch=usable[-1], checkpoint=checkpoint_path(folder, usable[-1]).uri)
+    return ForkPlan(
+        switch=point.switch, mode="fork", fork_epoch=usable[-1], checkpoint=checkpoint_path(folder, usable[-1]).uri
+    )
 
 
-def summarize(history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None) -> dict[str, Any]:
+def summarize(
+    history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None
+) -> dict[str, Any]:
     """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time."""
     times = [float(e[M.EPOCH_TIME_S]) for e in history]
     return {
@@ -268,7 +302,9 @@ class ResultRegistry:
 
     def take_over(self, key: str, owner: str) -> None:
         """Claim a key whose owner stopped beating (its process died without a word, e.g. a trial lost to a killed sweep)."""
-        self._path(key).write_json({"owner": owner, "state": "claimed", "taken_from": (self.read(key) or {}).get("owner")})
+        self._path(key).write_json(
+            {"owner": owner, "state": "claimed", "taken_from": (self.read(key) or {}).get("owner")}
+        )
 
     def read(self, key: str) -> dict[str, Any] | None:
         """The key's record, or None (none yet, or being replaced at this instant)."""

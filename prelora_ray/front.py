@@ -29,9 +29,27 @@ import pandas as pd
 
 from prelora_ray import metrics as M
 
-__all__ = ["TRIAL_METRICS", "format_front", "hypervolume", "knee_point", "pareto_front", "pareto_mask", "speedup_at_equal_accuracy", "sweep_table"]
+__all__ = [
+    "TRIAL_METRICS",
+    "format_front",
+    "hypervolume",
+    "knee_point",
+    "pareto_front",
+    "pareto_mask",
+    "speedup_at_equal_accuracy",
+    "sweep_table",
+]
 
-TRIAL_METRICS = (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S)
+TRIAL_METRICS = (
+    M.SWITCH_EPOCH,
+    M.FREEZE_EPOCH,
+    M.FINAL_VAL_ACC,
+    M.BEST_VAL_ACC,
+    M.MEAN_EPOCH_TIME_S,
+    M.PEAK_MEM_MB,
+    M.TRAINABLE_FRACTION,
+    M.TOTAL_TRAIN_TIME_S,
+)
 
 ArrayLike2D = np.ndarray | Sequence[Sequence[float]]
 
@@ -41,7 +59,9 @@ _DIRECTIONS = {"max": 1.0, "maximize": 1.0, "min": -1.0, "minimize": -1.0}
 def _signs(directions: Sequence[str]) -> np.ndarray:
     """+1 for each maximised objective, -1 for each minimised one (validated)."""
     if isinstance(directions, str | bytes):
-        raise ValueError(f"directions must be a sequence with one entry per objective, e.g. ['max', 'min'], not the string {directions!r}")
+        raise ValueError(
+            f"directions must be a sequence with one entry per objective, e.g. ['max', 'min'], not the string {directions!r}"
+        )
     directions = list(directions)
     if not directions:
         raise ValueError("directions is empty: give at least one objective ('max' or 'min')")
@@ -66,7 +86,9 @@ def _as_max(values: ArrayLike2D, directions: Sequence[str]) -> np.ndarray:
     elif arr.ndim == 1 and len(signs) == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
-        raise ValueError(f"values must be 2-D (points x objectives), got shape {arr.shape} for {len(signs)} direction(s)")
+        raise ValueError(
+            f"values must be 2-D (points x objectives), got shape {arr.shape} for {len(signs)} direction(s)"
+        )
     if arr.shape[1] != len(signs):
         raise ValueError(f"values have {arr.shape[1]} objective(s) per point but {len(signs)} direction(s) were given")
     return arr * signs
@@ -235,8 +257,13 @@ def hypervolume(values: ArrayLike2D, directions: Sequence[str], reference: Seque
     return float(_hv(pts, ref))
 
 
-def speedup_at_equal_accuracy(acc: Sequence[float], epoch_time_s: Sequence[float], baseline_acc: float, baseline_time_s: float,
-                              within_points: float = 0.5) -> tuple[int | None, float | None]:
+def speedup_at_equal_accuracy(
+    acc: Sequence[float],
+    epoch_time_s: Sequence[float],
+    baseline_acc: float,
+    baseline_time_s: float,
+    within_points: float = 0.5,
+) -> tuple[int | None, float | None]:
     """The fastest trial whose accuracy is within ``within_points`` percentage points of the baseline.
 
     Accuracies are fractions in ``[0, 1]``; ``within_points`` is in percentage points, so the
@@ -277,7 +304,9 @@ def speedup_at_equal_accuracy(acc: Sequence[float], epoch_time_s: Sequence[float
         raise ValueError(f"baseline_acc must be a fraction in [0, 1], got {baseline_acc}")
     finite_acc = a[np.isfinite(a)]
     if finite_acc.size and (finite_acc.max() > 1.0 or finite_acc.min() < 0.0):
-        raise ValueError(f"accuracies must be fractions in [0, 1] (not percentages), got values in [{finite_acc.min()}, {finite_acc.max()}]")
+        raise ValueError(
+            f"accuracies must be fractions in [0, 1] (not percentages), got values in [{finite_acc.min()}, {finite_acc.max()}]"
+        )
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(a) & np.isfinite(t) & (t > 0) & (a >= baseline_acc - within_points / 100.0 - 1e-12)
     if not ok.any():
@@ -360,7 +389,9 @@ def strategy_lines(table: pd.DataFrame) -> list[str]:
         rows = done[done["strategy"] == strategy]
         on_front = int(rows[M.PARETO_TAG].astype(bool).sum())
         best = rows[M.FINAL_VAL_ACC].astype(float).max() if M.FINAL_VAL_ACC in rows else float("nan")
-        lines.append(f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, best {M.FINAL_VAL_ACC} {best:.4g}")
+        lines.append(
+            f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, best {M.FINAL_VAL_ACC} {best:.4g}"
+        )
     return lines
 
 
@@ -371,9 +402,32 @@ def format_front(table: pd.DataFrame) -> str:
         return "no finished trials"
     shown = table[(table[M.PARETO_TAG]) | (table["role"] == "baseline")]
     several = len(trial_strategies(table)) > 1
-    known = {"run_id", "run_name", "role", "sweep", "status", "strategy", "speedup", M.PARETO_TAG, *M.SWITCH_PARAMS, *TRIAL_METRICS}
-    extra = [c for c in table.columns if "." in c and c not in known] if several else []  # other sampled knobs, e.g. relora.*
-    cols = ["run_name", "role", *(["strategy"] if several else []), *M.SWITCH_PARAMS, *extra, M.SWITCH_EPOCH, M.FINAL_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup"]
+    known = {
+        "run_id",
+        "run_name",
+        "role",
+        "sweep",
+        "status",
+        "strategy",
+        "speedup",
+        M.PARETO_TAG,
+        *M.SWITCH_PARAMS,
+        *TRIAL_METRICS,
+    }
+    extra = (
+        [c for c in table.columns if "." in c and c not in known] if several else []
+    )  # other sampled knobs, e.g. relora.*
+    cols = [
+        "run_name",
+        "role",
+        *(["strategy"] if several else []),
+        *M.SWITCH_PARAMS,
+        *extra,
+        M.SWITCH_EPOCH,
+        M.FINAL_VAL_ACC,
+        M.MEAN_EPOCH_TIME_S,
+        "speedup",
+    ]
     out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
     text = out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
     return "\n".join([text, *strategy_lines(table)]) if several else text

@@ -28,7 +28,9 @@ PREV_BUFFERS = ("lte_prev_A", "lte_prev_B")
 class LTELinear(nn.Module):
     """A linear with H LoRA heads; each head sees its own chunk of the batch (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, *, heads: int, rank: int, scale: float, generators: list[torch.Generator]) -> None:
+    def __init__(
+        self, base: nn.Linear, *, heads: int, rank: int, scale: float, generators: list[torch.Generator]
+    ) -> None:
         super().__init__()
         if len(generators) != heads:
             raise ValueError(f"{heads} heads need one generator each, got {len(generators)}")
@@ -83,10 +85,15 @@ def head_generators(seed: int, first_head: int, heads: int) -> list[torch.Genera
 
     So two workers with one head each draw the same A as one worker emulating both heads.
     """
-    return [torch.Generator().manual_seed((seed * 1_000_003 + (first_head + h) * 7_919 + 0x17E) % 2**63) for h in range(heads)]
+    return [
+        torch.Generator().manual_seed((seed * 1_000_003 + (first_head + h) * 7_919 + 0x17E) % 2**63)
+        for h in range(heads)
+    ]
 
 
-def inject_lte_heads(model: nn.Module, names: list[str], *, heads: int, rank: int, scale: float, seed: int, first_head: int) -> int:
+def inject_lte_heads(
+    model: nn.Module, names: list[str], *, heads: int, rank: int, scale: float, seed: int, first_head: int
+) -> int:
     """Replace each named nn.Linear of `model` by an LTELinear around it (in place); returns how many.
 
     The named modules are visited in the given order, each head drawing its A from its own generator,

@@ -36,7 +36,15 @@ SWEEP_TAG = "prelora.sweep"
 PARETO_TAG = "pareto"
 RUN_NAME_TAG = "prelora.run_name"
 RESUMED_AT_TAG = "prelora.resumed_at"  # epochs at which the run resumed from a checkpoint (JSON list), if it ever did
-SWITCH_PARAMS = ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max")
+SWITCH_PARAMS = (
+    "prelora.tau",
+    "prelora.zeta",
+    "prelora.k",
+    "prelora.m",
+    "prelora.warmup",
+    "prelora.r_min",
+    "prelora.r_max",
+)
 
 # fork-from-trunk sweeps (tags of a trial's run; the parent run logs the two totals as metrics)
 EPOCHS_TRAINED_TAG = "epochs_trained"  # epochs this run actually trained (0: never switched or reused)

@@ -13,7 +13,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from prelora_ray.algorithms import assign_ranks, family_means, last_window_changes, partial_convergence_test, window_values
+from prelora_ray.algorithms import (
+    assign_ranks,
+    family_means,
+    last_window_changes,
+    partial_convergence_test,
+    window_values,
+)
 from prelora_ray.switch import adapter_root, effective_weight
 
 
@@ -30,7 +36,10 @@ def layer_norms(model: nn.Module, names: Mapping[str, list[str]]) -> dict[str, l
     `switch.adapter_root`).
     """
     root = adapter_root(model)
-    return {family: [effective_weight_norm(root.get_submodule(n)) for n in layer_names] for family, layer_names in names.items()}
+    return {
+        family: [effective_weight_norm(root.get_submodule(n)) for n in layer_names]
+        for family, layer_names in names.items()
+    }
 
 
 class ConvergenceMonitor:

@@ -27,7 +27,14 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
 
 
 def jagged_cosine_factor(
-    step: int, *, total_steps: int, warmup_steps: int, min_ratio: float, first_restart: int, restart_every: int, rewarm_steps: int
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    min_ratio: float,
+    first_restart: int,
+    restart_every: int,
+    rewarm_steps: int,
 ) -> float:
     """The cosine schedule with restarts at steps first_restart + j·restart_every (j >= 0).
 
@@ -35,6 +42,7 @@ def jagged_cosine_factor(
     factor is 0, and it rises linearly to the global cosine's value at r + rewarm_steps, which it
     reaches there and follows until the next restart (ReLoRA's cyclical schedule).
     """
+
     def cosine(s: int) -> float:
         return lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule="cosine", min_ratio=min_ratio)
 

@@ -81,7 +81,13 @@ class LocalRuntime:
     rank = 0
     world_size = 1
 
-    def __init__(self, device: str | torch.device = "cpu", *, resume_from: dict[str, Any] | None = None, stop_after_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        resume_from: dict[str, Any] | None = None,
+        stop_after_epoch: int | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.reports: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []

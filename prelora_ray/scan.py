@@ -25,11 +25,28 @@ GRID_KEYS = ("name", "tau", "zeta", "k", "m")
 # Table 1 of the PreLoRA paper (τ for weights, ζ for loss, in percent); k = m = 3 epochs of a 300-epoch run
 PAPER_GRID = (("Exp1", 1.00, 5.00), ("Exp2", 0.50, 2.50), ("Exp3", 0.25, 1.00))
 PAPER_EPOCHS, PAPER_K, PAPER_M = 300, 3, 3
-LANDING_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")  # not the curves' blue and red
-TABLE_COLUMNS = ("switch_epoch", M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, "speedup", M.TRAINABLE_FRACTION, "epochs_trained")
+LANDING_COLORS = (
+    "tab:green",
+    "tab:purple",
+    "tab:brown",
+    "tab:olive",
+    "tab:cyan",
+    "tab:pink",
+)  # not the curves' blue and red
+TABLE_COLUMNS = (
+    "switch_epoch",
+    M.FINAL_VAL_ACC,
+    M.BEST_VAL_ACC,
+    M.MEAN_EPOCH_TIME_S,
+    "speedup",
+    M.TRAINABLE_FRACTION,
+    "epochs_trained",
+)
 
 
-def candidate_epochs(cfg: TrainSettings, *, every: int | None = None, epochs: Sequence[int] | None = None, points: int = DEFAULT_POINTS) -> list[int]:
+def candidate_epochs(
+    cfg: TrainSettings, *, every: int | None = None, epochs: Sequence[int] | None = None, points: int = DEFAULT_POINTS
+) -> list[int]:
     """The switch epochs to scan, ascending; ValueError (naming the flag and the valid range) on bad input.
 
     Default: `points` epochs evenly spread over (first, last], first being the epoch Algorithm 1 could
@@ -38,11 +55,15 @@ def candidate_epochs(cfg: TrainSettings, *, every: int | None = None, epochs: Se
     `every N`: first + N, first + 2N, ... up to last.
     """
     lo, hi = switch_epoch_range(cfg)
-    where = (f"an epoch in [{lo}, {hi}] (k*m - 1 = {lo}; epochs - 2 - prelora.warmup = {hi}, "
-             f"so that the warmup and one LoRA epoch fit in {cfg.epochs} epochs)")
+    where = (
+        f"an epoch in [{lo}, {hi}] (k*m - 1 = {lo}; epochs - 2 - prelora.warmup = {hi}, "
+        f"so that the warmup and one LoRA epoch fit in {cfg.epochs} epochs)"
+    )
     if hi < lo:
-        raise ValueError(f"no epoch can be scanned: epochs={cfg.epochs} leaves no room for k*m = {lo + 1} recorded epochs, "
-                         f"the warmup (prelora.warmup={cfg.prelora.warmup}) and one LoRA epoch")
+        raise ValueError(
+            f"no epoch can be scanned: epochs={cfg.epochs} leaves no room for k*m = {lo + 1} recorded epochs, "
+            f"the warmup (prelora.warmup={cfg.prelora.warmup}) and one LoRA epoch"
+        )
     if every is not None and epochs is not None:
         raise ValueError("give --every or --epochs, not both")
     if epochs is not None:
@@ -72,8 +93,16 @@ class GridSetting:
 
     def config(self, base: TrainSettings) -> TrainSettings:
         """The train config with these thresholds and windows (Algorithm 1 decides: no switch_at_epoch)."""
-        return base.replace(**{"prelora.tau": self.tau, "prelora.zeta": self.zeta, "prelora.k": self.k, "prelora.m": self.m,
-                               "prelora.switch_at_epoch": None, "strategy": "prelora"})
+        return base.replace(
+            **{
+                "prelora.tau": self.tau,
+                "prelora.zeta": self.zeta,
+                "prelora.k": self.k,
+                "prelora.m": self.m,
+                "prelora.switch_at_epoch": None,
+                "strategy": "prelora",
+            }
+        )
 
 
 def default_grid(cfg: TrainSettings) -> list[GridSetting]:
@@ -97,7 +126,9 @@ def load_grid(path: str | Path, cfg: TrainSettings) -> list[GridSetting]:
     if not data:
         raise ValueError(f"{p}: the grid is empty: give a list of settings with keys {', '.join(GRID_KEYS)}")
     if not isinstance(data, list):
-        raise ValueError(f"{p}: the top level must be a list of settings (or settings: [...]), got {type(data).__name__}")
+        raise ValueError(
+            f"{p}: the top level must be a list of settings (or settings: [...]), got {type(data).__name__}"
+        )
     out = []
     for i, item in enumerate(data):
         if not isinstance(item, dict) or not item:
@@ -105,23 +136,49 @@ def load_grid(path: str | Path, cfg: TrainSettings) -> list[GridSetting]:
         for key in item:
             if key not in GRID_KEYS:
                 near = difflib.get_close_matches(str(key), GRID_KEYS, n=1)
-                raise ValueError(f"{p}: setting {i}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else f"; keys: {', '.join(GRID_KEYS)}"))
+                raise ValueError(
+                    f"{p}: setting {i}: unknown key {key!r}"
+                    + (f"; did you mean {near[0]!r}?" if near else f"; keys: {', '.join(GRID_KEYS)}")
+                )
         p_ = cfg.prelora
-        values = {"tau": p_.tau, "zeta": p_.zeta, "k": p_.k, "m": p_.m, **{k: v for k, v in item.items() if k != "name"}}
+        values = {
+            "tau": p_.tau,
+            "zeta": p_.zeta,
+            "k": p_.k,
+            "m": p_.m,
+            **{k: v for k, v in item.items() if k != "name"},
+        }
         try:
-            checked = cfg.replace(**{f"prelora.{k}": v for k, v in values.items()}, **{"prelora.switch_at_epoch": None}).prelora
+            checked = cfg.replace(
+                **{f"prelora.{k}": v for k, v in values.items()}, **{"prelora.switch_at_epoch": None}
+            ).prelora
         except ValueError as exc:
             raise ValueError(f"{p}: setting {i}: {exc}") from None
-        out.append(GridSetting(name=str(item.get("name", f"setting{i}")), tau=checked.tau, zeta=checked.zeta, k=checked.k, m=checked.m))
+        out.append(
+            GridSetting(
+                name=str(item.get("name", f"setting{i}")), tau=checked.tau, zeta=checked.zeta, k=checked.k, m=checked.m
+            )
+        )
     return out
 
 
-def grid_landings(cfg: TrainSettings, history: Sequence[dict[str, Any]], grid: Sequence[GridSetting]) -> list[dict[str, Any]]:
+def grid_landings(
+    cfg: TrainSettings, history: Sequence[dict[str, Any]], grid: Sequence[GridSetting]
+) -> list[dict[str, Any]]:
     """Where each grid setting switches on the trunk's history (Algorithm 1 and 2 replayed): -1 never."""
     rows = []
     for g in grid:
         point = fork.replay_for(g.config(cfg), history)
-        rows.append({"setting": g.name, "tau": g.tau, "zeta": g.zeta, "k": g.k, "m": g.m, "switch_epoch": point.epoch if point else -1})
+        rows.append(
+            {
+                "setting": g.name,
+                "tau": g.tau,
+                "zeta": g.zeta,
+                "k": g.k,
+                "m": g.m,
+                "switch_epoch": point.epoch if point else -1,
+            }
+        )
     return rows
 
 
@@ -141,15 +198,21 @@ def point_row(switch_epoch: int, result: dict[str, Any], trunk_time_s: float) ->
 
 def trunk_row(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The trunk (full training, never switches) as a row: the reference line of the table and plot."""
-    summary = {**fork.summarize(history), M.TRAINABLE_FRACTION: float(history[-1][M.TRAINABLE_FRACTION]), "epochs_trained": len(history)}
+    summary = {
+        **fork.summarize(history),
+        M.TRAINABLE_FRACTION: float(history[-1][M.TRAINABLE_FRACTION]),
+        "epochs_trained": len(history),
+    }
     return point_row(-1, summary, summary[M.MEAN_EPOCH_TIME_S])
 
 
 def format_row(row: dict[str, Any], landed: Sequence[str] = ()) -> str:
     """One line of the console table."""
     name = "trunk" if row["switch_epoch"] < 0 else str(row["switch_epoch"])
-    return (f"{name:>6} {row[M.FINAL_VAL_ACC]:>9.4f} {row[M.BEST_VAL_ACC]:>9.4f} {row[M.MEAN_EPOCH_TIME_S]:>10.3f} "
-            f"{row['speedup']:>8.3f} {row[M.TRAINABLE_FRACTION]:>10.4f} {row['epochs_trained']:>8d}  {', '.join(landed)}").rstrip()
+    return (
+        f"{name:>6} {row[M.FINAL_VAL_ACC]:>9.4f} {row[M.BEST_VAL_ACC]:>9.4f} {row[M.MEAN_EPOCH_TIME_S]:>10.3f} "
+        f"{row['speedup']:>8.3f} {row[M.TRAINABLE_FRACTION]:>10.4f} {row['epochs_trained']:>8d}  {', '.join(landed)}"
+    ).rstrip()
 
 
 TABLE_HEADER = f"{'switch':>6} {'final_acc':>9} {'best_acc':>9} {'epoch_s':>10} {'speedup':>8} {'trainable':>10} {'trained':>8}  grid settings landing here"
@@ -162,13 +225,24 @@ def format_table(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings
         by_epoch.setdefault(g["switch_epoch"], []).append(g["setting"])
     lines = [TABLE_HEADER, format_row(trunk, by_epoch.get(-1, []) and [f"never: {', '.join(by_epoch[-1])}"])]
     lines += [format_row(r, by_epoch.get(r["switch_epoch"], [])) for r in sorted(rows, key=lambda r: r["switch_epoch"])]
-    off = [f"{g['setting']}@{g['switch_epoch']}" for g in landings if g["switch_epoch"] >= 0 and g["switch_epoch"] not in {r["switch_epoch"] for r in rows}]
+    off = [
+        f"{g['setting']}@{g['switch_epoch']}"
+        for g in landings
+        if g["switch_epoch"] >= 0 and g["switch_epoch"] not in {r["switch_epoch"] for r in rows}
+    ]
     if off:
         lines.append(f"grid settings between the scanned epochs: {', '.join(off)}")
     return "\n".join(lines)
 
 
-def plot_scan(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+def plot_scan(
+    trunk: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    landings: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
     """`scan.png`: final val_acc (top) and mean epoch time (bottom) against the switch epoch, the trunk as a
     dashed reference line in both, and each grid setting marked at the epoch it lands on."""
     import matplotlib
@@ -180,8 +254,10 @@ def plot_scan(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: S
     rows = sorted(rows, key=lambda r: r["switch_epoch"])
     x = [r["switch_epoch"] for r in rows]
     fig, (acc_ax, time_ax) = plt.subplots(2, 1, sharex=True, figsize=(10, 6.5))
-    panels = ((acc_ax, M.FINAL_VAL_ACC, "final validation accuracy (top-1)", "tab:blue"),
-              (time_ax, M.MEAN_EPOCH_TIME_S, "mean training time per epoch (s)", "tab:red"))
+    panels = (
+        (acc_ax, M.FINAL_VAL_ACC, "final validation accuracy (top-1)", "tab:blue"),
+        (time_ax, M.MEAN_EPOCH_TIME_S, "mean training time per epoch (s)", "tab:red"),
+    )
     for ax, key, label, color in panels:
         ax.plot(x, [r[key] for r in rows], "o-", color=color, label="switch at this epoch (scan point)")
         ax.axhline(trunk[key], color="0.35", linestyle="--", label=f"trunk, full training ({trunk[key]:.4g})")
@@ -193,8 +269,15 @@ def plot_scan(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: S
     landed = [g for g in landings if g["switch_epoch"] >= 0]
     for i, g in enumerate(landed):
         for ax in (acc_ax, time_ax):
-            ax.axvline(g["switch_epoch"], color=LANDING_COLORS[i % len(LANDING_COLORS)], linestyle=":", linewidth=1.5,
-                       label=f"{g['setting']} (τ={g['tau']:g}, ζ={g['zeta']:g}, k={g['k']}, m={g['m']}) lands at {g['switch_epoch']}" if ax is acc_ax else None)
+            ax.axvline(
+                g["switch_epoch"],
+                color=LANDING_COLORS[i % len(LANDING_COLORS)],
+                linestyle=":",
+                linewidth=1.5,
+                label=f"{g['setting']} (τ={g['tau']:g}, ζ={g['zeta']:g}, k={g['k']}, m={g['m']}) lands at {g['switch_epoch']}"
+                if ax is acc_ax
+                else None,
+            )
     never = [g["setting"] for g in landings if g["switch_epoch"] < 0]
     if never:
         acc_ax.plot([], [], " ", label=f"never pass on the trunk: {', '.join(never)}")

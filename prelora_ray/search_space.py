@@ -17,12 +17,27 @@ from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
 from prelora_ray.strategies import REGISTRY
 
-TOP_KEYS = ("name", "description", "base", "parameters", "objectives", "sampler", "num_samples", "max_concurrent", "trial_executor", "baseline", "experiment", "fork",
-            "optuna_storage")
+TOP_KEYS = (
+    "name",
+    "description",
+    "base",
+    "parameters",
+    "objectives",
+    "sampler",
+    "num_samples",
+    "max_concurrent",
+    "trial_executor",
+    "baseline",
+    "experiment",
+    "fork",
+    "optuna_storage",
+)
 JOURNAL_PREFIX = "journal:"  # an Optuna journal file (JournalFileBackend), e.g. on an NFS mount every node sees
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
-OPTUNA_STORAGE_VALID = ("an Optuna storage: an RDB URL (sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DB, mysql://...) "
-                        "or journal:PATH (a journal file on storage every node sees)")
+OPTUNA_STORAGE_VALID = (
+    "an Optuna storage: an RDB URL (sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DB, mysql://...) "
+    "or journal:PATH (a journal file on storage every node sees)"
+)
 FORK_KEYS = ("enabled", "every")
 TRIAL_EXECUTORS = ("ray_train", "tune")
 # which keys a fork-mode sweep may sample is each strategy's to say (`Strategy.fork_safe`): for prelora,
@@ -35,7 +50,15 @@ DISTRIBUTIONS = {
 }
 CONDITION_FIELD = "when"  # a parameter sampled only in trials where other (categorical) parameters take given values
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
-OBJECTIVE_METRICS = (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.PEAK_MEM_MB, M.TRAINABLE_FRACTION, M.TOTAL_TRAIN_TIME_S, M.VAL_LOSS)
+OBJECTIVE_METRICS = (
+    M.FINAL_VAL_ACC,
+    M.BEST_VAL_ACC,
+    M.MEAN_EPOCH_TIME_S,
+    M.PEAK_MEM_MB,
+    M.TRAINABLE_FRACTION,
+    M.TOTAL_TRAIN_TIME_S,
+    M.VAL_LOSS,
+)
 DEFAULT_OBJECTIVES = ({"metric": M.FINAL_VAL_ACC, "mode": "max"}, {"metric": M.MEAN_EPOCH_TIME_S, "mode": "min"})
 
 
@@ -87,7 +110,9 @@ class SearchSpace:
     seed: int | None = 0
     num_samples: int = 8
     max_concurrent: int = 2
-    trial_executor: str = "ray_train"  # ray_train: a TorchTrainer per trial; tune: one worker in the trial's own process
+    trial_executor: str = (
+        "ray_train"  # ray_train: a TorchTrainer per trial; tune: one worker in the trial's own process
+    )
     baseline: bool = True
     experiment: str | None = None
     description: str = ""
@@ -125,18 +150,30 @@ def _condition(path: str, key: str, raw: Any, earlier: dict[str, Parameter]) -> 
     """`when: {other_key: value or [values]}`: other_key a categorical parameter declared above, without a `when` itself."""
     where = f"parameters.{key}.{CONDITION_FIELD}"
     if not isinstance(raw, dict) or not raw:
-        raise _err(path, where, f"must be a mapping of a categorical parameter above to its value(s), e.g. {{strategy: [relora_prelora]}}, got {raw!r}")
+        raise _err(
+            path,
+            where,
+            f"must be a mapping of a categorical parameter above to its value(s), e.g. {{strategy: [relora_prelora]}}, got {raw!r}",
+        )
     out = []
     for other, values in raw.items():
         other = str(other)
         p = earlier.get(other)
         if p is None or p.kind != "categorical" or p.when:
             choices = [k for k, q in earlier.items() if q.kind == "categorical" and not q.when]
-            raise _err(path, f"{where}.{other}", f"must name a categorical parameter declared above it without a when of its own; here: {', '.join(choices) or 'none'}")
+            raise _err(
+                path,
+                f"{where}.{other}",
+                f"must name a categorical parameter declared above it without a when of its own; here: {', '.join(choices) or 'none'}",
+            )
         allowed = tuple(values) if isinstance(values, list) else (values,)
         bad = [v for v in allowed if v not in p.values]
         if not allowed or bad:
-            raise _err(path, f"{where}.{other}", f"{(bad or [values])[0]!r} is not one of its values ({', '.join(map(str, p.values))})")
+            raise _err(
+                path,
+                f"{where}.{other}",
+                f"{(bad or [values])[0]!r} is not one of its values ({', '.join(map(str, p.values))})",
+            )
         out.append((other, allowed))
     return tuple(out)
 
@@ -153,25 +190,41 @@ def _contexts(when: tuple[tuple[str, tuple[Any, ...]], ...], strategy: Parameter
     return contexts
 
 
-def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dict[str, Parameter] | None = None,
-               strategy: Parameter | None = None) -> Parameter:
+def _parameter(
+    path: str,
+    key: str,
+    spec: Any,
+    base: TrainSettings,
+    earlier: dict[str, Parameter] | None = None,
+    strategy: Parameter | None = None,
+) -> Parameter:
     """One parameter; `earlier`: those declared above it (its `when` may name them), `strategy`: the sampled strategy
     wherever it is declared (the parameter's values are checked with each strategy)."""
     earlier = earlier or {}
     if key not in valid_keys():
         raise _unknown_key_error(key, valid_keys(), f"{path}: parameters")
     if not isinstance(spec, dict) or "type" not in spec:
-        raise _err(path, f"parameters.{key}", f"must be a mapping with a type ({', '.join(DISTRIBUTIONS)}), got {spec!r}")
+        raise _err(
+            path, f"parameters.{key}", f"must be a mapping with a type ({', '.join(DISTRIBUTIONS)}), got {spec!r}"
+        )
     kind = spec["type"]
     if kind not in DISTRIBUTIONS:
         raise _err(path, f"parameters.{key}.type", f"unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
     unknown = [k for k in spec if k not in ("type", CONDITION_FIELD) and k not in DISTRIBUTIONS[kind]]
     if unknown:
-        raise _err(path, f"parameters.{key}.{unknown[0]}", f"not a field of a {kind} distribution (fields: {', '.join(DISTRIBUTIONS[kind])}, {CONDITION_FIELD})")
+        raise _err(
+            path,
+            f"parameters.{key}.{unknown[0]}",
+            f"not a field of a {kind} distribution (fields: {', '.join(DISTRIBUTIONS[kind])}, {CONDITION_FIELD})",
+        )
     when = _condition(path, key, spec[CONDITION_FIELD], earlier) if CONDITION_FIELD in spec else ()
     if key == "strategy":
         if kind != "categorical":
-            raise _err(path, "parameters.strategy.type", f"a strategy is sampled from a categorical (values from {', '.join(REGISTRY)}), got {kind!r}")
+            raise _err(
+                path,
+                "parameters.strategy.type",
+                f"a strategy is sampled from a categorical (values from {', '.join(REGISTRY)}), got {kind!r}",
+            )
         values = spec.get("values")
         bad = [v for v in values if v not in REGISTRY] if isinstance(values, list) else []
         if bad:
@@ -191,7 +244,9 @@ def _parameter(path: str, key: str, spec: Any, base: TrainSettings, earlier: dic
         step = None
         if kind == "int":
             if int(low) != low or int(high) != high:
-                raise _err(path, f"parameters.{key}", f"an int distribution needs integer low and high, got {low}, {high}")
+                raise _err(
+                    path, f"parameters.{key}", f"an int distribution needs integer low and high, got {low}, {high}"
+                )
             step = spec.get("step", 1)
             if not isinstance(step, int) or step < 1:
                 raise _err(path, f"parameters.{key}.step", f"must be an integer >= 1, got {step!r}")
@@ -215,11 +270,19 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
     lo_min = lo_p.bounds()[0] if lo_p else base.prelora.r_min
     hi_max = hi_p.bounds()[1] if hi_p else base.prelora.r_max
     if lo_min > hi_max:
-        raise _err(path, "parameters.prelora.r_min", f"its smallest value ({lo_min}) is above the largest prelora.r_max ({hi_max}): no valid pair exists")
+        raise _err(
+            path,
+            "parameters.prelora.r_min",
+            f"its smallest value ({lo_min}) is above the largest prelora.r_max ({hi_max}): no valid pair exists",
+        )
     for key in ("prelora.r_min", "prelora.r_max"):
         p = params.get(key)
         if p is not None and p.kind != "categorical":
-            raise _err(path, f"parameters.{key}", "ranks must be powers of two: use a categorical distribution, e.g. values: [4, 8, 16]")
+            raise _err(
+                path,
+                f"parameters.{key}",
+                "ranks must be powers of two: use a categorical distribution, e.g. values: [4, 8, 16]",
+            )
 
 
 def space_strategies(base: TrainSettings, params: dict[str, Parameter]) -> tuple[str, ...]:
@@ -245,9 +308,18 @@ def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tup
         applies = [s for s in (p.condition("strategy") or strategies) if s in strategies]
         unsafe = [s for s in applies if not REGISTRY[s].fork_safe(key)]
         if unsafe:
-            allowed = "; ".join(f"{s}: {REGISTRY[s].fork_keys_text}" for s in unsafe) if len(strategies) > 1 else REGISTRY[unsafe[0]].fork_keys_text
-            problems.append((f"parameters.{key}", f"changes the full-training phase, which every forked trial shares with the trunk; sample only {allowed}"
-                             f"{' (or put the key under a when: {strategy: ...} that leaves these out)' if len(strategies) > 1 else ''}, or set fork: false"))
+            allowed = (
+                "; ".join(f"{s}: {REGISTRY[s].fork_keys_text}" for s in unsafe)
+                if len(strategies) > 1
+                else REGISTRY[unsafe[0]].fork_keys_text
+            )
+            problems.append(
+                (
+                    f"parameters.{key}",
+                    f"changes the full-training phase, which every forked trial shares with the trunk; sample only {allowed}"
+                    f"{' (or put the key under a when: {strategy: ...} that leaves these out)' if len(strategies) > 1 else ''}, or set fork: false",
+                )
+            )
     for s in strategies:
         why = REGISTRY[s].fork_problem(base.replace(strategy=s))
         if why is not None:
@@ -256,7 +328,12 @@ def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tup
     if not any(REGISTRY[s].fork_mode == "fork" for s in strategies):
         forking = [n for n, cls in REGISTRY.items() if cls.fork_mode == "fork"]
         where = "parameters.strategy" if "strategy" in params else "base.strategy"
-        problems.append((where, f"is {' or '.join(map(repr, strategies))}: no trial forks from the trunk (strategies that do: {', '.join(forking)})"))
+        problems.append(
+            (
+                where,
+                f"is {' or '.join(map(repr, strategies))}: no trial forks from the trunk (strategies that do: {', '.join(forking)})",
+            )
+        )
     return problems
 
 
@@ -278,7 +355,9 @@ def parse_fork(path: str, raw: Any, base: TrainSettings, params: dict[str, Param
     if enabled is not None and not isinstance(enabled, bool):
         raise _err(path, "fork.enabled", f"must be true or false, got {enabled!r}")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise _err(path, "fork.every", f"must be an integer >= 1 (epochs between the trunk's checkpoints), got {every!r}")
+        raise _err(
+            path, "fork.every", f"must be an integer >= 1 (epochs between the trunk's checkpoints), got {every!r}"
+        )
     problems = fork_problems(base, params)
     if enabled and problems:
         raise _err(path, problems[0][0], problems[0][1])
@@ -309,22 +388,36 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     raw_params = data.get("parameters")
     if not isinstance(raw_params, dict) or not raw_params:
         raise _err(path, "parameters", "must be a non-empty mapping of config key -> distribution")
-    strategy = None  # checked first: every other parameter's values are checked with each strategy, wherever it is declared
-    if "strategy" in raw_params and not (isinstance(raw_params["strategy"], dict) and CONDITION_FIELD in raw_params["strategy"]):
+    strategy = (
+        None  # checked first: every other parameter's values are checked with each strategy, wherever it is declared
+    )
+    if "strategy" in raw_params and not (
+        isinstance(raw_params["strategy"], dict) and CONDITION_FIELD in raw_params["strategy"]
+    ):
         strategy = _parameter(path, "strategy", raw_params["strategy"], base)
     params: dict[str, Parameter] = {}
     for k, v in raw_params.items():
-        params[str(k)] = strategy if str(k) == "strategy" and strategy is not None else _parameter(path, str(k), v, base, params, strategy)
+        params[str(k)] = (
+            strategy
+            if str(k) == "strategy" and strategy is not None
+            else _parameter(path, str(k), v, base, params, strategy)
+        )
     _check_relations(path, params, base)
     raw_obj = data.get("objectives", list(DEFAULT_OBJECTIVES))
     if not isinstance(raw_obj, list) or not raw_obj:
-        raise _err(path, "objectives", f"must be a non-empty list of {{metric, mode}}; metrics: {', '.join(OBJECTIVE_METRICS)}")
+        raise _err(
+            path, "objectives", f"must be a non-empty list of {{metric, mode}}; metrics: {', '.join(OBJECTIVE_METRICS)}"
+        )
     objectives = []
     for i, o in enumerate(raw_obj):
         if not isinstance(o, dict) or "metric" not in o:
             raise _err(path, f"objectives[{i}].metric", f"missing; one of {', '.join(OBJECTIVE_METRICS)}")
         if o["metric"] not in OBJECTIVE_METRICS:
-            raise _err(path, f"objectives[{i}].metric", f"unknown metric {o['metric']!r}; one of {', '.join(OBJECTIVE_METRICS)}")
+            raise _err(
+                path,
+                f"objectives[{i}].metric",
+                f"unknown metric {o['metric']!r}; one of {', '.join(OBJECTIVE_METRICS)}",
+            )
         if o.get("mode") not in ("max", "min"):
             raise _err(path, f"objectives[{i}].mode", f"must be max or min, got {o.get('mode')!r}")
         extra = [k for k in o if k not in ("metric", "mode")]
@@ -351,9 +444,17 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     if executor not in TRIAL_EXECUTORS:
         raise _err(path, "trial_executor", f"must be one of {', '.join(TRIAL_EXECUTORS)}, got {executor!r}")
     if executor == "tune" and base.cluster.num_workers != 1:
-        raise _err(path, "trial_executor", f"tune runs each trial's one worker in the trial's own process: it needs base.cluster.num_workers 1, got {base.cluster.num_workers} (use ray_train)")
+        raise _err(
+            path,
+            "trial_executor",
+            f"tune runs each trial's one worker in the trial's own process: it needs base.cluster.num_workers 1, got {base.cluster.num_workers} (use ray_train)",
+        )
     if executor == "tune" and "cluster.num_workers" in params:
-        raise _err(path, "trial_executor", "tune runs one worker per trial: cluster.num_workers cannot be sampled (use ray_train)")
+        raise _err(
+            path,
+            "trial_executor",
+            "tune runs one worker per trial: cluster.num_workers cannot be sampled (use ray_train)",
+        )
     baseline = data.get("baseline", True)
     if not isinstance(baseline, bool):
         raise _err(path, "baseline", f"must be true or false, got {baseline!r}")
@@ -396,15 +497,22 @@ def check_optuna_storage(url: Any, key: str) -> str:
         raise ValueError(f"{key}={url!r} is invalid: {OPTUNA_STORAGE_VALID}")
     url = url.strip()
     if url.startswith(JOURNAL_PREFIX):
-        file = url[len(JOURNAL_PREFIX):].removeprefix("//")
+        file = url[len(JOURNAL_PREFIX) :].removeprefix("//")
         if not file:
             raise ValueError(f"{key}={url!r} is invalid: journal:PATH needs a file path")
         return JOURNAL_PREFIX + str(Path(file).expanduser().resolve())
     scheme = url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
     if scheme not in RDB_SCHEMES:
         raise ValueError(f"{key}={url!r} is invalid: {OPTUNA_STORAGE_VALID}")
-    if scheme == "sqlite" and url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
-        return "sqlite:///" + str(Path(url[len("sqlite:///"):]).expanduser().resolve())
+    if (
+        scheme == "sqlite"
+        and url.startswith("sqlite:///")
+        and not url.startswith("sqlite:////")
+        and url != "sqlite:///:memory:"
+    ):
+        return "sqlite:///" + str(Path(url[len("sqlite:///") :]).expanduser().resolve())
     if url in ("sqlite://", "sqlite:///:memory:"):
-        raise ValueError(f"{key}={url!r} is invalid: an in-memory database dies with the driver; give a file or a server")
+        raise ValueError(
+            f"{key}={url!r} is invalid: an in-memory database dies with the driver; give a file or a server"
+        )
     return url

@@ -123,7 +123,9 @@ class Location:
             return pafs.LocalFileSystem()
         key = (self.scheme, self.bucket, self.query)
         if key not in _FILESYSTEMS:
-            _FILESYSTEMS[key] = pafs.FileSystem.from_uri(f"{self.scheme}://{self.bucket}" + (f"?{self.query}" if self.query else ""))[0]
+            _FILESYSTEMS[key] = pafs.FileSystem.from_uri(
+                f"{self.scheme}://{self.bucket}" + (f"?{self.query}" if self.query else "")
+            )[0]
         return _FILESYSTEMS[key]
 
     def ray_storage(self) -> tuple[str, Any]:
@@ -174,7 +176,11 @@ class Location:
 
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
             names = sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
-        return [self / n for n in names if not n.startswith(".") and not n.endswith(MANIFEST_SUFFIX) and n != FOLDER_MANIFEST]
+        return [
+            self / n
+            for n in names
+            if not n.startswith(".") and not n.endswith(MANIFEST_SUFFIX) and n != FOLDER_MANIFEST
+        ]
 
     # -- small files: one request, whole or absent ---------------------------------------------------
 
@@ -200,7 +206,9 @@ class Location:
         if self.is_local:
             replace_local(self.local, lambda tmp: tmp.write_bytes(data))
             return
-        with self.fs.open_output_stream(self.path) as f:  # data is ready before the stream opens: nothing half-done to commit
+        with self.fs.open_output_stream(
+            self.path
+        ) as f:  # data is ready before the stream opens: nothing half-done to commit
             f.write(data)
 
     def write_text(self, text: str) -> None:
@@ -424,15 +432,23 @@ def _probe_filesystem(loc: Location) -> Any:
         raise ValueError(_first_line(exc)) from None
 
 
-AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                      "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+AWS_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 
 
 def _aws_credentials_found() -> bool:
     """Credentials in the environment or the shared files (an EC2 instance role is not visible from here)."""
     if any(os.environ.get(k) for k in AWS_CREDENTIAL_ENV):
         return True
-    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    files = (
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    )
     return any(Path(f).expanduser().is_file() for f in files)
 
 
@@ -441,9 +457,15 @@ def _check_credentials(loc: Location, key: str) -> None:
         return  # GCS: the probe's OAuth2 error says it
     if os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_SECRET_ACCESS_KEY"):
         raise ValueError(f"{key}={loc.uri!r}: AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not")
-    custom_endpoint = "endpoint_override=" in loc.query or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if custom_endpoint and not _aws_credentials_found():  # an S3-compatible store (MinIO...) has no instance role to fall back on
-        raise ValueError(f"{key}={loc.uri!r}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    custom_endpoint = (
+        "endpoint_override=" in loc.query or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    )
+    if (
+        custom_endpoint and not _aws_credentials_found()
+    ):  # an S3-compatible store (MinIO...) has no instance role to fall back on
+        raise ValueError(
+            f"{key}={loc.uri!r}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
 
 
 def _explain(loc: Location, exc: BaseException) -> str:
@@ -453,10 +475,27 @@ def _explain(loc: Location, exc: BaseException) -> str:
         return f"bucket {loc.bucket!r} does not exist; create it first"
     if "OAuth2 access token" in text or ("credentials" in text.lower() and loc.scheme == "gs"):
         return "no GCS credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run on a VM with a service account"
-    if any(code in text for code in ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH", "PERMISSION_DENIED", "403")):
-        hint = "" if loc.scheme != "s3" or _aws_credentials_found() else " (no credentials in the environment or ~/.aws: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    if any(
+        code in text
+        for code in (
+            "ACCESS_DENIED",
+            "AccessDenied",
+            "INVALID_ACCESS_KEY",
+            "SIGNATURE_DOES_NOT_MATCH",
+            "PERMISSION_DENIED",
+            "403",
+        )
+    ):
+        hint = (
+            ""
+            if loc.scheme != "s3" or _aws_credentials_found()
+            else " (no credentials in the environment or ~/.aws: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
         return f"access denied to bucket {loc.bucket!r}: check the credentials and the bucket's policy{hint}"
-    if any(code in text for code in ("NETWORK_CONNECTION", "curlCode", "UNAVAILABLE", "Could not connect", "Could not resolve")):
+    if any(
+        code in text
+        for code in ("NETWORK_CONNECTION", "curlCode", "UNAVAILABLE", "Could not connect", "Could not resolve")
+    ):
         return f"the store is not reachable ({_first_line(exc)}); check endpoint_override / AWS_ENDPOINT_URL and the network"
     return _first_line(exc)
 

@@ -51,9 +51,13 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
     if sweep is not None and len(parents):
         parents = parents[parents[f"tags.{M.SWEEP_TAG}"] == sweep]
     if parents.empty:
-        raise ValueError(f"--sweep {sweep!r}: no such sweep in experiment {experiment!r}" if sweep else f"--experiment {experiment!r} holds no sweep")
+        raise ValueError(
+            f"--sweep {sweep!r}: no such sweep in experiment {experiment!r}"
+            if sweep
+            else f"--experiment {experiment!r} holds no sweep"
+        )
     parent = parents.iloc[0]
-    params = {k[len("params."):]: v for k, v in parent.items() if k.startswith("params.") and isinstance(v, str)}
+    params = {k[len("params.") :]: v for k, v in parent.items() if k.startswith("params.") and isinstance(v, str)}
     objectives = [tuple(o) for o in json.loads(params.get("objectives", "[]"))] or list(DEFAULT_OBJECTIVES)
     runs = tracking.search_runs(uri, [parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
     return SweepRecord(

@@ -58,7 +58,9 @@ def rank_by_module(model: nn.Module, ranks: dict[str, list[int]]) -> dict[str, i
     return out
 
 
-def inject_lora(model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRASettings, *, seed: int | None = None) -> nn.Module:
+def inject_lora(
+    model: nn.Module, ranks: dict[str, list[int]], settings: PreLoRASettings, *, seed: int | None = None
+) -> nn.Module:
     """Wrap the plain ViT with LoRA adapters of the given per-layer ranks; returns the PEFT model.
 
     Keys of rank_pattern/alpha_pattern are whole, escaped module names: PEFT matches them as
@@ -157,8 +159,15 @@ class _LeanForward:
         ):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        if not autocast and type(base) is nn.Linear and type(self.lora_dropout[ADAPTER]) is nn.Identity and x.dtype == base.weight.dtype == lora_a.dtype:
-            return _LoraLinearFn.apply(x, base.weight, base.bias, lora_a, self.lora_B[ADAPTER].weight, self.scaling[ADAPTER])
+        if (
+            not autocast
+            and type(base) is nn.Linear
+            and type(self.lora_dropout[ADAPTER]) is nn.Identity
+            and x.dtype == base.weight.dtype == lora_a.dtype
+        ):
+            return _LoraLinearFn.apply(
+                x, base.weight, base.bias, lora_a, self.lora_B[ADAPTER].weight, self.scaling[ADAPTER]
+            )
         result = self.base_layer(x)
         hidden = nn.functional.linear(self.lora_dropout[ADAPTER](x), lora_a)
         lora_b = self.lora_B[ADAPTER].weight
@@ -230,7 +239,9 @@ def _lean_class() -> type:
     if _LEAN_CLASS is None:
         from peft.tuners.lora.layer import Linear
 
-        _LEAN_CLASS = type("LeanLoraLinear", (_LeanForward, Linear), {"__module__": __name__, "__doc__": _LeanForward.__doc__})
+        _LEAN_CLASS = type(
+            "LeanLoraLinear", (_LeanForward, Linear), {"__module__": __name__, "__doc__": _LeanForward.__doc__}
+        )
     return _LEAN_CLASS
 
 
@@ -272,7 +283,9 @@ def adapter_root(model: nn.Module) -> nn.Module:
 
 def _adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module name (plain-model names) -> LoRA layer carrying the adapter, in model order."""
-    return {n: mod for n, mod in adapter_root(model).named_modules() if hasattr(mod, "lora_A") and ADAPTER in mod.lora_A}
+    return {
+        n: mod for n, mod in adapter_root(model).named_modules() if hasattr(mod, "lora_A") and ADAPTER in mod.lora_A
+    }
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -392,4 +405,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )

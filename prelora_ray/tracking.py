@@ -13,8 +13,8 @@ import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -85,7 +85,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     except Exception as exc:  # any backend failure: unreachable server, bad path, locked db
         if "already exists" in str(exc):
             return client(uri).get_experiment_by_name(name).experiment_id
-        raise ValueError(f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -127,11 +129,21 @@ def _fail_fast() -> Iterator[None]:
 def find_run(uri: str, experiment_id: str, run_name: str, extra_filter: str = "") -> str | None:
     """The id of the newest run tagged with this run name (for resume), or None."""
     flt = f"tags.`{RUN_KEY_TAG}` = '{run_name}'" + (f" and {extra_filter}" if extra_filter else "")
-    runs = client(uri).search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client(uri).search_runs(
+        [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
-def start_run(uri: str, experiment_id: str, run_name: str, *, params: dict[str, Any], tags: dict[str, str], parent_run_id: str | None = None) -> str:
+def start_run(
+    uri: str,
+    experiment_id: str,
+    run_name: str,
+    *,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
     """Create a run (or reopen the one with this name) and log params and tags; returns its id."""
     c = client(uri)
     run_id = find_run(uri, experiment_id, run_name)
@@ -163,7 +175,11 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     c = client(uri)
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
@@ -176,7 +192,8 @@ def log_history(uri: str, run_id: str, history: list[dict[str, Any]]) -> None:
     now = int(time.time() * 1000)
     items = [
         Metric(k, float(v), now, int(record["epoch"]))
-        for record in history for k, v in record.items()
+        for record in history
+        for k, v in record.items()
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
     c = client(uri)
@@ -189,7 +206,11 @@ def copy_metrics(uri: str, source_run_id: str, run_id: str) -> None:
     from mlflow.entities import Metric
 
     c = client(uri)
-    items = [Metric(key, m.value, m.timestamp, m.step) for key in c.get_run(source_run_id).data.metrics for m in c.get_metric_history(source_run_id, key)]
+    items = [
+        Metric(key, m.value, m.timestamp, m.step)
+        for key in c.get_run(source_run_id).data.metrics
+        for m in c.get_metric_history(source_run_id, key)
+    ]
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
 

@@ -73,7 +73,13 @@ def rng_state() -> dict[str, Any]:
     becomes an int64 tensor (a pickled ndarray would need the full unpickler).
     """
     name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    numpy_state = {
+        "bit_generator": str(name),
+        "key": torch.from_numpy(key.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -84,7 +90,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of rng_state."""
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -101,8 +109,14 @@ class TrainingLoop:
     """One training run on one worker, of the strategy `cfg.strategy` names."""
 
     def __init__(
-        self, cfg: TrainSettings, runtime: Runtime, sink: MetricsSink | None = None, *, data: DatasetBundle | None = None,
-        trunk: TrunkWriter | None = None, fork: ForkStart | None = None,
+        self,
+        cfg: TrainSettings,
+        runtime: Runtime,
+        sink: MetricsSink | None = None,
+        *,
+        data: DatasetBundle | None = None,
+        trunk: TrunkWriter | None = None,
+        fork: ForkStart | None = None,
     ) -> None:
         self.cfg = cfg
         self.trunk = trunk if runtime.rank == 0 else None
@@ -113,7 +127,10 @@ class TrainingLoop:
         seed_everything(cfg.seed, cfg.deterministic)
         self.data = data or build_datasets(cfg.data)
         self.model: nn.Module = build_model(
-            cfg.model, num_classes=self.data.num_classes, image_size=self.data.image_size, num_channels=self.data.num_channels
+            cfg.model,
+            num_classes=self.data.num_classes,
+            image_size=self.data.image_size,
+            num_channels=self.data.num_channels,
         )
         self.plain_params = sum(p.numel() for p in self.model.parameters())
         self.family_names = family_module_names(self.model, cfg.prelora.modules)
@@ -134,8 +151,13 @@ class TrainingLoop:
     # -- data ------------------------------------------------------------------------------------
     def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
         return make_train_loader(
-            self.data.train, self.cfg.data, self.device,
-            world_size=self.runtime.world_size, rank=self.runtime.rank, seed=self.cfg.seed, drop_last=self.strategy.drop_last,
+            self.data.train,
+            self.cfg.data,
+            self.device,
+            world_size=self.runtime.world_size,
+            rank=self.runtime.rank,
+            seed=self.cfg.seed,
+            drop_last=self.strategy.drop_last,
         )
 
     def _val_loader(self) -> DataLoader:
@@ -177,9 +199,13 @@ class TrainingLoop:
             self.wrapped = self.runtime.prepare_model(self.model, sync=False)
         self.model = unwrap(self.wrapped)
         ddp = isinstance(self.wrapped, DistributedDataParallel) and self.runtime.world_size > 1
-        self._ddp_bytes_per_step = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad) if ddp else 0
+        self._ddp_bytes_per_step = (
+            sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad) if ddp else 0
+        )
         o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None)
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None
+        )
         if old is not None and o.carry_optimizer_state:
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
@@ -234,7 +260,9 @@ class TrainingLoop:
             (loss if scale == 1.0 else loss * scale).backward()
             self.comm_bytes += self._ddp_bytes_per_step
             if self.cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip
+                )
             self.optimizer.step()
             self.state.step += 1
             self._epoch_steps += 1
@@ -243,7 +271,9 @@ class TrainingLoop:
             count += labels.numel()
             step_loss = None
             if per_step:
-                step_sum = self.all_reduce_sum(torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)]))
+                step_sum = self.all_reduce_sum(
+                    torch.stack([batch_loss.cpu(), torch.tensor(float(labels.numel()), dtype=torch.float64)])
+                )
                 step_loss = float(step_sum[0] / step_sum[1])
             self.strategy.after_step(self, step_loss)
         if self.device.type == "cuda":
@@ -252,9 +282,16 @@ class TrainingLoop:
         total = self.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
         train_loss = float(total[0] / total[1])
         if not math.isfinite(train_loss):  # every worker sees the same all-reduced value: all stop together
-            raise FloatingPointError(f"epoch {self.state.epoch}: training loss is {train_loss} (diverged: lower optim.lr?)")
+            raise FloatingPointError(
+                f"epoch {self.state.epoch}: training loss is {train_loss} (diverged: lower optim.lr?)"
+            )
         self.strategy.after_train_pass(self, train_loss)  # may switch phase (epoch windows)
-        return {M.TRAIN_LOSS: train_loss, M.EPOCH_TIME_S: epoch_time, M.THROUGHPUT: float(total[1]) / epoch_time, M.LR: lr}
+        return {
+            M.TRAIN_LOSS: train_loss,
+            M.EPOCH_TIME_S: epoch_time,
+            M.THROUGHPUT: float(total[1]) / epoch_time,
+            M.LR: lr,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -266,7 +303,11 @@ class TrainingLoop:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.wrapped(pixel_values=images).logits.float()
             sums += torch.tensor(
-                [float(nn.functional.cross_entropy(logits, labels, reduction="sum")), float((logits.argmax(-1) == labels).sum()), labels.numel()],
+                [
+                    float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                    float((logits.argmax(-1) == labels).sum()),
+                    labels.numel(),
+                ],
                 dtype=torch.float64,
             )
         sums = self.all_reduce_sum(sums)
@@ -280,7 +321,9 @@ class TrainingLoop:
         n = self._trainable()
         return f"{n:,} trainable parameters ({100 * n / self.plain_params:.2f}% of {self.plain_params:,})"
 
-    def _epoch_metrics(self, epoch: int, phase: Phase, trainable: int, train: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
+    def _epoch_metrics(
+        self, epoch: int, phase: Phase, trainable: int, train: dict[str, float], val: dict[str, float]
+    ) -> dict[str, Any]:
         norms = self.norms()
         out: dict[str, Any] = {M.EPOCH: epoch, M.PHASE: phase.value, M.PHASE_INDEX: phase.index, **train, **val}
         out[M.TRAINABLE_PARAMS] = trainable
@@ -349,10 +392,14 @@ class TrainingLoop:
         """
         loop = fork.state["loop"]
         if Phase(loop["phase"]) is not Phase.FULL:
-            raise ValueError(f"a fork must start from a full-training checkpoint; this one is in phase {loop['phase']!r}")
+            raise ValueError(
+                f"a fork must start from a full-training checkpoint; this one is in phase {loop['phase']!r}"
+            )
         start = int(loop["epoch"])
         if len(fork.snapshots) < start:
-            raise ValueError(f"the trunk's history has {len(fork.snapshots)} epochs, the fork needs the {start} before its checkpoint")
+            raise ValueError(
+                f"the trunk's history has {len(fork.snapshots)} epochs, the fork needs the {start} before its checkpoint"
+            )
         self.load_state_dict(fork.state, strategy_state=self.strategy.fork_state(fork.snapshots, start))
         self.state.resumed_at, self.state.forked_from = [], start
         if start > 0:
@@ -396,7 +443,12 @@ class TrainingLoop:
             val = self.evaluate()
             self.strategy.after_epoch(self)  # ... and after it (freeze)
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
-            self.state.history.append({**{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}, "wall_time": time.time()})
+            self.state.history.append(
+                {
+                    **{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)},
+                    "wall_time": time.time(),
+                }
+            )
             self.state.epoch = epoch + 1
             snapshot = functools.cache(self.state_dict)  # built at most once per epoch (trunk file and report)
             if self.trunk is not None:  # before the report: the trunk's files are never behind its checkpoints
@@ -405,7 +457,13 @@ class TrainingLoop:
             if self.runtime.rank == 0:
                 log.info(
                     "epoch %3d | %-6s | loss %.4f | val_loss %.4f | val_acc %.4f | %.2fs | trainable %.2f%%",
-                    epoch, phase.value, train[M.TRAIN_LOSS], val[M.VAL_LOSS], val[M.VAL_ACC], train[M.EPOCH_TIME_S], 100 * metrics[M.TRAINABLE_FRACTION],
+                    epoch,
+                    phase.value,
+                    train[M.TRAIN_LOSS],
+                    val[M.VAL_LOSS],
+                    val[M.VAL_ACC],
+                    train[M.EPOCH_TIME_S],
+                    100 * metrics[M.TRAINABLE_FRACTION],
                 )
             report = {k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)}
             report.update({k: v for k, v in self.summary().items() if isinstance(v, (int, float))})
@@ -437,7 +495,13 @@ def _split_legacy(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return loop, {**saved, "monitor": ckpt["monitor"]} if "monitor" in ckpt else saved
 
 
-def train(cfg: TrainSettings, runtime: Runtime | None = None, sink: MetricsSink | None = None, *, export_to: str | Path | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainSettings,
+    runtime: Runtime | None = None,
+    sink: MetricsSink | None = None,
+    *,
+    export_to: str | Path | None = None,
+) -> dict[str, Any]:
     """Run one training job in this process (no Ray): the function a user can call from a notebook."""
     runtime = runtime or LocalRuntime()
     loop = TrainingLoop(cfg, runtime, sink)

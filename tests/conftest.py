@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 # a switch within a few epochs on digits: thresholds wide open, short windows, on the 4-layer vit-digits
-FAST_SWITCH = ["prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1", "model.preset=vit-digits"]
+FAST_SWITCH = [
+    "prelora.k=2",
+    "prelora.m=1",
+    "prelora.tau=50",
+    "prelora.zeta=50",
+    "prelora.warmup=1",
+    "model.preset=vit-digits",
+]
 
 
 @pytest.fixture(scope="session")
@@ -111,8 +118,13 @@ def two_sweeps(tmp_path_factory, mlflow_server_uri, s3_endpoint):
     for name in ("small", "other"):
         extra = {"trial_executor": "tune", "base": {"deterministic": True}}
         storage = s3_uri(s3_endpoint, bucket, "records") if name == "other" else None
-        proc = _tune(root, str(_space(root, name, 3, seed=1, **extra)), *(["--verbose"] if name == "other" else []), tracking=mlflow_server_uri,
-                     storage=storage)
+        proc = _tune(
+            root,
+            str(_space(root, name, 3, seed=1, **extra)),
+            *(["--verbose"] if name == "other" else []),
+            tracking=mlflow_server_uri,
+            storage=storage,
+        )
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-3000:]
         outputs[name] = out

@@ -83,8 +83,12 @@ def main(workdir: Path) -> None:
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
         cluster.wait_for_nodes()
-        sweep = make_sweep(load_search_space(space_file(workdir)), name="noderm",
-                           tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}", storage_path=str(workdir / "ray"))
+        sweep = make_sweep(
+            load_search_space(space_file(workdir)),
+            name="noderm",
+            tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+            storage_path=str(workdir / "ray"),
+        )
         outcome: dict = {}
 
         def run() -> None:

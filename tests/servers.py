@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def kill_session(sid: int) -> None:
@@ -71,8 +76,12 @@ def moto_server(log_dir: Path) -> Iterator[str]:
     """`python -m moto.server` on a free loopback port; yields its endpoint HOST:PORT."""
     port = free_port()
     log = open(log_dir / "moto.log", "w")  # noqa: SIM115 - open for the server's lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/", proc, "moto server")
         yield f"127.0.0.1:{port}"
@@ -102,8 +111,11 @@ def bucket_keys(endpoint: str, bucket: str) -> list[str]:
 
 
 def _boto_credentials() -> dict[str, str]:
-    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
 
 
 def s3_uri(endpoint: str, bucket: str, prefix: str = "") -> str:
@@ -118,8 +130,22 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "w")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'server.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder)
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, "mlflow server", timeout_s=120)

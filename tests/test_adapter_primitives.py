@@ -13,7 +13,15 @@ import torch
 from prelora_ray.config import PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.monitor import layer_norms
-from prelora_ray.switch import ADAPTER, adapter_deltas, adapter_root, fold_adapters, inject_lora, is_adapter_param, reinit_adapters
+from prelora_ray.switch import (
+    ADAPTER,
+    adapter_deltas,
+    adapter_root,
+    fold_adapters,
+    inject_lora,
+    is_adapter_param,
+    reinit_adapters,
+)
 from tests.test_switch import images, randomize_lora_b, ranks_for, tiny_vit
 
 FAMILIES = tuple(FAMILY_MODULES)

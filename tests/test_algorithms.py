@@ -65,34 +65,56 @@ INF = float("inf")
         # --- several families: every family must pass ----------------------------------------------
         # query 0 %, key (16.5-16)/16 = 3.125 %, mlp_out (5-4)/4 = 25 % > τ = 5               -> fail
         pytest.param(
-            {"query": [10.0, 10.0], "key": [16.0, 16.5], "mlp_out": [4.0, 5.0]}, [1.0, 1.0], 5.0, 1.0, False,
+            {"query": [10.0, 10.0], "key": [16.0, 16.5], "mlp_out": [4.0, 5.0]},
+            [1.0, 1.0],
+            5.0,
+            1.0,
+            False,
             id="three-families-last-fails",
         ),
         # the first family fails: query (9-8)/8 = 12.5 % > 5; key 3.125 %, mlp_out 0 %           -> fail
         pytest.param(
-            {"query": [8.0, 9.0], "key": [16.0, 16.5], "mlp_out": [4.0, 4.0]}, [1.0, 1.0], 5.0, 1.0, False,
+            {"query": [8.0, 9.0], "key": [16.0, 16.5], "mlp_out": [4.0, 4.0]},
+            [1.0, 1.0],
+            5.0,
+            1.0,
+            False,
             id="three-families-first-fails",
         ),
         # query 0 %, key 3.125 %, mlp_out (4.125-4)/4 = 3.125 %: all <= τ = 5                   -> pass
         pytest.param(
-            {"query": [10.0, 10.0], "key": [16.0, 16.5], "mlp_out": [4.0, 4.125]}, [1.0, 1.0], 5.0, 1.0, True,
+            {"query": [10.0, 10.0], "key": [16.0, 16.5], "mlp_out": [4.0, 4.125]},
+            [1.0, 1.0],
+            5.0,
+            1.0,
+            True,
             id="three-families-all-pass",
         ),
         # shrinking family: value (7.5-8)/8 = -6.25 %, |.| > τ = 5; query +3.125 % fine            -> fail
-        pytest.param({"query": [16.0, 16.5], "value": [8.0, 7.5]}, [1.0, 1.0], 5.0, 1.0, False, id="one-family-shrinks-too-much"),
+        pytest.param(
+            {"query": [16.0, 16.5], "value": [8.0, 7.5]}, [1.0, 1.0], 5.0, 1.0, False, id="one-family-shrinks-too-much"
+        ),
         # --- k = 4: three consecutive pairs, every one must pass -----------------------------------
         # ΔW: (16.5-16)/16 = 3.125, (17-16.5)/16.5 = 3.03, (17.25-17)/17 = 1.47 <= τ = 5
         # ΔL: (3.9-4)/4 = -2.5, (3.85-3.9)/3.9 = -1.28, (3.8-3.85)/3.85 = -1.30: |.| <= ζ = 3      -> pass
         pytest.param({"query": [16.0, 16.5, 17.0, 17.25]}, [4.0, 3.9, 3.85, 3.8], 5.0, 3.0, True, id="k4-all-pass"),
         # ΔW: 0, (20-16)/16 = +25 > τ = 10, 0: only the middle pair fails                       -> fail
-        pytest.param({"query": [16.0, 16.0, 20.0, 20.0]}, [1.0, 1.0, 1.0, 1.0], 10.0, 1.0, False, id="k4-middle-weight-fails"),
+        pytest.param(
+            {"query": [16.0, 16.0, 20.0, 20.0]}, [1.0, 1.0, 1.0, 1.0], 10.0, 1.0, False, id="k4-middle-weight-fails"
+        ),
         # ΔL: (0.95-1)/1 = -5 > ζ = 2.5 in the FIRST pair, then 0, 0 (no "only the last pair")   -> fail
-        pytest.param({"query": [10.0, 10.0, 10.0, 10.0]}, [1.0, 0.95, 0.95, 0.95], 1.0, 2.5, False, id="k4-first-loss-fails"),
+        pytest.param(
+            {"query": [10.0, 10.0, 10.0, 10.0]}, [1.0, 0.95, 0.95, 0.95], 1.0, 2.5, False, id="k4-first-loss-fails"
+        ),
         # ΔL: 0, 0, (3-4)/4 = -25 > ζ = 10 in the LAST pair                                       -> fail
         pytest.param({"query": [8.0, 8.0, 8.0, 8.0]}, [4.0, 4.0, 4.0, 3.0], 1.0, 10.0, False, id="k4-last-loss-fails"),
         # two families, k = 4: query 0 %, 0 %, 0 %; mlp_in (8.5-8)/8 = 6.25 > τ = 5 in pair 2  -> fail
         pytest.param(
-            {"query": [8.0, 8.0, 8.0, 8.0], "mlp_in": [8.0, 8.0, 8.5, 8.5]}, [1.0, 1.0, 1.0, 1.0], 5.0, 1.0, False,
+            {"query": [8.0, 8.0, 8.0, 8.0], "mlp_in": [8.0, 8.0, 8.5, 8.5]},
+            [1.0, 1.0, 1.0, 1.0],
+            5.0,
+            1.0,
+            False,
             id="k4-second-family-fails",
         ),
         # k = 4 at the boundary everywhere: ΔW = (9-8)/8 = 12.5 == τ, then (9-9) = 0, then (8-9)/9 = -11.1

@@ -20,8 +20,24 @@ def test_pareto_cli_writes_every_plot_and_logs_them_to_the_parent(two_sweeps):
     root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
     out = root / "plots-cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "prelora_ray.cli", "pareto", "--experiment", "prelora-ray", "--sweep", "small", "--out", str(out), "--tracking-uri", uri],
-        capture_output=True, text=True, cwd=root, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "prelora_ray.cli",
+            "pareto",
+            "--experiment",
+            "prelora-ray",
+            "--sweep",
+            "small",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sweep small" in proc.stdout
@@ -60,8 +76,22 @@ def test_metric_history_is_per_epoch(two_sweeps):
 def test_example_script_runs_on_two_sweeps(two_sweeps, tmp_path):
     out = tmp_path / "fronts.png"
     proc = subprocess.run(
-        [sys.executable, "analysis/example.py", "--tracking-uri", two_sweeps.uri, "--sweep", "small", "--sweep", "other", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=__import__("pathlib").Path(__file__).parents[1],
+        [
+            sys.executable,
+            "analysis/example.py",
+            "--tracking-uri",
+            two_sweeps.uri,
+            "--sweep",
+            "small",
+            "--sweep",
+            "other",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=__import__("pathlib").Path(__file__).parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== sweep small" in proc.stdout and "== sweep other" in proc.stdout and "hypervolume" in proc.stdout

@@ -19,7 +19,15 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.runtime import LocalRuntime
 from prelora_ray.trainer import TrainingLoop, rng_state, set_rng_state
 
-SHORT_RUN = ["tracking.enabled=false", "epochs=3", "prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"]
+SHORT_RUN = [
+    "tracking.enabled=false",
+    "epochs=3",
+    "prelora.k=2",
+    "prelora.m=1",
+    "prelora.tau=50",
+    "prelora.zeta=50",
+    "prelora.warmup=1",
+]
 
 
 class NotPlainData:

@@ -57,7 +57,9 @@ def test_empty_imagefolder_split_is_rejected_before_ray(tmp_path):
 def test_help_config_lists_every_key():
     from prelora_ray.config import valid_keys
 
-    proc = subprocess.run([sys.executable, "-m", "prelora_ray.cli", "train", "--help-config"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prelora_ray.cli", "train", "--help-config"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     for key in valid_keys():
         assert key in proc.stdout

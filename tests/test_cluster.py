@@ -39,15 +39,25 @@ def test_the_docs_one_machine_walkthrough_runs_the_quickstart_as_a_ray_job(tmp_p
     ray_tmp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))  # short: Ray's socket paths live under it
     env = {
         **os.environ,
-        "S3_ENDPOINT": s3_endpoint, "MLFLOW_URI": mlflow_server_uri, "SHARED": str(tmp_path / "shared"),
-        "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()),
+        "S3_ENDPOINT": s3_endpoint,
+        "MLFLOW_URI": mlflow_server_uri,
+        "SHARED": str(tmp_path / "shared"),
+        "RAY_PORT": str(free_port()),
+        "DASHBOARD_PORT": str(free_port()),
         "RAY_TMPDIR": str(ray_tmp),  # this head's files (and its ray_current_cluster) apart from any other local Ray
     }
     env.pop("RAY_ADDRESS", None)
     # its own session: the head's processes are stopped with it afterwards, not the test session's own local Ray
     # (`ray stop` would stop every Ray on the machine)
-    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=1200)
     finally:
@@ -66,16 +76,24 @@ def test_the_docs_one_machine_walkthrough_runs_the_quickstart_as_a_ray_job(tmp_p
 
     # every record in the bucket; nothing on a local folder named after the scheme
     keys = bucket_keys(s3_endpoint, "sweeps")
-    for key in ("prelora/quickstart/trunk/history.json", "prelora/quickstart/trunk/status.json", "prelora/quickstart/tuner.pkl"):
+    for key in (
+        "prelora/quickstart/trunk/history.json",
+        "prelora/quickstart/trunk/status.json",
+        "prelora/quickstart/tuner.pkl",
+    ):
         assert key in keys, key
     assert any(k.startswith("prelora/quickstart/trunk/checkpoints/") and k.endswith(".pt.manifest.json") for k in keys)
     client = mlflow.tracking.MlflowClient(mlflow_server_uri)
     exp = client.get_experiment_by_name("prelora-ray")
-    parent = client.search_runs([exp.experiment_id], "tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = 'quickstart'")[0]
+    parent = client.search_runs(
+        [exp.experiment_id], "tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = 'quickstart'"
+    )[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     trials = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial"]
     assert len(trials) == 8 and all(c.info.status == "FINISHED" for c in trials)
-    for c in trials:  # each trial's own records: its Ray Tune folder (checkpoints) where it trained, its result in the fork registry
+    for c in (
+        trials
+    ):  # each trial's own records: its Ray Tune folder (checkpoints) where it trained, its result in the fork registry
         if int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0 and M.FORK_REUSED_TAG not in c.data.tags:
             assert any(k.startswith(f"prelora/quickstart/{c.info.run_name}/") for k in keys), c.info.run_name
     assert any(k.startswith("prelora/quickstart/trunk/results/") for k in keys)

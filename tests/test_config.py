@@ -52,7 +52,16 @@ def test_every_field_has_a_doc_and_a_dotted_key():
     assert rows and all(doc for _, _, _, doc in rows)
     keys = valid_keys()
     assert len(keys) == len(set(keys))
-    assert {"epochs", "prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max"} <= set(keys)
+    assert {
+        "epochs",
+        "prelora.tau",
+        "prelora.zeta",
+        "prelora.k",
+        "prelora.m",
+        "prelora.warmup",
+        "prelora.r_min",
+        "prelora.r_max",
+    } <= set(keys)
 
 
 # -- YAML + overrides ------------------------------------------------------------------------------
@@ -61,7 +70,12 @@ def test_every_field_has_a_doc_and_a_dotted_key():
 def test_yaml_file_then_set_overrides(tmp_path):
     path = write_yaml(
         tmp_path,
-        {"epochs": 12, "seed": 3, "prelora": {"tau": 0.25, "zeta": 1.0, "modules": ["query", "value"]}, "optim": {"lr": 0.01}},
+        {
+            "epochs": 12,
+            "seed": 3,
+            "prelora": {"tau": 0.25, "zeta": 1.0, "modules": ["query", "value"]},
+            "optim": {"lr": 0.01},
+        },
     )
     cfg = TrainSettings.load(path, ["prelora.tau=0.5", "optim.lr=3e-4", "data.batch_size=32", "prelora.k=4"])
     assert cfg.epochs == 12 and cfg.seed == 3  # from the file
@@ -101,7 +115,10 @@ def test_empty_and_null_sections_in_yaml(tmp_path):
     assert cfg.epochs == 5 and cfg.prelora.tau == 0.5
 
 
-@pytest.mark.parametrize("item, expected", [("prelora.tau=0.5", ("prelora.tau", 0.5)), ("epochs=3", ("epochs", 3)), ("name=", ("name", None))])
+@pytest.mark.parametrize(
+    "item, expected",
+    [("prelora.tau=0.5", ("prelora.tau", 0.5)), ("epochs=3", ("epochs", 3)), ("name=", ("name", None))],
+)
 def test_parse_override(item, expected):
     assert parse_override(item) == expected
 
@@ -341,7 +358,9 @@ def test_flat_keys_are_the_dotted_leaf_keys():
     assert flat["prelora.tau"] == 0.5 and flat["cluster.num_workers"] == 2 and flat["epochs"] == cfg.epochs
     assert not any(isinstance(v, dict) for v in flat.values())
     # every flat key can be fed back as an override and gives the same settings
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in flat.items()]
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in flat.items()
+    ]
     assert TrainSettings.load(None, overrides) == cfg
 
 

@@ -17,7 +17,7 @@ import pytest
 from prelora_ray import fork
 from prelora_ray.cli import mlflow_lines
 from prelora_ray.search_space import load_search_space
-from tests.test_tune import _space, _tune
+from tests.test_tune import _space
 
 MAX_LINES = 60  # the quickstart's 8 trials and baseline, without --verbose
 
@@ -26,7 +26,14 @@ def _sweep(tmp_path: Path, verbose: bool = False, epochs: int = 4):
     from prelora_ray.orchestration.tune import Sweep
 
     space = load_search_space(_space(tmp_path, "con", 3, epochs=epochs))
-    return Sweep(space=space, name="con", experiment="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", storage_path=str(tmp_path / "ray"), verbose=verbose)
+    return Sweep(
+        space=space,
+        name="con",
+        experiment="e",
+        tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        storage_path=str(tmp_path / "ray"),
+        verbose=verbose,
+    )
 
 
 def _messages(caplog) -> list[str]:
@@ -35,7 +42,9 @@ def _messages(caplog) -> list[str]:
 
 def test_mlflow_lines_give_the_ui_command_and_the_runs_page():
     assert mlflow_lines("sqlite:////tmp/m.db", "3") == [
-        "browse: mlflow ui --backend-store-uri sqlite:////tmp/m.db", "  then open http://127.0.0.1:5000/#/experiments/3/runs"]
+        "browse: mlflow ui --backend-store-uri sqlite:////tmp/m.db",
+        "  then open http://127.0.0.1:5000/#/experiments/3/runs",
+    ]
     assert mlflow_lines("sqlite:////tmp/m.db", "3", "abc")[-1].endswith("/#/experiments/3/runs/abc")
     assert mlflow_lines("http://mlflow.lan:5000/", "7") == ["open http://mlflow.lan:5000/#/experiments/7/runs"]
 
@@ -44,11 +53,31 @@ def test_sweep_console_prints_sampled_finished_and_failed_trials(tmp_path, caplo
     from prelora_ray.orchestration.console import SweepConsole
 
     console = SweepConsole(_sweep(tmp_path))
-    config = {"prelora.tau": 24.512345, "prelora.zeta": 31.2, "prelora.warmup": 0, "prelora.r_min": 2, "prelora.r_max": 8}
-    ok = SimpleNamespace(trial_id="aa11", config=config, last_result={
-        "final_val_acc": 0.93611, "mean_epoch_time_s": 0.81234, "switch_epoch": 7, "epochs_trained": 23, "val_acc": 0.5})
-    bad = SimpleNamespace(trial_id="bb22", config={**config, "prelora.r_min": 8, "prelora.r_max": 4}, last_result={},
-                          error_file="/x/error.txt", get_pickled_error=lambda: SimpleNamespace(cause=RuntimeError("the trunk failed\nmore")))
+    config = {
+        "prelora.tau": 24.512345,
+        "prelora.zeta": 31.2,
+        "prelora.warmup": 0,
+        "prelora.r_min": 2,
+        "prelora.r_max": 8,
+    }
+    ok = SimpleNamespace(
+        trial_id="aa11",
+        config=config,
+        last_result={
+            "final_val_acc": 0.93611,
+            "mean_epoch_time_s": 0.81234,
+            "switch_epoch": 7,
+            "epochs_trained": 23,
+            "val_acc": 0.5,
+        },
+    )
+    bad = SimpleNamespace(
+        trial_id="bb22",
+        config={**config, "prelora.r_min": 8, "prelora.r_max": 4},
+        last_result={},
+        error_file="/x/error.txt",
+        get_pickled_error=lambda: SimpleNamespace(cause=RuntimeError("the trunk failed\nmore")),
+    )
     with caplog.at_level(logging.INFO, logger="prelora_ray"):
         for trial in (ok, bad, ok):  # a retried trial starts again: sampled once
             console.on_trial_start(0, [], trial)
@@ -63,8 +92,8 @@ def test_sweep_console_prints_sampled_finished_and_failed_trials(tmp_path, caplo
 
 
 def test_trunk_progress_is_a_few_lines_then_finished(tmp_path, caplog):
-    from prelora_ray.orchestration.forking import trunk_dir
     from prelora_ray.orchestration.console import TrunkProgress
+    from prelora_ray.orchestration.forking import trunk_dir
 
     sweep = _sweep(tmp_path, epochs=30)
     folder = trunk_dir(sweep)
@@ -81,7 +110,9 @@ def test_trunk_progress_is_a_few_lines_then_finished(tmp_path, caplog):
         progress.check()
     lines = _messages(caplog)
     assert lines[:-1] == [f"trunk con_baseline: epoch {e}/30 | val_acc 0.5000 | 1.00 s/epoch" for e in (6, 12, 18, 24)]
-    assert lines[-1] == "trunk con_baseline: finished: final_val_acc 0.5, mean_epoch_time_s 1 (full training, 30 epochs)"
+    assert (
+        lines[-1] == "trunk con_baseline: finished: final_val_acc 0.5, mean_epoch_time_s 1 (full training, 30 epochs)"
+    )
 
 
 def test_verbosity_reaches_the_trials_workers(tmp_path, monkeypatch):
@@ -108,7 +139,12 @@ def test_apply_console_sets_what_a_ray_process_prints():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     info, warning = logging.INFO, logging.WARNING
-    assert json.loads(out.stdout.splitlines()[-1]) == [[info, warning], [warning, warning], [info, logging.NOTSET], "false"]
+    assert json.loads(out.stdout.splitlines()[-1]) == [
+        [info, warning],
+        [warning, warning],
+        [info, logging.NOTSET],
+        "false",
+    ]
 
 
 def _cli(tmp_path: Path, *args: str) -> str:
@@ -120,8 +156,15 @@ def _cli(tmp_path: Path, *args: str) -> str:
 
 
 def _train_args(tmp_path: Path) -> list[str]:
-    return ["train", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--set", f"cluster.storage_path={tmp_path / 'ray'}",
-            "--set", f"output_dir={tmp_path / 'out'}"]
+    return [
+        "train",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        f"cluster.storage_path={tmp_path / 'ray'}",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+    ]
 
 
 @pytest.mark.slow
@@ -132,17 +175,36 @@ def test_a_cli_sweep_prints_trial_events_progress_and_the_front_in_few_lines(two
     assert len(lines) <= MAX_LINES, out
     assert len([line for line in lines if re.search(r"^trial small_\w+: sampled ", line)]) == 3, out
     assert len([line for line in lines if re.search(r"^trial small_\w+: finished: final_val_acc \d", line)]) == 3, out
-    events = ("forked from the trunk at epoch", "reusing its result", "never passes on the trunk")  # from the trials' processes
+    events = (
+        "forked from the trunk at epoch",
+        "reusing its result",
+        "never passes on the trunk",
+    )  # from the trials' processes
     assert len([line for line in lines if "trial small_" in line and any(e in line for e in events)]) == 3, out
-    assert re.search(r"^trunk small_baseline: epoch [123]/4 \| val_acc", out, re.M) and "trunk small_baseline: finished: final_val_acc" in out, out
+    assert (
+        re.search(r"^trunk small_baseline: epoch [123]/4 \| val_acc", out, re.M)
+        and "trunk small_baseline: finished: final_val_acc" in out
+    ), out
     assert "Pareto front" in out and "speedup" in out
     exp = mlflow.tracking.MlflowClient(two_sweeps.uri).get_experiment_by_name("prelora-ray")
-    assert f"open {two_sweeps.uri}/#/experiments/{exp.experiment_id}/runs" in out  # a tracking server: its own page, no `mlflow ui`
+    assert (
+        f"open {two_sweeps.uri}/#/experiments/{exp.experiment_id}/runs" in out
+    )  # a tracking server: its own page, no `mlflow ui`
     assert "View run" not in out and "View experiment" not in out  # MLflow's own links per run: only with --verbose
     assert "View run other_" in two_sweeps.outputs["other"]  # ... which --verbose shows
-    for noise in ("Reporting training result", "epoch   3 |", "Trial status", "Configuration for experiment", "Traceback",
-                  "Downloading artifacts", "Writing model shards", "A new study created", "Checkpoint successfully created",
-                  "Experiment state snapshotting", "Token authentication"):
+    for noise in (
+        "Reporting training result",
+        "epoch   3 |",
+        "Trial status",
+        "Configuration for experiment",
+        "Traceback",
+        "Downloading artifacts",
+        "Writing model shards",
+        "A new study created",
+        "Checkpoint successfully created",
+        "Experiment state snapshotting",
+        "Token authentication",
+    ):
         assert noise not in out, noise
 
 

@@ -39,9 +39,18 @@ def test_imagefolder_tree_loads_and_trains(tmp_path):
     assert bundle.num_classes == 2 and bundle.num_channels == 3 and len(bundle.train) == 12
     x, y = bundle.val[0]
     assert x.shape == (3, 16, 16)
-    cfg = TrainSettings.load(None, [
-        "data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4",
-        "model.patch_size=8", "epochs=2", "tracking.enabled=false", "strategy=full",
-    ])
+    cfg = TrainSettings.load(
+        None,
+        [
+            "data.name=imagefolder",
+            f"data.root={tmp_path}",
+            "data.image_size=16",
+            "data.batch_size=4",
+            "model.patch_size=8",
+            "epochs=2",
+            "tracking.enabled=false",
+            "strategy=full",
+        ],
+    )
     summary = train(cfg)
     assert 0.0 <= summary["final_val_acc"] <= 1.0

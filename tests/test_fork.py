@@ -22,8 +22,15 @@ from prelora_ray.trainer import ForkStart, TrainingLoop
 
 EPOCHS = 12
 BASE = [
-    f"epochs={EPOCHS}", "deterministic=true", "tracking.enabled=false", "data.name=synthetic", "data.image_size=8", "model.preset=vit-digits",
-    "data.synthetic_samples=256", "data.batch_size=32", "prelora.warmup=2",
+    f"epochs={EPOCHS}",
+    "deterministic=true",
+    "tracking.enabled=false",
+    "data.name=synthetic",
+    "data.image_size=8",
+    "model.preset=vit-digits",
+    "data.synthetic_samples=256",
+    "data.batch_size=32",
+    "prelora.warmup=2",
 ]
 # (k, m, tau, zeta, window_stat): switch epochs spread over the run, and one that never passes
 SETTINGS = [
@@ -41,7 +48,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conft
 
 
 def settings(k: int, m: int, tau: float, zeta: float, stat: str, *extra: str) -> TrainSettings:
-    return TrainSettings.load(None, [*BASE, f"prelora.k={k}", f"prelora.m={m}", f"prelora.tau={tau}", f"prelora.zeta={zeta}", f"prelora.window_stat={stat}", *extra])
+    return TrainSettings.load(
+        None,
+        [
+            *BASE,
+            f"prelora.k={k}",
+            f"prelora.m={m}",
+            f"prelora.tau={tau}",
+            f"prelora.zeta={zeta}",
+            f"prelora.window_stat={stat}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +97,7 @@ def live_switches(one_thread):
 
 # -- the replay, pure ----------------------------------------------------------------------------
 
+
 def _history(norms: list[float], losses: list[float]) -> list[tuple[dict, float]]:
     return [({"query": [n, n]}, loss) for n, loss in zip(norms, losses)]
 
@@ -87,11 +106,41 @@ def _history(norms: list[float], losses: list[float]) -> list[tuple[dict, float]
     "norms, losses, k, m, tau, zeta, stat, min_epoch, expected",
     [
         # every step moves 10 % until epoch 4, then 0.5 %: k=2 m=1 passes once both windows are flat
-        ([100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62], [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17], 2, 1, 1.0, 5.0, "mean", 0, 5),
+        (
+            [100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62],
+            [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17],
+            2,
+            1,
+            1.0,
+            5.0,
+            "mean",
+            0,
+            5,
+        ),
         # the same with k=3: one more flat window needed
-        ([100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62], [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17], 3, 1, 1.0, 5.0, "mean", 0, 6),
+        (
+            [100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62],
+            [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17],
+            3,
+            1,
+            1.0,
+            5.0,
+            "mean",
+            0,
+            6,
+        ),
         # m=2: boundaries only at epochs 3, 5, 7
-        ([100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62], [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17], 2, 2, 1.1, 5.0, "last", 0, 7),
+        (
+            [100, 110, 121, 133.1, 146.41, 147.14, 147.88, 148.62],
+            [4, 3, 2, 1.5, 1.2, 1.19, 1.18, 1.17],
+            2,
+            2,
+            1.1,
+            5.0,
+            "last",
+            0,
+            7,
+        ),
         # the loss keeps falling 20 % each epoch: zeta 5 never passes
         ([100] * 8, [10, 8, 6.4, 5.12, 4.1, 3.28, 2.62, 2.1], 2, 1, 1.0, 5.0, "mean", 0, None),
         # flat from the start: the first boundary (k·m - 1) passes...
@@ -101,7 +150,17 @@ def _history(norms: list[float], losses: list[float]) -> list[tuple[dict, float]
     ],
 )
 def test_replay_table(norms, losses, k, m, tau, zeta, stat, min_epoch, expected):
-    point = replay_switch(_history(norms, losses), tau=tau, zeta=zeta, k=k, m=m, r_min=2, r_max=8, window_stat=stat, min_switch_epoch=min_epoch)
+    point = replay_switch(
+        _history(norms, losses),
+        tau=tau,
+        zeta=zeta,
+        k=k,
+        m=m,
+        r_min=2,
+        r_max=8,
+        window_stat=stat,
+        min_switch_epoch=min_epoch,
+    )
     assert (point.epoch if point else None) == expected
 
 
@@ -119,6 +178,7 @@ def test_replay_on_families_of_the_trial_only():
 
 
 # -- the trunk's records and the replay against live runs -------------------------------------------
+
 
 def test_the_trunk_records_every_epoch_every_family_and_a_checkpoint_each_epoch(trunk):
     folder, loop = trunk
@@ -174,7 +234,9 @@ def test_trunk_writer_resume_drops_records_of_the_killed_attempt(tmp_path):
     writer = fork.TrunkWriter(tmp_path, every=2)
     writer.start(0, lambda: {"x": torch.zeros(1)})
     for epoch in range(5):
-        writer.after_epoch(epoch, {M.EPOCH: epoch, M.TRAIN_LOSS: 1.0 / (epoch + 1), "phase": "full"}, lambda: {"x": torch.ones(1)})
+        writer.after_epoch(
+            epoch, {M.EPOCH: epoch, M.TRAIN_LOSS: 1.0 / (epoch + 1), "phase": "full"}, lambda: {"x": torch.ones(1)}
+        )
     assert fork.checkpoint_epochs(tmp_path) == [0, 2, 4]
     again = fork.TrunkWriter(tmp_path, every=2)
     again.start(3, lambda: {"x": torch.ones(1)})  # resumed from the checkpoint at the end of epoch 2
@@ -184,6 +246,7 @@ def test_trunk_writer_resume_drops_records_of_the_killed_attempt(tmp_path):
 
 # -- a forked run equals the run from scratch ---------------------------------------------------
 
+
 def _scratch(setting: tuple) -> TrainingLoop:
     loop = TrainingLoop(settings(*setting), LocalRuntime())
     loop.run()
@@ -192,18 +255,24 @@ def _scratch(setting: tuple) -> TrainingLoop:
 
 def _forked(setting: tuple, folder, checkpoint_epoch: int) -> TrainingLoop:
     history = fork.read_history(folder)
-    start = ForkStart(state=load_state_file(fork.checkpoint_path(folder, checkpoint_epoch)), snapshots=fork.snapshots(history[:checkpoint_epoch]))
+    start = ForkStart(
+        state=load_state_file(fork.checkpoint_path(folder, checkpoint_epoch)),
+        snapshots=fork.snapshots(history[:checkpoint_epoch]),
+    )
     loop = TrainingLoop(settings(*setting), LocalRuntime(), fork=start)
     loop.run()
     return loop
 
 
-@pytest.mark.parametrize("setting, back, extra", [
-    (SETTINGS[1], -1, ()),  # the checkpoint at the end of the switch epoch: switch right after loading
-    (SETTINGS[1], -1, ("prelora.warmup=0",)),  # ...and freeze at once
-    (SETTINGS[3], 0, ()),  # the start of the switch epoch: train it again, then switch
-    (SETTINGS[3], 2, ()),  # a sparser trunk: two full epochs again
-])
+@pytest.mark.parametrize(
+    "setting, back, extra",
+    [
+        (SETTINGS[1], -1, ()),  # the checkpoint at the end of the switch epoch: switch right after loading
+        (SETTINGS[1], -1, ("prelora.warmup=0",)),  # ...and freeze at once
+        (SETTINGS[3], 0, ()),  # the start of the switch epoch: train it again, then switch
+        (SETTINGS[3], 2, ()),  # a sparser trunk: two full epochs again
+    ],
+)
 def test_forked_run_equals_the_run_from_scratch(trunk, live_switches, setting, back, extra):
     folder, _ = trunk
     switch = live_switches[setting][0]
@@ -230,6 +299,7 @@ def test_a_fork_must_start_from_a_full_training_checkpoint(trunk):
 
 
 # -- reuse ----------------------------------------------------------------------------------------
+
 
 def test_reuse_key_ignores_what_only_decides_the_switch_and_the_run_names():
     point = SwitchPoint(epoch=4, ranks={"query": [2, 4]})
@@ -269,7 +339,11 @@ def test_a_twin_waits_for_a_beating_claim_and_takes_over_a_silent_one(tmp_path, 
     assert registry.claim("ghost-key", "ghost") is None  # claimed, then the owner died
     started = time.monotonic()
     assert claim_or_wait(registry, "ghost-key", "heir", stale_s=0.5, poll_s=0.05) is None
-    assert time.monotonic() - started >= 0.5 and registry.read("ghost-key") == {"owner": "heir", "state": "claimed", "taken_from": "ghost"}
+    assert time.monotonic() - started >= 0.5 and registry.read("ghost-key") == {
+        "owner": "heir",
+        "state": "claimed",
+        "taken_from": "ghost",
+    }
     assert "has not been heard from" in caplog.text
 
     assert registry.claim("live-key", "owner") is None

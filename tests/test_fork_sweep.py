@@ -20,7 +20,16 @@ pytestmark = pytest.mark.slow
 EPOCHS = 6
 
 
-def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: int, *, trial_executor: str = "ray_train", max_failures: int = 0) -> str:
+def _fork_space(
+    tmp_path,
+    name: str,
+    num_samples: int,
+    taus: list[float],
+    seed: int,
+    *,
+    trial_executor: str = "ray_train",
+    max_failures: int = 0,
+) -> str:
     data = {
         "name": name,
         "base": {
@@ -44,8 +53,13 @@ def _fork_space(tmp_path, name: str, num_samples: int, taus: list[float], seed: 
 
 def _fault_env(tmp_path, *, epoch: int, mode: str, run: str) -> dict[str, str]:
     """The driver's environment injecting one fault (marker file `fired`: once) into the runs `run` selects."""
-    return {**os.environ, "PRELORA_FAULT_EPOCH": str(epoch), "PRELORA_FAULT_MODE": mode, "PRELORA_FAULT_RUN": run,
-            "PRELORA_FAULT_MARKER": str(tmp_path / "fired")}
+    return {
+        **os.environ,
+        "PRELORA_FAULT_EPOCH": str(epoch),
+        "PRELORA_FAULT_MODE": mode,
+        "PRELORA_FAULT_RUN": run,
+        "PRELORA_FAULT_MARKER": str(tmp_path / "fired"),
+    }
 
 
 def _history(client, run_id: str, key: str = M.VAL_ACC) -> list[tuple[int, float]]:
@@ -102,7 +116,11 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
 def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
     """The Ray trial (forked from the trunk's checkpoint, on a TorchTrainer) against a from-scratch run of its config."""
     root, _, client, _, children = fork_sweep
-    origin = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never") and M.FORK_REUSED_TAG not in c.data.tags)
+    origin = next(
+        c
+        for c in children
+        if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never") and M.FORK_REUSED_TAG not in c.data.tags
+    )
     _assert_equals_from_scratch(root, client, origin)
 
 
@@ -111,14 +129,20 @@ def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweep
     with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
     root = two_sweeps.root
     client, _, children = _children(root, "small", two_sweeps.uri)
-    trained = [c for c in children if c.data.tags.get(M.ROLE_TAG) == "trial" and int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0]
+    trained = [
+        c
+        for c in children
+        if c.data.tags.get(M.ROLE_TAG) == "trial" and int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0
+    ]
     assert trained, [c.data.tags for c in children]
     for c in trained:
         name = c.info.run_name
         assert not (root / "ray" / "small" / "train" / name).exists()  # Ray Train's run folder: none
         assert list((root / "ray" / "small" / name).glob("checkpoint_*"))  # Ray Tune's checkpoints of the trial
     trunk_checkpoints = sorted(p.name for p in (root / "ray" / "small" / "train" / "small_baseline").iterdir())
-    assert trunk_checkpoints and all(re.fullmatch(r"checkpoint_\d{6}", n) for n in trunk_checkpoints), trunk_checkpoints  # its Ray task's, not Ray Train's
+    assert trunk_checkpoints and all(re.fullmatch(r"checkpoint_\d{6}", n) for n in trunk_checkpoints), (
+        trunk_checkpoints
+    )  # its Ray task's, not Ray Train's
     _assert_equals_from_scratch(root, client, trained[0])
 
 
@@ -137,11 +161,15 @@ def _assert_equals_from_scratch(root, client, origin) -> None:
     finally:
         torch.set_num_threads(threads)
     assert summary[M.SWITCH_EPOCH] == int(origin.data.metrics[M.SWITCH_EPOCH])
-    assert json.dumps(summary[M.RANKS], sort_keys=True) == json.dumps(json.loads(
-        open(client.download_artifacts(origin.info.run_id, "ranks.json", str(root))).read())[M.RANKS], sort_keys=True)
+    assert json.dumps(summary[M.RANKS], sort_keys=True) == json.dumps(
+        json.loads(open(client.download_artifacts(origin.info.run_id, "ranks.json", str(root))).read())[M.RANKS],
+        sort_keys=True,
+    )
     assert summary[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
     assert summary[M.BEST_VAL_ACC] == origin.data.metrics[M.BEST_VAL_ACC]
-    assert [v for _, v in _history(client, origin.info.run_id, M.VAL_LOSS)] == [h[M.VAL_LOSS] for h in loop.state.history]
+    assert [v for _, v in _history(client, origin.info.run_id, M.VAL_LOSS)] == [
+        h[M.VAL_LOSS] for h in loop.state.history
+    ]
 
 
 def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(tmp_path):
@@ -156,7 +184,9 @@ def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(t
     assert trunk.info.status == "FAILED" and "injected fault" in trunk.data.tags["error"]
     waiting = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial" and c.info.status == "FAILED"]
     assert waiting, [(c.data.tags.get("mlflow.runName"), c.info.status) for c in children]
-    assert all("trunk" in c.data.tags.get("error", "") for c in waiting) or not any(c.data.tags.get("error") for c in waiting)
+    assert all("trunk" in c.data.tags.get("error", "") for c in waiting) or not any(
+        c.data.tags.get("error") for c in waiting
+    )
 
     resumed = _tune(tmp_path, space, "--resume", env=env)
     out, _ = resumed.communicate(timeout=900)
@@ -165,7 +195,9 @@ def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(t
     trials = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial"]
     assert len(trials) == 3 and all(c.info.status == "FINISHED" for c in trials)
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
-    assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [3]  # not one finished epoch again
+    assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [
+        3
+    ]  # not one finished epoch again
     assert [s for s, _ in _history(client, trunk.info.run_id)] == list(range(EPOCHS))
     import optuna
 
@@ -214,7 +246,7 @@ def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_p
 
 
 def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_folder(two_sweeps):
-    """"other" of two_sweeps keeps the trunk, its checkpoints, the fork records, Ray Tune's state and the trials' checkpoints
+    """ "other" of two_sweeps keeps the trunk, its checkpoints, the fork records, Ray Tune's state and the trials' checkpoints
     in a bucket of a real S3 API (`--storage s3://...?endpoint_override=...`); with the same sampled configurations
     (deterministic) every trial and the trunk end as in "small", whose records are in a local folder."""
     from tests.servers import bucket_keys, local_s3_folders
@@ -226,8 +258,15 @@ def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_f
             if c.info.status != "FINISHED":
                 continue
             key = c.data.tags.get("sampled", "baseline")
-            out[key] = (c.data.tags[M.ROLE_TAG], c.data.metrics[M.FINAL_VAL_ACC], c.data.metrics[M.BEST_VAL_ACC], c.data.metrics[M.SWITCH_EPOCH],
-                        c.data.tags.get(M.EPOCHS_TRAINED_TAG), c.data.tags.get(M.FORK_SWITCH_TAG), [v for _, v in _history(client, c.info.run_id, M.VAL_LOSS)])
+            out[key] = (
+                c.data.tags[M.ROLE_TAG],
+                c.data.metrics[M.FINAL_VAL_ACC],
+                c.data.metrics[M.BEST_VAL_ACC],
+                c.data.metrics[M.SWITCH_EPOCH],
+                c.data.tags.get(M.EPOCHS_TRAINED_TAG),
+                c.data.tags.get(M.FORK_SWITCH_TAG),
+                [v for _, v in _history(client, c.info.run_id, M.VAL_LOSS)],
+            )
         return out
 
     local, bucket = by_config("small"), by_config("other")
@@ -239,12 +278,16 @@ def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_f
     assert any(k.startswith(trunk + "checkpoints/epoch_") and k.endswith(".pt.manifest.json") for k in keys), keys
     assert "records/other/tuner.pkl" in keys  # Ray Tune's experiment state, through the same filesystem
     client, _, children = _children(two_sweeps.root, "other", two_sweeps.uri)
-    for c in children:  # every run's records: the trunk's checkpoints in its task's folder, each trial's own in Ray Tune's
+    for (
+        c
+    ) in children:  # every run's records: the trunk's checkpoints in its task's folder, each trial's own in Ray Tune's
         name = c.info.run_name
         folder = f"records/other/train/{name}/" if c.data.tags[M.ROLE_TAG] == "baseline" else f"records/other/{name}/"
         if c.data.tags[M.ROLE_TAG] == "baseline" or int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0:
             assert any(k.startswith(folder + "checkpoint_") for k in keys), (name, keys)
     if any(int(c.data.tags.get(M.EPOCHS_TRAINED_TAG, "0")) > 0 for c in children if c.data.tags[M.ROLE_TAG] == "trial"):
         assert any(k.startswith("records/other/trunk/results/") for k in keys), keys  # the fork records (reuse keys)
-        assert any(k.startswith("records/other/models/") and k.endswith("MANIFEST.json") for k in keys), keys  # the merged models
+        assert any(k.startswith("records/other/models/") and k.endswith("MANIFEST.json") for k in keys), (
+            keys
+        )  # the merged models
     assert not local_s3_folders(two_sweeps.root), local_s3_folders(two_sweeps.root)

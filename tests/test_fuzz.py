@@ -10,10 +10,18 @@ from prelora_ray.config import TrainSettings, valid_keys
 from prelora_ray.search_space import load_search_space, parse_search_space
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["digits", "query", "epoch", "step", "mean", "cosine", "1e-3", "vit-tiny", "", "min"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["digits", "query", "epoch", "step", "mean", "cosine", "1e-3", "vit-tiny", "", "min"]),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=8)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=8,
+)
 KEYS = st.one_of(st.sampled_from(valid_keys()), st.text(max_size=20))
 
 
@@ -68,8 +76,25 @@ SPACE = st.fixed_dictionaries(
         "name": SCALARS,
         "base": st.one_of(VALUES, st.dictionaries(KEYS, VALUES, max_size=3).map(_nested)),
         "parameters": st.one_of(VALUES, st.dictionaries(KEYS, PARAM, max_size=4)),
-        "objectives": st.one_of(VALUES, st.lists(st.dictionaries(st.sampled_from(["metric", "mode", "x"]), st.one_of(SCALARS, st.sampled_from(["final_val_acc", "max", "min", "mean_epoch_time_s"])), max_size=3), max_size=3)),
-        "sampler": st.one_of(SCALARS, st.dictionaries(st.sampled_from(["type", "seed", "x"]), st.one_of(SCALARS, st.sampled_from(["tpe", "nsga2"])), max_size=2)),
+        "objectives": st.one_of(
+            VALUES,
+            st.lists(
+                st.dictionaries(
+                    st.sampled_from(["metric", "mode", "x"]),
+                    st.one_of(SCALARS, st.sampled_from(["final_val_acc", "max", "min", "mean_epoch_time_s"])),
+                    max_size=3,
+                ),
+                max_size=3,
+            ),
+        ),
+        "sampler": st.one_of(
+            SCALARS,
+            st.dictionaries(
+                st.sampled_from(["type", "seed", "x"]),
+                st.one_of(SCALARS, st.sampled_from(["tpe", "nsga2"])),
+                max_size=2,
+            ),
+        ),
         "num_samples": SCALARS,
         "max_concurrent": SCALARS,
         "baseline": SCALARS,

@@ -52,7 +52,9 @@ def test_loader_workers_null_and_integers_load():
 @pytest.mark.slow
 def test_gpu_check_cpu_form_runs_and_writes_a_sane_json(tmp_path):
     out = tmp_path / "g.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == [] and data["wall_time_s"] > 0
@@ -71,7 +73,10 @@ def test_gpu_check_cpu_form_runs_and_writes_a_sane_json(tmp_path):
     for loader in data["loader"].values():
         assert loader["img_s"] > 0 and loader["images"] > 0 and loader["workers"] >= 0
     for preset in data["steps"]:
-        assert {name: row["ratio"] > 0 for name, row in data["loader_keeps_up"][preset].items()} == {"synthetic": True, "imagefolder": True}
+        assert {name: row["ratio"] > 0 for name, row in data["loader_keeps_up"][preset].items()} == {
+            "synthetic": True,
+            "imagefolder": True,
+        }
     sweep = data["sweep"]
     assert sweep["rc"] == 0 and sweep["trials_finished"] == 2 and sweep["wall_s"] > 0
     assert sweep["front"] and "final_val_acc" in sweep["front"][0]  # the front's header line

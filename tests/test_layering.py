@@ -15,7 +15,11 @@ def _imports_analysis(node: ast.AST) -> bool:
     if isinstance(node, ast.Import):
         return any(a.name == "analysis" or a.name.startswith("analysis.") for a in node.names)
     if isinstance(node, ast.ImportFrom):
-        return node.level == 0 and node.module is not None and (node.module == "analysis" or node.module.startswith("analysis."))
+        return (
+            node.level == 0
+            and node.module is not None
+            and (node.module == "analysis" or node.module.startswith("analysis."))
+        )
     return False
 
 
@@ -23,7 +27,9 @@ def _optional_imports(tree: ast.AST) -> set[int]:
     """ids of import nodes inside a `try:` whose handlers catch ImportError (optional extras)."""
     found: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
             found.update(id(n) for stmt in node.body for n in ast.walk(stmt))
     return found
 
@@ -40,7 +46,11 @@ def test_no_package_module_imports_analysis() -> None:
         tree = ast.parse(path.read_text(), filename=str(path))
         # the CLI's optional `pareto` verb is the one allowed exception, and only behind ImportError
         allowed = _optional_imports(tree) if path == PACKAGE / "cli.py" else set()
-        offenders += [f"{path.relative_to(PACKAGE.parent)}:{n.lineno}" for n in ast.walk(tree) if _imports_analysis(n) and id(n) not in allowed]
+        offenders += [
+            f"{path.relative_to(PACKAGE.parent)}:{n.lineno}"
+            for n in ast.walk(tree)
+            if _imports_analysis(n) and id(n) not in allowed
+        ]
     assert not offenders, f"prelora_ray/ must not import analysis/: {offenders}"
 
 

@@ -16,7 +16,15 @@ from prelora_ray.algorithms import assign_ranks
 from prelora_ray.config import ModelSettings, PreLoRASettings, TrainSettings
 from prelora_ray.models import FAMILY_MODULES, build_model
 from prelora_ray.runtime import LocalRuntime
-from prelora_ray.switch import LeanLoraLinear, Phase, inject_lora, injected_ranks, lean_lora_forward, merge_lora, set_trainable
+from prelora_ray.switch import (
+    LeanLoraLinear,
+    Phase,
+    inject_lora,
+    injected_ranks,
+    lean_lora_forward,
+    merge_lora,
+    set_trainable,
+)
 from prelora_ray.trainer import TrainingLoop
 from tests.conftest import FAST_SWITCH
 
@@ -27,7 +35,16 @@ def vit(layers: int = 4, seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
     if layers == 4:
         return build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
-    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, num_labels=10)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
     return ViTForImageClassification(cfg)
 
 
@@ -50,7 +67,9 @@ def randomize_lora_b(model: torch.nn.Module, seed: int = 2) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def loss_and_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
     loss.backward()
@@ -84,7 +103,11 @@ def test_rank_zero_module_has_no_adapter_and_a_frozen_base_after_the_freeze():
 
 @pytest.mark.parametrize(
     "settings",
-    [PreLoRASettings(zero_rank_below=1.0), PreLoRASettings(lora_dropout=0.3), PreLoRASettings(lora_dropout=0.3, zero_rank_below=1.0)],
+    [
+        PreLoRASettings(zero_rank_below=1.0),
+        PreLoRASettings(lora_dropout=0.3),
+        PreLoRASettings(lora_dropout=0.3, zero_rank_below=1.0),
+    ],
     ids=["zero_rank_below", "dropout", "both"],
 )
 def test_outputs_unchanged_at_injection(settings):
@@ -128,7 +151,9 @@ def test_frozen_prefix_gives_the_same_loss_and_adapter_grads_as_computing_grads_
 
     seen = {}
     last_frozen = prefix.base_model.model.vit.layers[frozen - 1]
-    last_frozen.register_forward_hook(lambda mod, inp, out: seen.update(requires_grad=(out[0] if isinstance(out, tuple) else out).requires_grad))
+    last_frozen.register_forward_hook(
+        lambda mod, inp, out: seen.update(requires_grad=(out[0] if isinstance(out, tuple) else out).requires_grad)
+    )
     loss_prefix, grads_prefix = loss_and_grads(prefix, x, y)
     loss_all, grads_all = loss_and_grads(everywhere, x, y)
 
@@ -169,7 +194,9 @@ def test_lora_dropout_zero_saves_no_copy_of_the_layer_input():
     fc2 = model.base_model.model.vit.layers[2].mlp.fc2
     x = torch.randn(4, 17, 128, requires_grad=True)
     storages = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.append(t.untyped_storage().data_ptr()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: storages.append(t.untyped_storage().data_ptr()) or t, lambda t: t
+    ):
         fc2(x)
     assert x.untyped_storage().data_ptr() in storages  # the input itself is what LoRA's A keeps
     params = {q.untyped_storage().data_ptr() for q in fc2.parameters()}

@@ -54,7 +54,10 @@ def batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def merge(model: nn.Module, heads: int) -> None:
     """The strategy's own merge, on one worker."""
-    cfg = TrainSettings.load(None, ["strategy=lte", f"lte.heads_per_worker={heads}", f"data.batch_size={8 * heads}", "lte.train_others=frozen"])
+    cfg = TrainSettings.load(
+        None,
+        ["strategy=lte", f"lte.heads_per_worker={heads}", f"data.batch_size={8 * heads}", "lte.train_others=frozen"],
+    )
     LTE(cfg).merge(types.SimpleNamespace(model=model, all_reduce_mean=LocalRuntime().all_reduce_mean))
 
 
@@ -65,7 +68,9 @@ def heads_params(model: nn.Module) -> list[nn.Parameter]:
 @pytest.mark.parametrize("merge_every", [1, 3, 7])
 def test_one_head_is_plain_lora_at_every_step_for_any_merge_every(merge_every):
     lte = with_heads(1)
-    lora = inject_lora(plain64(), {f: [RANK] * 4 for f in FAMILIES}, PreLoRASettings(alpha_scale=SCALE)).double().train()
+    lora = (
+        inject_lora(plain64(), {f: [RANK] * 4 for f in FAMILIES}, PreLoRASettings(alpha_scale=SCALE)).double().train()
+    )
     root = adapter_root(lora)
     with torch.no_grad():  # the same A (the LTE head's), B = 0 in both
         for name, module in lte_modules(lte).items():
@@ -87,7 +92,9 @@ def test_one_head_is_plain_lora_at_every_step_for_any_merge_every(merge_every):
             merge(lte, 1)
     merge(lte, 1)  # after a merge the base alone (eval) is the LoRA model
     x, _ = batch(6, 99)
-    torch.testing.assert_close(lte.eval()(pixel_values=x).logits, lora.eval()(pixel_values=x).logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        lte.eval()(pixel_values=x).logits, lora.eval()(pixel_values=x).logits, atol=1e-10, rtol=0
+    )
 
 
 def test_h_heads_merge_into_w0_plus_mean_head_product_and_keep_a_b_and_optimizer_state():
@@ -107,7 +114,11 @@ def test_h_heads_merge_into_w0_plus_mean_head_product_and_keep_a_b_and_optimizer
         merge(model, heads)
         assert all(torch.equal(a, b) for a, b in zip(kept, heads_params(model)))
         after = opt.state_dict()
-        assert all(torch.equal(after["state"][i][k], moments["state"][i][k]) for i in moments["state"] for k in ("exp_avg", "exp_avg_sq", "step"))
+        assert all(
+            torch.equal(after["state"][i][k], moments["state"][i][k])
+            for i in moments["state"]
+            for k in ("exp_avg", "exp_avg_sq", "step")
+        )
         for name, module in lte_modules(model).items():
             expected = w0[name] + SCALE / heads * torch.bmm(module.lte_B, module.lte_A).sum(0)
             torch.testing.assert_close(module.base_layer.weight, expected, atol=1e-10, rtol=0)
@@ -145,14 +156,18 @@ def test_h_heads_on_one_batch_with_sgd_and_merge_every_1_are_multi_head_lora():
         p.requires_grad_(False)
     for name, module in lte_modules(lte).items():
         parent, _, child = name.rpartition(".")
-        setattr(multi.get_submodule(parent), child, MultiHeadLoRA(multi.get_submodule(name), module.lte_A.detach(), heads))
+        setattr(
+            multi.get_submodule(parent), child, MultiHeadLoRA(multi.get_submodule(name), module.lte_A.detach(), heads)
+        )
     # each LTE head's gradient is its chunk's mean (the worker's loss times H): H times multi-head LoRA's, so lr/H
     opt_lte = torch.optim.SGD(heads_params(lte), lr=lr / heads)
     opt_multi = torch.optim.SGD([p for p in multi.parameters() if p.requires_grad], lr=lr)
     for step in range(1, 6):
         x, y = batch(5, step)
         opt_lte.zero_grad()
-        (heads * nn.functional.cross_entropy(lte(pixel_values=x.repeat(heads, 1, 1, 1)).logits, y.repeat(heads))).backward()
+        (
+            heads * nn.functional.cross_entropy(lte(pixel_values=x.repeat(heads, 1, 1, 1)).logits, y.repeat(heads))
+        ).backward()
         opt_lte.step()
         merge(lte, heads)
         opt_multi.zero_grad()
@@ -162,13 +177,28 @@ def test_h_heads_on_one_batch_with_sgd_and_merge_every_1_are_multi_head_lora():
             ref = multi.get_submodule(name)
             torch.testing.assert_close(module.lte_A, ref.a, atol=1e-10, rtol=0)
             torch.testing.assert_close(module.lte_B, ref.b, atol=1e-10, rtol=0)
-            torch.testing.assert_close(module.base_layer.weight, ref.base.weight + SCALE / heads * torch.bmm(ref.b, ref.a).sum(0), atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                module.base_layer.weight,
+                ref.base.weight + SCALE / heads * torch.bmm(ref.b, ref.a).sum(0),
+                atol=1e-10,
+                rtol=0,
+            )
     x, _ = batch(5, 50)
-    torch.testing.assert_close(lte.eval()(pixel_values=x).logits, multi.eval()(pixel_values=x).logits, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        lte.eval()(pixel_values=x).logits, multi.eval()(pixel_values=x).logits, atol=1e-10, rtol=0
+    )
 
 
 # -- the strategy in the loop, one worker -----------------------------------------------------------------
-LTE_CFG = [*BASE, "epochs=3", "strategy=lte", "lte.heads_per_worker=2", "lte.merge_every=3", "lte.rank=4", "lte.alpha=8"]
+LTE_CFG = [
+    *BASE,
+    "epochs=3",
+    "strategy=lte",
+    "lte.heads_per_worker=2",
+    "lte.merge_every=3",
+    "lte.rank=4",
+    "lte.alpha=8",
+]
 
 
 def cfg(*extra: str) -> TrainSettings:
@@ -262,9 +292,15 @@ def test_full_epochs_first_then_lte_with_a_frozen_rest():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("data.batch_size=30", "data.batch_size"), ("lte.rank=0", "lte.rank"), ("lte.merge_every=0", "lte.merge_every"),
-     ("lte.heads_per_worker=0", "lte.heads_per_worker"), ("lte.start_epoch=3", "lte.start_epoch"), ("lte.alpha=0", "lte.alpha"),
-     ("lte.train_others=trained", "lte.train_others")],
+    [
+        ("data.batch_size=30", "data.batch_size"),
+        ("lte.rank=0", "lte.rank"),
+        ("lte.merge_every=0", "lte.merge_every"),
+        ("lte.heads_per_worker=0", "lte.heads_per_worker"),
+        ("lte.start_epoch=3", "lte.start_epoch"),
+        ("lte.alpha=0", "lte.alpha"),
+        ("lte.train_others=trained", "lte.train_others"),
+    ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(ValueError) as err:
@@ -273,12 +309,22 @@ def test_bad_settings_are_one_line_errors_naming_the_key(override, key):
 
 
 # -- two Ray Train workers --------------------------------------------------------------------------------
-RAY_CFG = [*LTE_CFG, "lte.heads_per_worker=1", "lte.train_others=frozen", "optim.grad_clip=null", "tracking.enabled=false",
-           "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.checkpoints_to_keep=4"]  # 128 images, 4 steps per worker-epoch
+RAY_CFG = [
+    *LTE_CFG,
+    "lte.heads_per_worker=1",
+    "lte.train_others=frozen",
+    "optim.grad_clip=null",
+    "tracking.enabled=false",
+    "cluster.num_workers=2",
+    "cluster.cpus_per_worker=1",
+    "cluster.checkpoints_to_keep=4",
+]  # 128 images, 4 steps per worker-epoch
 
 
 def ray_cfg(tmp, name: str, *extra: str) -> TrainSettings:
-    return TrainSettings.load(None, [*RAY_CFG, f"cluster.storage_path={tmp / 'ray'}", f"output_dir={tmp / 'out'}", f"name={name}", *extra])
+    return TrainSettings.load(
+        None, [*RAY_CFG, f"cluster.storage_path={tmp / 'ray'}", f"output_dir={tmp / 'out'}", f"name={name}", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +353,10 @@ class TwoShards:
     def __init__(self, loop: TrainingLoop, batch_size: int) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
-        self.samplers = [DistributedSampler(loop.data.train, num_replicas=2, rank=r, shuffle=True, seed=loop.cfg.seed) for r in (0, 1)]
+        self.samplers = [
+            DistributedSampler(loop.data.train, num_replicas=2, rank=r, shuffle=True, seed=loop.cfg.seed)
+            for r in (0, 1)
+        ]
         self.loaders = [DataLoader(loop.data.train, batch_size=batch_size, sampler=s) for s in self.samplers]
 
     def set_epoch(self, epoch: int) -> None:
@@ -325,7 +374,9 @@ class TwoShards:
 @pytest.mark.slow
 def test_two_workers_equal_two_heads_emulated_on_one_worker(two_workers):
     tmp, plain, _ = two_workers
-    settings = TrainSettings.load(None, [*RAY_CFG, "cluster.num_workers=1", "lte.heads_per_worker=2", "data.batch_size=64"])
+    settings = TrainSettings.load(
+        None, [*RAY_CFG, "cluster.num_workers=1", "lte.heads_per_worker=2", "data.batch_size=64"]
+    )
     loop = TrainingLoop(settings, LocalRuntime())
     loop.train_loader = loop.sampler = TwoShards(loop, 32)
     loop.run()
@@ -354,7 +405,9 @@ def test_every_worker_keeps_its_own_heads_in_the_checkpoint_and_comm_is_merges_p
 
     last = [load_checkpoint_dir(folders[-1], rank=r)["worker"] for r in (0, 1)]
     assert [w["rank"] for w in last] == [0, 1]
-    assert any(not torch.equal(last[0]["model"][k], last[1]["model"][k]) for k in last[0]["model"] if k.endswith("lte_A"))
+    assert any(
+        not torch.equal(last[0]["model"][k], last[1]["model"][k]) for k in last[0]["model"] if k.endswith("lte_A")
+    )
     # per epoch: 2 merges of one fp32 delta per headed linear, plus the train-loss (2) and validation (3) float64 sums, over 4 steps
     shapes = [(64, 64)] * 4 + [(128, 64), (64, 128)]
     merge_bytes = 4 * sum(o * i for o, i in shapes) * 4  # 4 layers

@@ -128,7 +128,14 @@ def test_several_families_and_losses_averaged_per_window():
 
 def test_passed_is_algorithm_1_over_the_family_windows():
     mon = ConvergenceMonitor(k=3, m=2)
-    rows = [([10.0, 12.0], 2.0), ([10.2, 12.2], 1.9), ([10.3, 12.3], 1.85), ([10.35, 12.4], 1.8), ([10.4, 12.4], 1.78), ([10.4, 12.5], 1.77)]
+    rows = [
+        ([10.0, 12.0], 2.0),
+        ([10.2, 12.2], 1.9),
+        ([10.3, 12.3], 1.85),
+        ([10.35, 12.4], 1.8),
+        ([10.4, 12.4], 1.78),
+        ([10.4, 12.5], 1.77),
+    ]
     feed(mon, rows)
     norms, losses = mon.family_windows()
     for tau, zeta in [(0.1, 0.1), (1.0, 5.0), (2.0, 10.0), (0.5, 5.0), (2.0, 1.0)]:

@@ -10,7 +10,14 @@ import torch
 from prelora_ray.optim import jagged_cosine_factor, lr_factor, prune_moments, reset_moments
 
 # 100 steps, 10 of linear warmup, restarts at 40, 60, 80 with 5 steps of rewarm, floor 0.1
-JAGGED = {"total_steps": 100, "warmup_steps": 10, "min_ratio": 0.1, "first_restart": 40, "restart_every": 20, "rewarm_steps": 5}
+JAGGED = {
+    "total_steps": 100,
+    "warmup_steps": 10,
+    "min_ratio": 0.1,
+    "first_restart": 40,
+    "restart_every": 20,
+    "rewarm_steps": 5,
+}
 
 
 def _cosine_by_hand(step: int) -> float:
@@ -42,7 +49,11 @@ def test_jagged_cosine_without_rewarm_is_the_plain_cosine():
 
 def _adam_with_state() -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(3, 4))]
+    params = [
+        torch.nn.Parameter(torch.randn(6, 5)),
+        torch.nn.Parameter(torch.randn(7)),
+        torch.nn.Parameter(torch.randn(3, 4)),
+    ]
     opt = torch.optim.AdamW(params, lr=0.01)
     for _ in range(3):
         opt.zero_grad()

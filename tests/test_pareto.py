@@ -43,7 +43,8 @@ def grid_cells_dominated(points: np.ndarray) -> int:
     count the unit cells [c, c+1]^m that some point dominates."""
     m = points.shape[1]
     return sum(
-        1 for cell in itertools.product(*[range(int(points[:, d].max())) for d in range(m)])
+        1
+        for cell in itertools.product(*[range(int(points[:, d].max())) for d in range(m)])
         if any(all(c + 1 <= p[d] for d, c in enumerate(cell)) for p in points)
     )
 
@@ -182,7 +183,9 @@ def test_hypervolume_one_objective_and_empty():
 @given(data=st.data())
 def test_hypervolume_matches_grid_brute_force_and_its_front(data):
     n_obj = data.draw(st.sampled_from([2, 3, 4]))
-    pts = data.draw(st.lists(st.lists(st.integers(1, 4).map(float), min_size=n_obj, max_size=n_obj), min_size=1, max_size=8))
+    pts = data.draw(
+        st.lists(st.lists(st.integers(1, 4).map(float), min_size=n_obj, max_size=n_obj), min_size=1, max_size=8)
+    )
     arr = np.array(pts)
     dirs = ["max"] * n_obj
     ref = [0.0] * n_obj
@@ -281,7 +284,9 @@ def test_speedup_boundary_nan_and_ties():
         pytest.param(lambda: speedup_at_equal_accuracy([0.9], [1.0, 2.0], 0.9, 1.0), id="speedup-lengths"),
         pytest.param(lambda: speedup_at_equal_accuracy([0.9], [1.0], 0.9, 0.0), id="speedup-zero-baseline-time"),
         pytest.param(lambda: speedup_at_equal_accuracy([0.9], [1.0], NAN, 1.0), id="speedup-nan-baseline-acc"),
-        pytest.param(lambda: speedup_at_equal_accuracy([0.9], [1.0], 0.9, 1.0, within_points=-1), id="speedup-negative-tolerance"),
+        pytest.param(
+            lambda: speedup_at_equal_accuracy([0.9], [1.0], 0.9, 1.0, within_points=-1), id="speedup-negative-tolerance"
+        ),
         pytest.param(lambda: speedup_at_equal_accuracy([95.0], [1.0], 96.0, 1.0), id="speedup-percent-baseline"),
         pytest.param(lambda: speedup_at_equal_accuracy([95.0], [1.0], 0.96, 1.0), id="speedup-percent-trials"),
         pytest.param(lambda: speedup_at_equal_accuracy([[0.9]], [[1.0]], 0.9, 1.0), id="speedup-2-d"),

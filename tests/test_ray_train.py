@@ -30,10 +30,23 @@ def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
     )
 
 
-def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_after_each_relora_merge(ray_local, tmp_path, sqlite_uri):
+def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_after_each_relora_merge(
+    ray_local, tmp_path, sqlite_uri
+):
     """relora_prelora, whose per-layer switch is prelora's: one 2-worker run checks both strategies' sync points."""
-    cfg = _cfg(tmp_path, sqlite_uri, "cluster.num_workers=2", "cluster.cpus_per_worker=1", "name=two-workers", "strategy=relora_prelora", "epochs=7",
-               "relora.start_epoch=1", "relora.merge_every=5", "relora.rewarm_steps=2", "relora.rank=4")
+    cfg = _cfg(
+        tmp_path,
+        sqlite_uri,
+        "cluster.num_workers=2",
+        "cluster.cpus_per_worker=1",
+        "name=two-workers",
+        "strategy=relora_prelora",
+        "epochs=7",
+        "relora.start_epoch=1",
+        "relora.merge_every=5",
+        "relora.rewarm_steps=2",
+        "relora.rank=4",
+    )
     summary = run_train(cfg)
     workers = summary["all_workers"]
     assert [w["rank"] for w in workers] == [0, 1]
@@ -75,7 +88,9 @@ def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path,
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(ray_local, tmp_path, sqlite_uri, monkeypatch, s3_bucket):
+def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
+    ray_local, tmp_path, sqlite_uri, monkeypatch, s3_bucket
+):
     """Kill rank 0 after the switch of a run whose checkpoints and export go to a bucket (a real S3 API); re-running
     the same name from another working directory resumes from the bucket and ends as an uninterrupted local run."""
     from tests.servers import bucket_keys, local_s3_folders, s3_uri
@@ -89,14 +104,21 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(ray_loca
     first.mkdir()
     second.mkdir()
     monkeypatch.chdir(first)
-    cfg = _cfg(tmp_path, sqlite_uri, "name=interrupted", f"cluster.storage_path={s3_uri(endpoint, bucket, 'runs')}",
-               f"output_dir={s3_uri(endpoint, bucket, 'models')}")
+    cfg = _cfg(
+        tmp_path,
+        sqlite_uri,
+        "name=interrupted",
+        f"cluster.storage_path={s3_uri(endpoint, bucket, 'runs')}",
+        f"output_dir={s3_uri(endpoint, bucket, 'models')}",
+    )
     with pytest.raises(Exception):
         run_train(cfg)
     assert (tmp_path / "fault-fired").exists()
     assert any(k.startswith("runs/interrupted/checkpoint_") for k in bucket_keys(endpoint, bucket))
     monkeypatch.chdir(second)
-    resumed = run_train(cfg)  # same name and storage path, another working directory: resumes from the epoch-3 checkpoint
+    resumed = run_train(
+        cfg
+    )  # same name and storage path, another working directory: resumes from the epoch-3 checkpoint
     for key in ("switch_epoch", "freeze_epoch", "ranks", "final_val_acc", "best_val_acc"):
         assert resumed[key] == reference[key], key
     assert [e["train_loss"] for e in resumed["history"]] == [e["train_loss"] for e in reference["history"]]

@@ -24,10 +24,19 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
-    return TrainSettings.load(None, [
-        "epochs=6", "deterministic=true", *FAST_SWITCH, f"cluster.storage_path={tmp_path / 'ray'}",
-        f"output_dir={tmp_path / 'out'}", f"tracking.uri={sqlite_uri}", "tracking.experiment=rel", *extra,
-    ])
+    return TrainSettings.load(
+        None,
+        [
+            "epochs=6",
+            "deterministic=true",
+            *FAST_SWITCH,
+            f"cluster.storage_path={tmp_path / 'ray'}",
+            f"output_dir={tmp_path / 'out'}",
+            f"tracking.uri={sqlite_uri}",
+            "tracking.experiment=rel",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +72,15 @@ def test_node_removed_during_a_sweep_its_trial_resumes_elsewhere_and_the_sweep_f
     # its own Ray temp dir (short: socket paths), so this cluster never meets the session's local Ray
     ray_tmp = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(script.parent.parent)}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:
@@ -77,13 +93,17 @@ def test_node_removed_during_a_sweep_its_trial_resumes_elsewhere_and_the_sweep_f
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["finished"] and result["error"] is None, result["error"] or out[-4000:]
     assert "RayTrainWorker" in result["actors_before"][result["victim"]]
-    assert result["victim"] not in result["alive_nodes_after"] and len(result["alive_nodes_after"]) == 3  # Ray saw it go
+    assert (
+        result["victim"] not in result["alive_nodes_after"] and len(result["alive_nodes_after"]) == 3
+    )  # Ray saw it go
     # the sweep ends with all its trials, each once, each finished
     table = result["table"]
     assert len(table) == 3 and len({r["run_name"] for r in table}) == 3
     assert all(r["status"] == "FINISHED" and r["final_val_acc"] > 0.3 for r in table)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("prelora-ray").experiment_id], "tags.`prelora.role` = 'trial'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("prelora-ray").experiment_id], "tags.`prelora.role` = 'trial'"
+    )
     assert sorted(r.info.run_name for r in runs) == sorted(r["run_name"] for r in table)  # no second run for the retry
     # exactly the trial whose worker was on the lost node went on from a checkpoint (not from epoch 0)
     resumed = [r for r in runs if "prelora.resumed_at" in r.data.tags]
@@ -111,10 +131,17 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(ray_local, tmp_path
 
 
 def test_mlflow_unreachable_at_start_is_a_clear_error_before_training(tmp_path):
-    probe = ("import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); "
-             "assert 'ray' not in sys.modules; sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", probe, "train", "--tracking-uri", "http://127.0.0.1:9"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    probe = (
+        "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules; sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, "train", "--tracking-uri", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "tracking.uri" in proc.stderr and "not reachable" in proc.stderr
 

@@ -17,8 +17,17 @@ from tests.test_trainer import BASE
 
 EPOCHS = 6
 # RELORA from epoch 1 (step 8), merges at steps 13, 18, 23, 28; the test may pass from epoch 3 on
-RELORA = [*BASE, f"epochs={EPOCHS}", "strategy=relora_prelora", "relora.start_epoch=1", "relora.merge_every=5", "relora.rewarm_steps=2",
-          "relora.rank=4", "prelora.min_switch_epoch=3", "prelora.warmup=1"]
+RELORA = [
+    *BASE,
+    f"epochs={EPOCHS}",
+    "strategy=relora_prelora",
+    "relora.start_epoch=1",
+    "relora.merge_every=5",
+    "relora.rewarm_steps=2",
+    "relora.rank=4",
+    "prelora.min_switch_epoch=3",
+    "prelora.warmup=1",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,8 +49,15 @@ def reference(one_thread):
         merge(lp)
         root = adapter_root(lp.model)
         adapters = [m for m in root.modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A]
-        seen["merges"].append((lp.state.step, before, lp.norms(), [bool(m.lora_B[ADAPTER].weight.any()) for m in adapters],
-                               [bool(m.lora_A[ADAPTER].weight.any()) for m in adapters]))
+        seen["merges"].append(
+            (
+                lp.state.step,
+                before,
+                lp.norms(),
+                [bool(m.lora_B[ADAPTER].weight.any()) for m in adapters],
+                [bool(m.lora_A[ADAPTER].weight.any()) for m in adapters],
+            )
+        )
 
     def watched_switch(lp, ranks):
         before = lp.norms()
@@ -60,7 +76,12 @@ def test_phases_merges_and_the_per_layer_switch(reference):
     assert [r[M.RELORA_MERGES] for r in runtime.reports] == [0, 1, 3, 4, 4, 4]
     assert [step for step, *_ in seen["merges"]] == [13, 18, 23, 28]
     assert summary[M.SWITCH_EPOCH] == 3 and summary[M.FREEZE_EPOCH] == 4
-    assert injected_ranks(loop.model) and set(injected_ranks(loop.model).values()) <= {2, 4, 8, 16}  # per-layer, not the uniform 4
+    assert injected_ranks(loop.model) and set(injected_ranks(loop.model).values()) <= {
+        2,
+        4,
+        8,
+        16,
+    }  # per-layer, not the uniform 4
     fractions = [r[M.TRAINABLE_FRACTION] for r in runtime.reports]
     assert fractions[0] == 1.0 and fractions[1] < 0.5 and fractions[4] > 1.0 and fractions[5] < 0.5
 
@@ -87,8 +108,14 @@ def test_the_lr_is_zero_at_each_merge_and_back_on_the_cosine_rewarm_steps_later(
         loop.state.phase = Phase.LORA
 
 
-@pytest.mark.parametrize("stop_after", [pytest.param(1, id="mid-relora-between-merges"), pytest.param(3, id="at-switch"),
-                                        pytest.param(4, id="after-freeze")])
+@pytest.mark.parametrize(
+    "stop_after",
+    [
+        pytest.param(1, id="mid-relora-between-merges"),
+        pytest.param(3, id="at-switch"),
+        pytest.param(4, id="after-freeze"),
+    ],
+)
 def test_interrupted_run_resumes_exactly(reference, stop_after):
     ref_loop, ref_runtime, ref, _ = reference
     first = LocalRuntime(stop_after_epoch=stop_after)
@@ -107,11 +134,16 @@ def test_interrupted_run_resumes_exactly(reference, stop_after):
 def test_start_epoch_0_is_relora_from_the_first_step():
     loop = TrainingLoop(cfg("epochs=2", "relora.start_epoch=0", "prelora.min_switch_epoch=5"), LocalRuntime())
     loop.run()
-    assert [(h[M.PHASE], h[M.RELORA_MERGES]) for h in loop.state.history] == [("relora", 1), ("relora", 3)]  # merges at 5, 10, 15
+    assert [(h[M.PHASE], h[M.RELORA_MERGES]) for h in loop.state.history] == [
+        ("relora", 1),
+        ("relora", 3),
+    ]  # merges at 5, 10, 15
 
 
 def test_switch_at_epoch_is_the_per_layer_switch_out_of_relora_before_min_switch_epoch():
-    loop = TrainingLoop(cfg("prelora.switch_at_epoch=2"), LocalRuntime())  # min_switch_epoch=3: a given epoch ignores it, as in prelora
+    loop = TrainingLoop(
+        cfg("prelora.switch_at_epoch=2"), LocalRuntime()
+    )  # min_switch_epoch=3: a given epoch ignores it, as in prelora
     summary = loop.run()
     assert [h[M.PHASE] for h in loop.state.history] == ["full", "relora", "relora", "warmup", "lora", "lora"]
     assert summary[M.SWITCH_EPOCH] == 2 and summary[M.FREEZE_EPOCH] == 3
@@ -121,17 +153,23 @@ def test_switch_at_epoch_is_the_per_layer_switch_out_of_relora_before_min_switch
 def test_switch_at_epoch_before_the_relora_phase_is_a_one_line_error():
     with pytest.raises(ValueError) as err:
         cfg("relora.start_epoch=2", "prelora.switch_at_epoch=1")
-    assert "prelora.switch_at_epoch=1 is invalid: >= relora.start_epoch (2)" in str(err.value) and "\n" not in str(err.value)
+    assert "prelora.switch_at_epoch=1 is invalid: >= relora.start_epoch (2)" in str(err.value) and "\n" not in str(
+        err.value
+    )
 
 
 @pytest.mark.parametrize(
     "override, key",
-    [("relora.rank=0", "relora.rank"), ("relora.prune=1.0", "relora.prune"), ("relora.prune=-0.1", "relora.prune"),
-     ("relora.merge_every=0", "relora.merge_every"), ("relora.start_epoch=6", "relora.start_epoch"),
-     ("relora.rewarm_steps=5", "relora.rewarm_steps")],
+    [
+        ("relora.rank=0", "relora.rank"),
+        ("relora.prune=1.0", "relora.prune"),
+        ("relora.prune=-0.1", "relora.prune"),
+        ("relora.merge_every=0", "relora.merge_every"),
+        ("relora.start_epoch=6", "relora.start_epoch"),
+        ("relora.rewarm_steps=5", "relora.rewarm_steps"),
+    ],
 )
 def test_bad_settings_are_one_line_errors_naming_the_key(override, key):
     with pytest.raises(ValueError) as err:
         cfg(override)
     assert key in str(err.value) and "\n" not in str(err.value)
-

@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from prelora_ray import fork
 from prelora_ray import metrics as M
 from prelora_ray import scan as S
 from prelora_ray.algorithms import assign_ranks, last_window_changes, replay_switch, window_values
@@ -23,13 +22,21 @@ from prelora_ray.cli import main
 from prelora_ray.config import TrainSettings
 
 EPOCHS = 6
-BASE = [f"epochs={EPOCHS}", "deterministic=true", "model.preset=vit-digits", "prelora.k=2", "prelora.m=1", "prelora.warmup=1"]
+BASE = [
+    f"epochs={EPOCHS}",
+    "deterministic=true",
+    "model.preset=vit-digits",
+    "prelora.k=2",
+    "prelora.m=1",
+    "prelora.warmup=1",
+]
 POINTS = (2, 3)
 # "open" passes on the trunk's first boundaries; "shut" never does
 GRID = [{"name": "open", "tau": 50.0, "zeta": 50.0, "k": 2, "m": 1}, {"name": "shut", "tau": 1e-6, "zeta": 50.0}]
 
 
 # -- candidates, grid, switch_at_epoch: no Ray ---------------------------------------------------
+
 
 def test_default_candidates_are_8_points_over_the_range_without_its_first_epoch():
     cfg = TrainSettings()  # 40 epochs, k=3, m=2, warmup 3: switch epochs 5..35
@@ -40,21 +47,30 @@ def test_default_candidates_are_8_points_over_the_range_without_its_first_epoch(
     assert S.candidate_epochs(small) == [2, 3]
 
 
-@pytest.mark.parametrize("kwargs, overrides, message", [
-    ({"epochs": [36]}, [], r"--epochs 36 is invalid: an epoch in \[5, 35\]"),
-    ({"epochs": [4]}, [], r"--epochs 4 is invalid: an epoch in \[5, 35\]"),
-    ({"every": 0}, [], r"--every=0 is invalid"),
-    ({}, ["epochs=10", "prelora.warmup=5"], "no epoch can be scanned: epochs=10 leaves no room"),
-])
+@pytest.mark.parametrize(
+    "kwargs, overrides, message",
+    [
+        ({"epochs": [36]}, [], r"--epochs 36 is invalid: an epoch in \[5, 35\]"),
+        ({"epochs": [4]}, [], r"--epochs 4 is invalid: an epoch in \[5, 35\]"),
+        ({"every": 0}, [], r"--every=0 is invalid"),
+        ({}, ["epochs=10", "prelora.warmup=5"], "no epoch can be scanned: epochs=10 leaves no room"),
+    ],
+)
 def test_bad_candidates_name_the_flag_and_the_range(kwargs, overrides, message):
     with pytest.raises(ValueError, match=message):
         S.candidate_epochs(TrainSettings.load(None, overrides), **kwargs)
 
 
-@pytest.mark.parametrize("override, valid", [
-    ("prelora.switch_at_epoch=40", False), ("prelora.switch_at_epoch=4", False), ("prelora.switch_at_epoch=36", False),
-    ("prelora.switch_at_epoch=35", True), ("prelora.switch_at_epoch=5", True),
-])
+@pytest.mark.parametrize(
+    "override, valid",
+    [
+        ("prelora.switch_at_epoch=40", False),
+        ("prelora.switch_at_epoch=4", False),
+        ("prelora.switch_at_epoch=36", False),
+        ("prelora.switch_at_epoch=35", True),
+        ("prelora.switch_at_epoch=5", True),
+    ],
+)
 def test_switch_at_epoch_is_checked_against_windows_warmup_and_epochs(override, valid):
     if valid:
         assert TrainSettings.load(None, [override]).prelora.switch_at_epoch == int(override.split("=")[1])
@@ -75,17 +91,24 @@ def test_replay_with_switch_at_epoch_ignores_algorithm_1_and_takes_algorithm_2_t
 
 def test_default_grid_is_the_papers_table_1_with_windows_scaled_to_the_run():
     grid = S.default_grid(TrainSettings.load(None, ["epochs=300"]))
-    assert [(g.name, g.tau, g.zeta, g.k, g.m) for g in grid] == [("Exp1", 1.0, 5.0, 3, 3), ("Exp2", 0.5, 2.5, 3, 3), ("Exp3", 0.25, 1.0, 3, 3)]
+    assert [(g.name, g.tau, g.zeta, g.k, g.m) for g in grid] == [
+        ("Exp1", 1.0, 5.0, 3, 3),
+        ("Exp2", 0.5, 2.5, 3, 3),
+        ("Exp3", 0.25, 1.0, 3, 3),
+    ]
     assert {g.m for g in S.default_grid(TrainSettings())} == {1}  # 3 epochs of 300 -> 0.4 of 40, at least 1
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "the grid is empty"),
-    ("settings: []", "the grid is empty"),
-    ("- {tau: 1.0, zetta: 2.0}", "unknown key 'zetta'; did you mean 'zeta'"),
-    ("- {tau: -1}", r"prelora.tau=-1.0 is invalid"),
-    ("tau: 1", "the top level must be a list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "the grid is empty"),
+        ("settings: []", "the grid is empty"),
+        ("- {tau: 1.0, zetta: 2.0}", "unknown key 'zetta'; did you mean 'zeta'"),
+        ("- {tau: -1}", r"prelora.tau=-1.0 is invalid"),
+        ("tau: 1", "the top level must be a list"),
+    ],
+)
 def test_bad_grid_files(tmp_path, text, message):
     path = tmp_path / "grid.yaml"
     path.write_text(text)
@@ -101,36 +124,76 @@ def test_grid_file_keys_default_to_the_config(tmp_path):
 
 
 def test_table_and_plot_from_records(tmp_path):
-    trunk = S.trunk_row([{M.EPOCH: e, M.EPOCH_TIME_S: 2.0, M.VAL_ACC: 0.5 + e / 10, M.TRAINABLE_FRACTION: 1.0} for e in range(4)])
-    rows = [S.point_row(e, {M.FINAL_VAL_ACC: 0.7, M.BEST_VAL_ACC: 0.75, M.MEAN_EPOCH_TIME_S: 1.6, M.TRAINABLE_FRACTION: 0.1, "epochs_trained": 3 - e}, 2.0)
-            for e in (1, 2)]
-    landings = [{"setting": "a", "tau": 1.0, "zeta": 5.0, "k": 2, "m": 1, "switch_epoch": 1},
-                {"setting": "b", "tau": 0.5, "zeta": 2.0, "k": 2, "m": 1, "switch_epoch": 3},
-                {"setting": "c", "tau": 0.1, "zeta": 1.0, "k": 2, "m": 1, "switch_epoch": -1}]
-    assert trunk[M.FINAL_VAL_ACC] == pytest.approx(0.8) and trunk["epochs_trained"] == 4 and rows[0]["speedup"] == pytest.approx(1.25)
+    trunk = S.trunk_row(
+        [{M.EPOCH: e, M.EPOCH_TIME_S: 2.0, M.VAL_ACC: 0.5 + e / 10, M.TRAINABLE_FRACTION: 1.0} for e in range(4)]
+    )
+    rows = [
+        S.point_row(
+            e,
+            {
+                M.FINAL_VAL_ACC: 0.7,
+                M.BEST_VAL_ACC: 0.75,
+                M.MEAN_EPOCH_TIME_S: 1.6,
+                M.TRAINABLE_FRACTION: 0.1,
+                "epochs_trained": 3 - e,
+            },
+            2.0,
+        )
+        for e in (1, 2)
+    ]
+    landings = [
+        {"setting": "a", "tau": 1.0, "zeta": 5.0, "k": 2, "m": 1, "switch_epoch": 1},
+        {"setting": "b", "tau": 0.5, "zeta": 2.0, "k": 2, "m": 1, "switch_epoch": 3},
+        {"setting": "c", "tau": 0.1, "zeta": 1.0, "k": 2, "m": 1, "switch_epoch": -1},
+    ]
+    assert (
+        trunk[M.FINAL_VAL_ACC] == pytest.approx(0.8)
+        and trunk["epochs_trained"] == 4
+        and rows[0]["speedup"] == pytest.approx(1.25)
+    )
     lines = S.format_table(trunk, rows, landings).splitlines()
-    assert lines[0] == S.TABLE_HEADER and lines[1].endswith("never: c") and lines[2].split()[0] == "1" and lines[2].endswith("a")
+    assert (
+        lines[0] == S.TABLE_HEADER
+        and lines[1].endswith("never: c")
+        and lines[2].split()[0] == "1"
+        and lines[2].endswith("a")
+    )
     assert lines[-1] == "grid settings between the scanned epochs: b@3"
     with open(S.plot_scan(trunk, rows, landings, tmp_path / "scan.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "5"], r"--epochs 5 is invalid: an epoch in \[1, 3\]"),
-    (["--set", "prelora.warmup=4"], "no epoch can be scanned"),
-    (["--grid", "EMPTY"], "the grid is empty"),
-    (["--grid", "UNKNOWN"], "unknown key 'taus'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "5"], r"--epochs 5 is invalid: an epoch in \[1, 3\]"),
+        (["--set", "prelora.warmup=4"], "no epoch can be scanned"),
+        (["--grid", "EMPTY"], "the grid is empty"),
+        (["--grid", "UNKNOWN"], "unknown key 'taus'"),
+    ],
+)
 def test_scan_cli_errors_are_one_line_before_ray_starts(tmp_path, capsys, args, message):
     (tmp_path / "EMPTY").write_text("[]\n")
     (tmp_path / "UNKNOWN").write_text("- {taus: 1.0}\n")
     args = [str(tmp_path / a) if a in ("EMPTY", "UNKNOWN") else a for a in args]
     sets = [x for b in BASE for x in ("--set", b)]
-    rc = main(["scan", *sets, *args, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ray")])
+    rc = main(
+        [
+            "scan",
+            *sets,
+            *args,
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage",
+            str(tmp_path / "ray"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("prelora-ray scan: error:"), err
     assert re.search(message, err), err
-    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()  # no Ray run, no MLflow store: nothing started
+    assert (
+        not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+    )  # no Ray run, no MLflow store: nothing started
 
 
 # -- one real scan -----------------------------------------------------------------------------------
@@ -143,8 +206,23 @@ def _scan(root, s3_endpoint: str, points) -> subprocess.CompletedProcess:
     from tests.servers import s3_uri
 
     sets = [x for b in BASE for x in ("--set", b)]
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "scan", *sets, "--epochs", ",".join(map(str, points)), "--grid", str(root / "grid.yaml"),
-           "--name", "sc", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--storage", s3_uri(s3_endpoint, SCAN_BUCKET, "scans")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prelora_ray.cli",
+        "scan",
+        *sets,
+        "--epochs",
+        ",".join(map(str, points)),
+        "--grid",
+        str(root / "grid.yaml"),
+        "--name",
+        "sc",
+        "--tracking-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--storage",
+        s3_uri(s3_endpoint, SCAN_BUCKET, "scans"),
+    ]
     return subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
 
 
@@ -172,7 +250,9 @@ def small_scan(tmp_path_factory, s3_endpoint):
 def test_scan_logs_the_trunk_a_child_per_point_with_fork_lineage_and_the_table(small_scan):
     root, out, client, parent, children, table, grid = small_scan
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
-    points = sorted((c for c in children if c.data.tags[M.ROLE_TAG] == "trial"), key=lambda c: int(c.data.tags[M.FORK_SWITCH_TAG]))
+    points = sorted(
+        (c for c in children if c.data.tags[M.ROLE_TAG] == "trial"), key=lambda c: int(c.data.tags[M.FORK_SWITCH_TAG])
+    )
     assert [int(c.data.tags[M.FORK_SWITCH_TAG]) for c in points] == list(POINTS)
     for c, e in zip(points, POINTS):
         assert c.info.status == "FINISHED" and c.data.tags[M.SCAN_TAG] == "sc"
@@ -181,13 +261,21 @@ def test_scan_logs_the_trunk_a_child_per_point_with_fork_lineage_and_the_table(s
     assert list(table["switch_epoch"]) == [-1, *POINTS]
     assert table[M.FINAL_VAL_ACC].iloc[0] == trunk.data.metrics[M.FINAL_VAL_ACC]
     assert list(table[M.FINAL_VAL_ACC].iloc[1:]) == [c.data.metrics[M.FINAL_VAL_ACC] for c in points]
-    assert table["speedup"].iloc[1] == pytest.approx(table[M.MEAN_EPOCH_TIME_S].iloc[0] / table[M.MEAN_EPOCH_TIME_S].iloc[1])
+    assert table["speedup"].iloc[1] == pytest.approx(
+        table[M.MEAN_EPOCH_TIME_S].iloc[0] / table[M.MEAN_EPOCH_TIME_S].iloc[1]
+    )
     assert (table[M.TRAINABLE_FRACTION].iloc[1:] < 1).all() and table[M.TRAINABLE_FRACTION].iloc[0] == 1
     assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + sum(EPOCHS - e - 1 for e in POINTS)
     with open(client.download_artifacts(parent.info.run_id, "scan.png", str(root)), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert f"point  {S.TABLE_HEADER}" in out and out.count("point       ") == len(POINTS)  # a line per point as it finished
-    assert S.TABLE_HEADER in out and "mlflow ui --backend-store-uri" in out and f"#/experiments/{parent.info.experiment_id}/runs" in out
+    assert f"point  {S.TABLE_HEADER}" in out and out.count("point       ") == len(
+        POINTS
+    )  # a line per point as it finished
+    assert (
+        S.TABLE_HEADER in out
+        and "mlflow ui --backend-store-uri" in out
+        and f"#/experiments/{parent.info.experiment_id}/runs" in out
+    )
     assert grid.set_index("setting").loc["shut", "switch_epoch"] == -1
 
 
@@ -211,8 +299,12 @@ def test_the_grid_replay_gives_the_switch_epoch_of_a_live_threshold_run(small_sc
     root, _, client, parent, _, _, grid = small_scan
     landed = grid.set_index("setting").loc["open", "switch_epoch"]
     assert landed >= 0
-    base = TrainSettings.from_dict(yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "config.yaml", str(root)))))
-    live_cfg = S.load_grid(root / "grid.yaml", base)[0].config(base).replace(**{"tracking.enabled": False, "name": None})
+    base = TrainSettings.from_dict(
+        yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "config.yaml", str(root))))
+    )
+    live_cfg = (
+        S.load_grid(root / "grid.yaml", base)[0].config(base).replace(**{"tracking.enabled": False, "name": None})
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trunk's worker: the same norms and losses
     try:
@@ -258,7 +350,9 @@ def test_the_same_scan_name_reuses_its_trunk_from_the_bucket_and_adds_its_points
     assert "reusing its finished trunk sc_baseline (s3://scans/scans/sc/trunk?" in proc.stdout, proc.stdout[-3000:]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     trunks = [c for c in children if c.data.tags[M.ROLE_TAG] == "baseline"]
-    assert len(trunks) == 1 and len(client.get_metric_history(trunk.info.run_id, M.VAL_ACC)) == EPOCHS  # not one trunk epoch again
+    assert (
+        len(trunks) == 1 and len(client.get_metric_history(trunk.info.run_id, M.VAL_ACC)) == EPOCHS
+    )  # not one trunk epoch again
     new = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) == "1")
     assert new.data.tags[M.FORK_EPOCH_TAG] == "2" and new.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - 2)
     _assert_equals_from_scratch(root, client, new)

@@ -33,7 +33,15 @@ def _write(tmp_path, data) -> Path:
 def test_shipped_spaces_load(name):
     space = load_search_space(SPACES / f"{name}.yaml")
     keys = {p.key for p in space.parameters}
-    assert {"prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max"} <= keys
+    assert {
+        "prelora.tau",
+        "prelora.zeta",
+        "prelora.k",
+        "prelora.m",
+        "prelora.warmup",
+        "prelora.r_min",
+        "prelora.r_max",
+    } <= keys
     assert [o.metric for o in space.objectives][:2] == ["final_val_acc", "mean_epoch_time_s"]
 
 
@@ -90,14 +98,26 @@ def _mutate(path_keys, value):
     "data, key",
     [
         (_mutate(["sampler_typo"], "tpe"), "sampler_typo"),  # unknown top-level key
-        (_mutate(["parameters", "prelora.tua"], {"type": "uniform", "low": 1, "high": 2}), "prelora.tua"),  # unknown config key
+        (
+            _mutate(["parameters", "prelora.tua"], {"type": "uniform", "low": 1, "high": 2}),
+            "prelora.tua",
+        ),  # unknown config key
         (_mutate(["base", "prelora"], {"tau": -1}), "prelora.tau"),  # bad base value
-        (_mutate(["parameters", "prelora.tau"], {"type": "gaussian", "low": 1, "high": 2}), "prelora.tau.type"),  # bad distribution
+        (
+            _mutate(["parameters", "prelora.tau"], {"type": "gaussian", "low": 1, "high": 2}),
+            "prelora.tau.type",
+        ),  # bad distribution
         (_mutate(["parameters", "prelora.tau"], {"type": "loguniform", "low": 0, "high": 2}), "prelora.tau.low"),
         (_mutate(["parameters", "prelora.tau"], {"type": "uniform", "low": 3, "high": 2}), "prelora.tau"),
         (_mutate(["parameters", "prelora.tau"], {"type": "uniform", "low": 1, "high": 2, "q": 1}), "prelora.tau.q"),
-        (_mutate(["parameters", "prelora.zeta"], {"type": "uniform", "low": -1, "high": 2}), "prelora.zeta"),  # invalid values
-        (_mutate(["parameters", "prelora.r_min"], {"type": "categorical", "values": [16, 32]}), "prelora.r_min"),  # bound above r_max's
+        (
+            _mutate(["parameters", "prelora.zeta"], {"type": "uniform", "low": -1, "high": 2}),
+            "prelora.zeta",
+        ),  # invalid values
+        (
+            _mutate(["parameters", "prelora.r_min"], {"type": "categorical", "values": [16, 32]}),
+            "prelora.r_min",
+        ),  # bound above r_max's
         (_mutate(["parameters", "prelora.r_max"], {"type": "categorical", "values": [6]}), "prelora.r_max"),
         (_mutate(["objectives"], [{"mode": "max"}]), "objectives[0].metric"),  # missing objective metric
         (_mutate(["objectives"], [{"metric": "accuracy", "mode": "max"}]), "objectives[0].metric"),
@@ -107,8 +127,15 @@ def _mutate(path_keys, value):
         (_mutate(["num_samples"], 0), "num_samples"),
         (_mutate(["sampler"], {"type": "cmaes"}), "sampler.type"),
         (_mutate(["trial_executor"], "local"), "trial_executor"),
-        ({**_mutate(["trial_executor"], "tune"), "base": {"epochs": 3, "cluster": {"num_workers": 2}}}, "trial_executor"),
-        (_mutate(["parameters", "cluster.num_workers"], {"type": "categorical", "values": [1, 2]}) | {"trial_executor": "tune"}, "trial_executor"),
+        (
+            {**_mutate(["trial_executor"], "tune"), "base": {"epochs": 3, "cluster": {"num_workers": 2}}},
+            "trial_executor",
+        ),
+        (
+            _mutate(["parameters", "cluster.num_workers"], {"type": "categorical", "values": [1, 2]})
+            | {"trial_executor": "tune"},
+            "trial_executor",
+        ),
     ],
 )
 def test_bad_space_names_file_and_key(tmp_path, data, key):
@@ -132,19 +159,23 @@ def test_sampled_r_min_above_r_max_is_repaired_not_crashed(tmp_path):
 
 # -- fork mode --------------------------------------------------------------------------------------
 
+
 def test_shipped_spaces_fork_by_default():
     for name in ("quickstart", "paper_vit_large", "cifar10_vit_small"):
         assert load_search_space(SPACES / f"{name}.yaml").fork, name
 
 
-@pytest.mark.parametrize("key, spec", [
-    ("optim.lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
-    ("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.2}),
-    ("data.batch_size", {"type": "categorical", "values": [32, 64]}),
-    ("seed", {"type": "int", "low": 0, "high": 3}),
-    ("epochs", {"type": "int", "low": 3, "high": 5}),
-    ("prelora.window_unit", {"type": "categorical", "values": ["epoch", "step"]}),
-])
+@pytest.mark.parametrize(
+    "key, spec",
+    [
+        ("optim.lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
+        ("model.dropout", {"type": "uniform", "low": 0.0, "high": 0.2}),
+        ("data.batch_size", {"type": "categorical", "values": [32, 64]}),
+        ("seed", {"type": "int", "low": 0, "high": 3}),
+        ("epochs", {"type": "int", "low": 3, "high": 5}),
+        ("prelora.window_unit", {"type": "categorical", "values": ["epoch", "step"]}),
+    ],
+)
 def test_fork_true_refuses_a_key_that_changes_the_full_phase(tmp_path, key, spec):
     data = {**GOOD, "fork": True, "parameters": {**GOOD["parameters"], key: spec}}
     with pytest.raises(ValueError) as err:
@@ -156,22 +187,31 @@ def test_fork_true_refuses_a_key_that_changes_the_full_phase(tmp_path, key, spec
     assert not load_search_space(_write(tmp_path, data)).fork
 
 
-@pytest.mark.parametrize("key, spec", [
-    ("prelora.zero_rank_below", {"type": "uniform", "low": 0.0, "high": 2.0}),
-    ("prelora.modules", {"type": "categorical", "values": [["query", "value"], ["query", "key", "value"]]}),
-    ("optim.lora_lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
-    ("optim.carry_optimizer_state", {"type": "categorical", "values": [True, False]}),
-])
+@pytest.mark.parametrize(
+    "key, spec",
+    [
+        ("prelora.zero_rank_below", {"type": "uniform", "low": 0.0, "high": 2.0}),
+        ("prelora.modules", {"type": "categorical", "values": [["query", "value"], ["query", "key", "value"]]}),
+        ("optim.lora_lr", {"type": "loguniform", "low": 1e-4, "high": 1e-2}),
+        ("optim.carry_optimizer_state", {"type": "categorical", "values": [True, False]}),
+    ],
+)
 def test_fork_allows_keys_that_act_at_or_after_the_switch(tmp_path, key, spec):
     data = {**GOOD, "fork": {"enabled": True, "every": 5}, "parameters": {**GOOD["parameters"], key: spec}}
     space = load_search_space(_write(tmp_path, data))
     assert space.fork and space.fork_every == 5
 
 
-@pytest.mark.parametrize("fork, where", [
-    ({"every": 0}, "fork.every"), ({"every": "3"}, "fork.every"), ({"enabled": "yes"}, "fork.enabled"),
-    ({"often": 2}, "fork.often"), ("sometimes", "fork"),
-])
+@pytest.mark.parametrize(
+    "fork, where",
+    [
+        ({"every": 0}, "fork.every"),
+        ({"every": "3"}, "fork.every"),
+        ({"enabled": "yes"}, "fork.enabled"),
+        ({"often": 2}, "fork.often"),
+        ("sometimes", "fork"),
+    ],
+)
 def test_bad_fork_values_name_the_key(tmp_path, fork, where):
     with pytest.raises(ValueError, match=where.replace(".", r"\.")):
         load_search_space(_write(tmp_path, {**GOOD, "fork": fork}))
@@ -179,7 +219,9 @@ def test_bad_fork_values_name_the_key(tmp_path, fork, where):
 
 def test_fork_needs_prelora_with_epoch_windows(tmp_path):
     with pytest.raises(ValueError, match="base.prelora.window_unit"):
-        load_search_space(_write(tmp_path, {**GOOD, "fork": True, "base": {"epochs": 3, "prelora": {"window_unit": "step"}}}))
+        load_search_space(
+            _write(tmp_path, {**GOOD, "fork": True, "base": {"epochs": 3, "prelora": {"window_unit": "step"}}})
+        )
     assert not load_search_space(_write(tmp_path, {**GOOD, "fork": False})).fork
 
 
@@ -187,9 +229,15 @@ def test_fork_refusal_comes_from_the_cli_before_ray_starts(tmp_path):
     import subprocess
     import sys
 
-    data = {**GOOD, "fork": True, "parameters": {**GOOD["parameters"], "optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}}}
+    data = {
+        **GOOD,
+        "fork": True,
+        "parameters": {**GOOD["parameters"], "optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}},
+    }
     code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
-    proc = subprocess.run([sys.executable, "-c", code, "tune", str(_write(tmp_path, data))], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "tune", str(_write(tmp_path, data))], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "parameters.optim.lr" in proc.stderr, proc.stderr
 
 
@@ -204,4 +252,6 @@ def test_tune_executor_trials_wait_for_the_trunks_workers_only_where_they_could_
     space = load_search_space(_write(tmp_path, data))
     assert not _trials_could_starve_the_trunk(space, 1)  # the quickstart: one trial and the trunk fit on 2 CPUs
     assert _trials_could_starve_the_trunk(space, 2)  # two waiting trials would hold both CPUs
-    assert not _trials_could_starve_the_trunk(load_search_space(_write(tmp_path, GOOD)), 8)  # ray_train drivers hold nothing
+    assert not _trials_could_starve_the_trunk(
+        load_search_space(_write(tmp_path, GOOD)), 8
+    )  # ray_train drivers hold nothing

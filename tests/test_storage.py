@@ -86,7 +86,9 @@ def test_folders_are_seen_only_when_complete(root, tmp_path):
     target.put_folder(src)
     assert target.folder_complete()
     with target.fetched_folder() as local:
-        assert (local / "state.pt").read_bytes() == b"x" * 1000 and (local / "sub" / "worker_rank1.pt").read_bytes() == b"y" * 10
+        assert (local / "state.pt").read_bytes() == b"x" * 1000 and (
+            local / "sub" / "worker_rank1.pt"
+        ).read_bytes() == b"y" * 10
     assert [c.name for c in (root / "run").children()] == ["checkpoint_000003"]
     if root.is_local:  # a writer killed mid-copy leaves only a hidden .partial- folder
         (root.local / "run" / ".partial-checkpoint_000004").mkdir()
@@ -108,17 +110,38 @@ def test_a_claim_is_won_once(root):
 
 def test_the_trunks_records_and_plans_are_the_same_on_both_backends(root, tmp_path):
     """A trunk written through TrunkWriter, read back by plan_fork and a trial's checkpoint load, on either backend."""
-    history = [{"epoch": e, "train_loss": 2.0 - 0.1 * e, "val_acc": 0.5, "epoch_time_s": 1.0,
-                **{f"layer_norm/{fam}/{i}": 10.0 + e * (0.5 - 0.1 * e) + i for fam in ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
-                   for i in range(2)}} for e in range(6)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 - 0.1 * e,
+            "val_acc": 0.5,
+            "epoch_time_s": 1.0,
+            **{
+                f"layer_norm/{fam}/{i}": 10.0 + e * (0.5 - 0.1 * e) + i
+                for fam in ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
+                for i in range(2)
+            },
+        }
+        for e in range(6)
+    ]
     writer = fork.TrunkWriter(root / "trunk", every=2)
     writer.start(0, lambda: {"epoch": torch.tensor(0)})
     for e, record in enumerate(history):
         writer.after_epoch(e, record, lambda e=e: {"epoch": torch.tensor(e + 1)})
     assert fork.read_history(root / "trunk") == history
     assert fork.checkpoint_epochs(root / "trunk") == [0, 2, 4, 6]
-    cfg = TrainSettings.load(None, ["epochs=6", "prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=0",
-                                    "model.preset=vit-digits"])
+    cfg = TrainSettings.load(
+        None,
+        [
+            "epochs=6",
+            "prelora.k=2",
+            "prelora.m=1",
+            "prelora.tau=50",
+            "prelora.zeta=50",
+            "prelora.warmup=0",
+            "model.preset=vit-digits",
+        ],
+    )
     plan = fork.plan_fork(cfg, root / "trunk")
     assert plan is not None and plan.mode == "fork" and plan.fork_epoch <= plan.switch.epoch + 1
     assert location(plan.checkpoint) == fork.checkpoint_path(root / "trunk", plan.fork_epoch)
@@ -146,12 +169,18 @@ def test_a_uri_keeps_its_options_in_every_child_and_pickles_as_plain_data():
         _ = loc / "../escape"
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("ftp://host/x", r"unsupported scheme 'ftp'; use a local path, file://PATH, s3://"),
-    ("hdfs://nn/x", "unsupported scheme 'hdfs'"),
-    ("s3:///no-bucket", "no bucket"),
-    ("s3://b/x?endpoint_override=127.0.0.1:1&scheme=http&colour=blue", "Unexpected query parameter in S3 URI: 'colour'"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("ftp://host/x", r"unsupported scheme 'ftp'; use a local path, file://PATH, s3://"),
+        ("hdfs://nn/x", "unsupported scheme 'hdfs'"),
+        ("s3:///no-bucket", "no bucket"),
+        (
+            "s3://b/x?endpoint_override=127.0.0.1:1&scheme=http&colour=blue",
+            "Unexpected query parameter in S3 URI: 'colour'",
+        ),
+    ],
+)
 def test_bad_storage_uris_are_one_line_naming_the_key(value, message):
     with pytest.raises(ValueError, match=message) as err:
         resolve(value, "cluster.storage_path")
@@ -178,7 +207,10 @@ def test_a_gcs_store_that_cannot_be_reached_is_a_bounded_one_line_error(monkeypa
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     started = time.monotonic()
     with pytest.raises(ValueError) as err:
-        resolve(f"gs://bucket/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&retry_limit_seconds=1", "cluster.storage_path")
+        resolve(
+            f"gs://bucket/x?endpoint_override=127.0.0.1:{free_port()}&scheme=http&retry_limit_seconds=1",
+            "cluster.storage_path",
+        )
     assert str(err.value).startswith("cluster.storage_path='gs://bucket/x?") and "\n" not in str(err.value)
     assert time.monotonic() - started < 60
 
@@ -195,7 +227,11 @@ def test_the_cli_refuses_a_bad_storage_before_ray_starts(tmp_path, capsys):
     space.write_text(json.dumps({"name": "s", "parameters": {"prelora.tau": {"type": "uniform", "low": 1, "high": 2}}}))
     rc = main(["tune", str(space), "--storage", "ftp://h/x", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("prelora-ray tune: error: --storage='ftp://h/x' is invalid: unsupported scheme") and "\n" not in err
+    assert (
+        rc == 2
+        and err.startswith("prelora-ray tune: error: --storage='ftp://h/x' is invalid: unsupported scheme")
+        and "\n" not in err
+    )
     assert not (tmp_path / "m.db").exists()  # refused before MLflow, Optuna or Ray
     rc = main(["train", "--set", "cluster.storage_path=ftp://h/x", "--no-tracking"])
     assert rc == 2 and "cluster.storage_path='ftp://h/x' is invalid" in capsys.readouterr().err
@@ -207,20 +243,23 @@ def test_ray_gets_the_same_filesystem(s3_bucket):
     path, fs = loc.ray_storage()
     assert path == f"{bucket}/sweeps" and fs is loc.fs and type(fs).__name__ == "S3FileSystem"
     (loc / "a.json").write_json([1])
-    assert f"sweeps/a.json" in bucket_keys(endpoint, bucket)
+    assert "sweeps/a.json" in bucket_keys(endpoint, bucket)
     assert location("/tmp/x").ray_storage() == ("/tmp/x", None)
 
 
 # -- where the Optuna study lives ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("journal:study.journal", "journal:{cwd}/study.journal"),
-    ("journal:///shared/s.journal", "journal:/shared/s.journal"),
-    ("sqlite:///rel/optuna.db", "sqlite:///{cwd}/rel/optuna.db"),
-    ("sqlite:////abs/optuna.db", "sqlite:////abs/optuna.db"),
-    ("postgresql+psycopg2://u:p@db:5432/optuna", "postgresql+psycopg2://u:p@db:5432/optuna"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("journal:study.journal", "journal:{cwd}/study.journal"),
+        ("journal:///shared/s.journal", "journal:/shared/s.journal"),
+        ("sqlite:///rel/optuna.db", "sqlite:///{cwd}/rel/optuna.db"),
+        ("sqlite:////abs/optuna.db", "sqlite:////abs/optuna.db"),
+        ("postgresql+psycopg2://u:p@db:5432/optuna", "postgresql+psycopg2://u:p@db:5432/optuna"),
+    ],
+)
 def test_optuna_storage_urls_are_made_absolute(url, expected, tmp_path, monkeypatch):
     from prelora_ray.search_space import check_optuna_storage
 
@@ -246,17 +285,29 @@ def test_the_studys_default_place_follows_the_stores(tmp_path, caplog, s3_bucket
     monkeypatch.chdir(tmp_path)
     space = parse_search_space({"name": "s", "parameters": {"prelora.tau": {"type": "uniform", "low": 1, "high": 2}}})
     bucket = s3_uri(*s3_bucket, "sweeps")
-    by_sqlite = make_sweep(space, name="s", tracking_uri=f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}", storage_path=bucket)
+    by_sqlite = make_sweep(
+        space, name="s", tracking_uri=f"sqlite:///{tmp_path / 'm' / 'mlflow.db'}", storage_path=bucket
+    )
     assert by_sqlite.optuna_url == f"sqlite:///{tmp_path / 'm' / 'optuna.db'}"
     local = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=str(tmp_path / "ray"))
     assert local.optuna_url == f"sqlite:///{tmp_path / 'ray' / 'optuna.db'}"
     assert "optuna_storage" not in caplog.text
     remote = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket)
     assert remote.optuna_url == f"sqlite:///{tmp_path / 'optuna.db'}" and "set optuna_storage" in caplog.text
-    given = make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket, optuna_storage="journal:j/s.journal")
+    given = make_sweep(
+        space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket, optuna_storage="journal:j/s.journal"
+    )
     assert given.optuna_url == f"journal:{tmp_path / 'j' / 's.journal'}" and (tmp_path / "j").is_dir()
-    with pytest.raises(ValueError, match=r"^--optuna-storage='postgresql://u:\*\*\*@127.0.0.1:1/x': cannot open the Optuna storage"):
-        make_sweep(space, name="s", tracking_uri=mlflow_server_uri, storage_path=bucket, optuna_storage="postgresql://u:secret@127.0.0.1:1/x")
+    with pytest.raises(
+        ValueError, match=r"^--optuna-storage='postgresql://u:\*\*\*@127.0.0.1:1/x': cannot open the Optuna storage"
+    ):
+        make_sweep(
+            space,
+            name="s",
+            tracking_uri=mlflow_server_uri,
+            storage_path=bucket,
+            optuna_storage="postgresql://u:secret@127.0.0.1:1/x",
+        )
 
 
 def test_a_trunks_task_checkpoints_keep_the_newest_and_fall_back_past_a_bad_one(root):
@@ -289,11 +340,19 @@ def test_the_study_caps_a_sweeps_trials_across_drivers(tmp_path):
 
     url = f"journal:{tmp_path / 's.journal'}"
     space = parse_search_space({"name": "s", "parameters": {"prelora.tau": {"type": "uniform", "low": 1, "high": 2}}})
-    optuna.create_study(study_name="s", storage=open_storage(url), directions=["maximize", "minimize"]).ask()  # an earlier sweep's
+    optuna.create_study(
+        study_name="s", storage=open_storage(url), directions=["maximize", "minimize"]
+    ).ask()  # an earlier sweep's
 
     def searcher() -> TaggedOptunaSearch:
-        return TaggedOptunaSearch(space=DefineByRun(space.parameters), metric=["final_val_acc", "mean_epoch_time_s"], mode=["max", "min"],
-                                  study_name="s", storage=open_storage(url), max_trials=2)
+        return TaggedOptunaSearch(
+            space=DefineByRun(space.parameters),
+            metric=["final_val_acc", "mean_epoch_time_s"],
+            mode=["max", "min"],
+            study_name="s",
+            storage=open_storage(url),
+            max_trials=2,
+        )
 
     first = searcher()
     assert first.suggest("a") is not None and first.suggest("b") is not None

@@ -32,8 +32,21 @@ def test_prelora_state_round_trips_and_a_checkpoint_from_before_strategies_still
     other.load_state_dict(saved)
     assert other.state_dict() == saved
     # the layout of main at 2a433b9: the switch's fields in "loop", the windows in "monitor"
-    old = {"loop": {"epoch": 5, "step": 40, "phase": "warmup", "switch_epoch": 4, "freeze_epoch": -1, "ranks": {"query": [2, 4]},
-                    "history": [], "decisions": [], "resumed_at": [], "forked_from": -1}, "monitor": saved["monitor"]}
+    old = {
+        "loop": {
+            "epoch": 5,
+            "step": 40,
+            "phase": "warmup",
+            "switch_epoch": 4,
+            "freeze_epoch": -1,
+            "ranks": {"query": [2, 4]},
+            "history": [],
+            "decisions": [],
+            "resumed_at": [],
+            "forked_from": -1,
+        },
+        "monitor": saved["monitor"],
+    }
     loop, state = _split_legacy(old)
     assert set(loop) == set(LoopState.__dataclass_fields__)
     other.load_state_dict(state)

@@ -29,7 +29,12 @@ SPACE = {
     "base": {"epochs": 6, "model": {"preset": "vit-digits"}, "prelora": {"k": 2, "m": 1}},
     "parameters": {
         "strategy": {"type": "categorical", "values": ["full", "prelora", "relora_prelora"]},
-        "prelora.tau": {"type": "loguniform", "low": 1.0, "high": 50.0, "when": {"strategy": ["prelora", "relora_prelora"]}},
+        "prelora.tau": {
+            "type": "loguniform",
+            "low": 1.0,
+            "high": 50.0,
+            "when": {"strategy": ["prelora", "relora_prelora"]},
+        },
         "relora.start_epoch": {"type": "int", "low": 1, "high": 3, "when": {"strategy": "relora_prelora"}},
         "relora.rank": {"type": "categorical", "values": [4, 8], "when": {"strategy": "relora_prelora"}},
     },
@@ -47,6 +52,7 @@ def _with(**params) -> dict:
 
 
 # -- the search space ---------------------------------------------------------------------------
+
 
 def test_a_strategy_categorical_with_conditions_validates_forks_and_samples_each_strategys_own_knobs(tmp_path):
     import optuna
@@ -67,20 +73,43 @@ def test_a_strategy_categorical_with_conditions_validates_forks_and_samples_each
     assert set(seen) == {"full", "prelora", "relora_prelora"}
     assert all(set(p) == {"strategy"} for p in seen["full"])  # no knob of another strategy is sampled
     assert all(set(p) == {"strategy", "prelora.tau"} for p in seen["prelora"])
-    assert all(set(p) == {"strategy", "prelora.tau", "relora.start_epoch", "relora.rank"} for p in seen["relora_prelora"])
+    assert all(
+        set(p) == {"strategy", "prelora.tau", "relora.start_epoch", "relora.rank"} for p in seen["relora_prelora"]
+    )
 
 
-@pytest.mark.parametrize("edit, where", [
-    ({"strategy": {"type": "categorical", "values": ["prelora", "lora"]}}, "parameters.strategy.values"),
-    ({"strategy": {"type": "int", "low": 0, "high": 1}}, "parameters.strategy.type"),
-    ({"relora.rank": {"type": "categorical", "values": [4], "when": {"strategy": "relora"}}}, "parameters.relora.rank.when.strategy"),
-    ({"relora.rank": {"type": "categorical", "values": [4], "when": {"prelora.tau": 2.0}}}, "parameters.relora.rank.when.prelora.tau"),
-    ({"relora.rank": {"type": "categorical", "values": [4], "when": {"seed": 1}}}, "parameters.relora.rank.when.seed"),
-    ({"relora.rank": {"type": "categorical", "values": [4], "when": ["relora_prelora"]}}, "parameters.relora.rank.when"),
-    ({"relora.rank": {"type": "categorical", "values": [4], "if": {"strategy": "relora_prelora"}}}, "parameters.relora.rank.if"),
-    # relora.start_epoch must be < epochs under relora_prelora, the one strategy that reads it
-    ({"relora.start_epoch": {"type": "int", "low": 1, "high": 6, "when": {"strategy": "relora_prelora"}}}, "parameters.relora.start_epoch"),
-])
+@pytest.mark.parametrize(
+    "edit, where",
+    [
+        ({"strategy": {"type": "categorical", "values": ["prelora", "lora"]}}, "parameters.strategy.values"),
+        ({"strategy": {"type": "int", "low": 0, "high": 1}}, "parameters.strategy.type"),
+        (
+            {"relora.rank": {"type": "categorical", "values": [4], "when": {"strategy": "relora"}}},
+            "parameters.relora.rank.when.strategy",
+        ),
+        (
+            {"relora.rank": {"type": "categorical", "values": [4], "when": {"prelora.tau": 2.0}}},
+            "parameters.relora.rank.when.prelora.tau",
+        ),
+        (
+            {"relora.rank": {"type": "categorical", "values": [4], "when": {"seed": 1}}},
+            "parameters.relora.rank.when.seed",
+        ),
+        (
+            {"relora.rank": {"type": "categorical", "values": [4], "when": ["relora_prelora"]}},
+            "parameters.relora.rank.when",
+        ),
+        (
+            {"relora.rank": {"type": "categorical", "values": [4], "if": {"strategy": "relora_prelora"}}},
+            "parameters.relora.rank.if",
+        ),
+        # relora.start_epoch must be < epochs under relora_prelora, the one strategy that reads it
+        (
+            {"relora.start_epoch": {"type": "int", "low": 1, "high": 6, "when": {"strategy": "relora_prelora"}}},
+            "parameters.relora.start_epoch",
+        ),
+    ],
+)
 def test_bad_strategy_values_and_conditions_are_one_line_errors_naming_the_key(tmp_path, edit, where):
     with pytest.raises(ValueError) as err:
         load_search_space(_write(tmp_path, _with(**edit)))
@@ -94,28 +123,40 @@ def test_a_bad_strategy_is_refused_by_the_cli_before_ray_starts(tmp_path):
 
     bad = _with(strategy={"type": "categorical", "values": ["full", "prelora_v3"]})
     code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
-    proc = subprocess.run([sys.executable, "-c", code, "tune", str(_write(tmp_path, bad))], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "tune", str(_write(tmp_path, bad))], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert f"parameters.strategy.values: unknown strategy 'prelora_v3'; valid: {', '.join(REGISTRY)}" in proc.stderr, proc.stderr
+    assert f"parameters.strategy.values: unknown strategy 'prelora_v3'; valid: {', '.join(REGISTRY)}" in proc.stderr, (
+        proc.stderr
+    )
 
 
 def test_a_condition_must_name_a_parameter_declared_above_it(tmp_path):
     params = dict(SPACE["parameters"])
     strategy = params.pop("strategy")
-    with pytest.raises(ValueError, match=r"parameters\.prelora\.tau\.when\.strategy: must name a categorical parameter declared above"):
+    with pytest.raises(
+        ValueError, match=r"parameters\.prelora\.tau\.when\.strategy: must name a categorical parameter declared above"
+    ):
         load_search_space(_write(tmp_path, {**SPACE, "parameters": {**params, "strategy": strategy}}))
     # an unconditional knob declared above the strategy is still checked with each strategy
     late = {"relora.start_epoch": {"type": "int", "low": 1, "high": 6}, "strategy": strategy}
-    with pytest.raises(ValueError, match=r"parameters\.relora\.start_epoch: value 6 is not valid here with strategy=relora_prelora"):
+    with pytest.raises(
+        ValueError, match=r"parameters\.relora\.start_epoch: value 6 is not valid here with strategy=relora_prelora"
+    ):
         load_search_space(_write(tmp_path, {**SPACE, "parameters": late}))
 
 
 def test_fork_mode_asks_each_strategy_which_keys_it_may_vary(tmp_path):
     # optim.lr changes every strategy's full training: refused, with the way out named
     with pytest.raises(ValueError, match=r"parameters\.optim\.lr: changes the full-training phase.*when: \{strategy"):
-        load_search_space(_write(tmp_path, {**_with(**{"optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}), "fork": True}))
+        load_search_space(
+            _write(tmp_path, {**_with(**{"optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}}), "fork": True})
+        )
     # relora.* unconditioned: full and prelora trials never read it, relora_prelora's act after its fork point
-    assert load_search_space(_write(tmp_path, {**_with(**{"relora.prune": {"type": "uniform", "low": 0.5, "high": 0.9}}), "fork": True})).fork
+    assert load_search_space(
+        _write(tmp_path, {**_with(**{"relora.prune": {"type": "uniform", "low": 0.5, "high": 0.9}}), "fork": True})
+    ).fork
     # a space of full trials only has nothing to fork
     only_full = {**SPACE, "parameters": {"strategy": {"type": "categorical", "values": ["full"]}}, "fork": True}
     with pytest.raises(ValueError, match=r"parameters\.strategy: is 'full': no trial forks from the trunk"):
@@ -136,7 +177,9 @@ def test_every_registered_strategy_says_how_it_forks():
 def test_the_shipped_strategies_sweep_loads_in_fork_mode_over_every_strategy():
     space = load_search_space(SPACES / "strategies_digits.yaml")
     strategy = next(p for p in space.parameters if p.key == "strategy")
-    assert set(strategy.values) >= {"full", "prelora", "relora_prelora", "lte"} and space.fork  # (and any strategy added since)
+    assert (
+        set(strategy.values) >= {"full", "prelora", "relora_prelora", "lte"} and space.fork
+    )  # (and any strategy added since)
     for p in space.parameters:  # each strategy's own knobs are sampled for it only
         if p.key.startswith("relora."):
             assert p.condition("strategy") == ("relora_prelora",), p.key
@@ -147,6 +190,7 @@ def test_the_shipped_strategies_sweep_loads_in_fork_mode_over_every_strategy():
 
 
 # -- fork plans -----------------------------------------------------------------------------------
+
 
 def _fake_trunk(folder: Path, epochs_done: int, checkpoints: list[int]) -> None:
     fork.write_json(folder / fork.HISTORY_FILE, [{M.EPOCH: e} for e in range(epochs_done)])
@@ -174,18 +218,39 @@ def test_plans_of_relora_prelora_and_full_trials(tmp_path):
 # -- a relora_prelora trial forked from the trunk equals the same run from scratch ----------------
 
 BASE = [
-    "epochs=6", "deterministic=true", "tracking.enabled=false", "data.name=synthetic", "data.image_size=8", "model.preset=vit-digits",
-    "data.synthetic_samples=128", "data.batch_size=32", "prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1",
+    "epochs=6",
+    "deterministic=true",
+    "tracking.enabled=false",
+    "data.name=synthetic",
+    "data.image_size=8",
+    "model.preset=vit-digits",
+    "data.synthetic_samples=128",
+    "data.batch_size=32",
+    "prelora.k=2",
+    "prelora.m=1",
+    "prelora.tau=50",
+    "prelora.zeta=50",
+    "prelora.warmup=1",
 ]
-RELORA = [*BASE, "strategy=relora_prelora", "relora.start_epoch=2", "relora.rank=4", "relora.merge_every=2", "relora.rewarm_steps=1",
-          "prelora.min_switch_epoch=3"]
+RELORA = [
+    *BASE,
+    "strategy=relora_prelora",
+    "relora.start_epoch=2",
+    "relora.rank=4",
+    "relora.merge_every=2",
+    "relora.rewarm_steps=1",
+    "prelora.min_switch_epoch=3",
+]
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_relora_prelora_run_forked_at_its_start_epoch_equals_the_run_from_scratch(tmp_path):
     folder = tmp_path / "trunk"
-    trunk = TrainingLoop(TrainSettings.load(None, [*BASE, "strategy=full", f"prelora.modules={','.join(MODULE_FAMILIES)}"]), LocalRuntime(),
-                         trunk=fork.TrunkWriter(folder, every=1))
+    trunk = TrainingLoop(
+        TrainSettings.load(None, [*BASE, "strategy=full", f"prelora.modules={','.join(MODULE_FAMILIES)}"]),
+        LocalRuntime(),
+        trunk=fork.TrunkWriter(folder, every=1),
+    )
     trunk.run()
     cfg = TrainSettings.load(None, RELORA)
     scratch = TrainingLoop(cfg, LocalRuntime())
@@ -193,15 +258,37 @@ def test_a_relora_prelora_run_forked_at_its_start_epoch_equals_the_run_from_scra
     history = fork.read_history(folder)
     plan = fork.plan_fork(cfg, folder)
     assert plan.fork_epoch == 2
-    for start in (plan.fork_epoch, plan.fork_epoch - 1):  # at RELORA's start, and one full epoch before it (a sparser trunk)
-        forked = TrainingLoop(cfg, LocalRuntime(), fork=ForkStart(state=load_state_file(fork.checkpoint_path(folder, start)), snapshots=fork.snapshots(history[:start])))
+    for start in (
+        plan.fork_epoch,
+        plan.fork_epoch - 1,
+    ):  # at RELORA's start, and one full epoch before it (a sparser trunk)
+        forked = TrainingLoop(
+            cfg,
+            LocalRuntime(),
+            fork=ForkStart(
+                state=load_state_file(fork.checkpoint_path(folder, start)), snapshots=fork.snapshots(history[:start])
+            ),
+        )
         forked.run()
         assert forked.state.forked_from == start
-        for key in (M.VAL_ACC, M.VAL_LOSS, M.TRAIN_LOSS, M.PHASE, M.TRAINABLE_PARAMS, M.LR, M.SWITCH_EPOCH, M.FREEZE_EPOCH):
+        for key in (
+            M.VAL_ACC,
+            M.VAL_LOSS,
+            M.TRAIN_LOSS,
+            M.PHASE,
+            M.TRAINABLE_PARAMS,
+            M.LR,
+            M.SWITCH_EPOCH,
+            M.FREEZE_EPOCH,
+        ):
             assert [h[key] for h in forked.state.history] == [h[key] for h in scratch.state.history], (start, key)
-        assert [h[M.RELORA_MERGES] for h in forked.state.history[start:]] == [h[M.RELORA_MERGES] for h in scratch.state.history[start:]]
+        assert [h[M.RELORA_MERGES] for h in forked.state.history[start:]] == [
+            h[M.RELORA_MERGES] for h in scratch.state.history[start:]
+        ]
         a, b = scratch.summary(), forked.summary()
-        assert a[M.SWITCH_EPOCH] == 3 and a[M.FREEZE_EPOCH] == 4 and scratch.strategy.state.relora_merges >= 4  # every phase ran, merges in RELORA
+        assert (
+            a[M.SWITCH_EPOCH] == 3 and a[M.FREEZE_EPOCH] == 4 and scratch.strategy.state.relora_merges >= 4
+        )  # every phase ran, merges in RELORA
         for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS, M.FINAL_VAL_ACC, M.BEST_VAL_ACC):
             assert a[key] == b[key], (start, key)
         assert forked.strategy.state.relora_merges == scratch.strategy.state.relora_merges
@@ -214,7 +301,9 @@ def test_a_relora_prelora_run_forked_at_its_start_epoch_equals_the_run_from_scra
 SWEEP = {
     "name": "strat",
     "base": {
-        "epochs": 4, "deterministic": True, "model": {"preset": "vit-digits"},
+        "epochs": 4,
+        "deterministic": True,
+        "model": {"preset": "vit-digits"},
         "prelora": {"k": 2, "m": 1, "tau": 50.0, "zeta": 50.0, "warmup": 1},
         "relora": {"start_epoch": 2, "merge_every": 10, "rewarm_steps": 2},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1},
@@ -223,7 +312,10 @@ SWEEP = {
         "strategy": {"type": "categorical", "values": ["full", "prelora", "relora_prelora"]},
         "relora.rank": {"type": "categorical", "values": [4, 8], "when": {"strategy": "relora_prelora"}},
     },
-    "sampler": {"type": "random", "seed": 1},  # prelora, full, relora_prelora (rank 4): a real Optuna study says so offline
+    "sampler": {
+        "type": "random",
+        "seed": 1,
+    },  # prelora, full, relora_prelora (rank 4): a real Optuna study says so offline
     "num_samples": 3,
     "max_concurrent": 1,
     "trial_executor": "tune",
@@ -250,11 +342,15 @@ def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_th
     assert trials["relora_prelora"].data.params["relora.rank"] == "4"
 
     # where each forked: full takes the trunk's result, relora_prelora starts at relora.start_epoch and equals a run from scratch
-    assert trials["full"].data.tags[M.FORK_SWITCH_TAG] == "never" and trials["full"].data.tags[M.EPOCHS_TRAINED_TAG] == "0"
+    assert (
+        trials["full"].data.tags[M.FORK_SWITCH_TAG] == "never" and trials["full"].data.tags[M.EPOCHS_TRAINED_TAG] == "0"
+    )
     relora = trials["relora_prelora"]
     assert relora.data.tags[M.FORK_EPOCH_TAG] == "2" and relora.data.tags[M.EPOCHS_TRAINED_TAG] == "2"
     assert relora.data.metrics[M.RELORA_MERGES] >= 2 and relora.data.metrics[M.SWITCH_EPOCH] >= 2
-    assert [m.value for m in sorted(client.get_metric_history(relora.info.run_id, M.RELORA_MERGES), key=lambda m: m.step)][:2] == [0, 0]
+    assert [
+        m.value for m in sorted(client.get_metric_history(relora.info.run_id, M.RELORA_MERGES), key=lambda m: m.step)
+    ][:2] == [0, 0]
     _assert_equals_from_scratch(tmp_path, client, relora)
     assert int(trials["prelora"].data.tags[M.FORK_EPOCH_TAG]) <= int(trials["prelora"].data.tags[M.FORK_SWITCH_TAG]) + 1
 
@@ -264,7 +360,9 @@ def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_th
     for strategy in ("full", "prelora", "relora_prelora"):
         assert f"strategy {strategy}: 1 finished trials" in report["text"], report["text"]
     header = report["text"].splitlines()[1]
-    assert " strategy " in header and " relora.rank " in header  # each row's strategy, and the knobs only some strategies sample
+    assert (
+        " strategy " in header and " relora.rank " in header
+    )  # each row's strategy, and the knobs only some strategies sample
     assert report["plots"]["front_by_strategy"].stat().st_size > 0
     # `best` exports the picked trial's config, strategy included, and says which
     row, cfg = export_best(uri, "prelora-ray", "strat", "max-acc", tmp_path / "best.yaml")

@@ -9,10 +9,19 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
+from prelora_ray import switch
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, build_model
-from prelora_ray import switch
-from prelora_ray.switch import ADAPTER, PHASE_INDEX, Phase, inject_lora, injected_ranks, merge_lora, rank_by_module, set_trainable
+from prelora_ray.switch import (
+    ADAPTER,
+    PHASE_INDEX,
+    Phase,
+    inject_lora,
+    injected_ranks,
+    merge_lora,
+    rank_by_module,
+    set_trainable,
+)
 
 FAMILIES = tuple(FAMILY_MODULES)
 
@@ -27,8 +36,14 @@ def vit12(seed: int = 0) -> ViTForImageClassification:
     """12 encoder layers (so `layers.1.` could wrongly match layers 10 and 11), hidden 32."""
     torch.manual_seed(seed)
     cfg = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=12,
-        num_attention_heads=2, intermediate_size=64, num_labels=10,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=12,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
     )
     return ViTForImageClassification(cfg).eval()
 
@@ -114,7 +129,9 @@ def test_per_layer_ranks_and_scaling_equal_the_assignment_4_layers():
     ranks = ranks_for(4, [2, 4, 8, 16])
     model = inject_lora(tiny_vit(), ranks, PreLoRASettings())
     assert_ranks_match(model, ranks, 2.0)
-    assert injected_ranks(model) == {f"vit.layers.{i}.{FAMILY_MODULES[f]}": r for f, rs in ranks.items() for i, r in enumerate(rs)}
+    assert injected_ranks(model) == {
+        f"vit.layers.{i}.{FAMILY_MODULES[f]}": r for f, rs in ranks.items() for i, r in enumerate(rs)
+    }
 
 
 @pytest.mark.parametrize("alpha_scale", [2.0, 4.0, 0.5])
@@ -144,7 +161,11 @@ def test_twelve_layers_layer_1_and_layers_10_11_get_their_own_ranks(special):
     assert got["vit.layers.1.attention.q_proj"] == special[1]
     assert got["vit.layers.10.attention.q_proj"] == special[10]
     assert got["vit.layers.11.attention.q_proj"] == special[11]
-    assert (got["vit.layers.1.attention.v_proj"], got["vit.layers.10.attention.v_proj"], got["vit.layers.11.attention.v_proj"]) == (8, 1, 4)
+    assert (
+        got["vit.layers.1.attention.v_proj"],
+        got["vit.layers.10.attention.v_proj"],
+        got["vit.layers.11.attention.v_proj"],
+    ) == (8, 1, 4)
     assert len(got) == 12 * len(FAMILIES)
 
 
@@ -237,7 +258,9 @@ def test_lora_phase_with_head_keeps_exactly_lora_and_classifier():
     settings = PreLoRASettings(trainable_after_freeze=("head",))
     model = inject_lora(tiny_vit(), ranks_for(4, [2, 4]), settings)
     set_trainable(model, Phase.LORA, settings)
-    expected = {n for n, _ in model.named_parameters() if "lora_" in n or n.endswith(("classifier.weight", "classifier.bias"))}
+    expected = {
+        n for n, _ in model.named_parameters() if "lora_" in n or n.endswith(("classifier.weight", "classifier.bias"))
+    }
     assert trainable_names(model) == expected
     assert sum("classifier" in n for n in expected) == 2
 

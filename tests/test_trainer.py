@@ -16,9 +16,9 @@ from prelora_ray import metrics as M
 from prelora_ray.algorithms import partial_convergence_test, percent_change
 from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES
+from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.switch import Phase, injected_ranks
-from prelora_ray.optim import lr_factor
 from prelora_ray.trainer import TrainingLoop, train
 
 EPOCHS = 12
@@ -145,7 +145,13 @@ def test_lr_schedule_runs_on_across_the_phase_changes(reference):
     assert loop.state.step == EPOCHS * STEPS_PER_EPOCH
     for e, report in enumerate(runtime.reports):
         last_step = (e + 1) * STEPS_PER_EPOCH - 1  # the lr reported is the epoch's last step's
-        factor = lr_factor(last_step, total_steps=EPOCHS * STEPS_PER_EPOCH, warmup_steps=int(o.lr_warmup_epochs * STEPS_PER_EPOCH), schedule=o.schedule, min_ratio=o.min_lr_ratio)
+        factor = lr_factor(
+            last_step,
+            total_steps=EPOCHS * STEPS_PER_EPOCH,
+            warmup_steps=int(o.lr_warmup_epochs * STEPS_PER_EPOCH),
+            schedule=o.schedule,
+            min_ratio=o.min_lr_ratio,
+        )
         assert report[M.LR] == pytest.approx(o.lr * factor), e
 
 
@@ -177,7 +183,10 @@ def test_switch_at_epoch_switches_there_whatever_algorithm_1_says_with_algorithm
     assert summary[M.SWITCH_EPOCH] == 2 and summary[M.FREEZE_EPOCH] == 3
     assert phases(runtime) == ["full", "full", "full", "warmup", "lora"]
     p = settings.prelora
-    assert loop.strategy.monitor.units == 3 and loop.strategy.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == summary[M.RANKS]
+    assert (
+        loop.strategy.monitor.units == 3
+        and loop.strategy.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank) == summary[M.RANKS]
+    )
     assert [d["epoch"] for d in loop.strategy.decisions] == [2]
 
 
@@ -325,7 +334,15 @@ def test_export_merged_from_the_loop_itself(tmp_path, reference):
 
 def test_train_returns_the_summary():
     summary = train(cfg("epochs=2"))
-    assert set(summary) >= {M.MEAN_EPOCH_TIME_S, M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.TOTAL_TRAIN_TIME_S, M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS}
+    assert set(summary) >= {
+        M.MEAN_EPOCH_TIME_S,
+        M.FINAL_VAL_ACC,
+        M.BEST_VAL_ACC,
+        M.TOTAL_TRAIN_TIME_S,
+        M.SWITCH_EPOCH,
+        M.FREEZE_EPOCH,
+        M.RANKS,
+    }
     assert 0.0 <= summary[M.FINAL_VAL_ACC] <= summary[M.BEST_VAL_ACC] <= 1.0
     assert "merged_model_path" not in summary
 
@@ -351,7 +368,9 @@ def test_divergence_stops_with_a_clear_error():
     ],
 )
 def test_lr_factor(step, schedule, expected):
-    assert lr_factor(step, total_steps=100, warmup_steps=10, schedule=schedule, min_ratio=0.0) == pytest.approx(expected)
+    assert lr_factor(step, total_steps=100, warmup_steps=10, schedule=schedule, min_ratio=0.0) == pytest.approx(
+        expected
+    )
 
 
 def test_lr_factor_min_ratio():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,9 @@ from prelora_ray.search_space import load_search_space
 pytestmark = pytest.mark.slow
 
 
-def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1, *, base: dict | None = None, **top) -> Path:
+def _space(
+    tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1, *, base: dict | None = None, **top
+) -> Path:
     """A small sweep on digits; `base` adds to the base config, `top` to the file's top-level keys (e.g. trial_executor)."""
     data = {
         "name": name,
@@ -49,12 +49,25 @@ def _space(tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: i
     return path
 
 
-def _tune(tmp_path: Path, *args: str, tracking: str | None = None, storage: str | None = None, **kwargs) -> subprocess.Popen:
+def _tune(
+    tmp_path: Path, *args: str, tracking: str | None = None, storage: str | None = None, **kwargs
+) -> subprocess.Popen:
     """`prelora-ray tune` in a process of its own, tracked in `tracking` (default: mlflow.db in tmp_path), storage in `storage`
     (default: tmp_path/ray)."""
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "tune", *args, "--tracking-uri", tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--storage", storage or str(tmp_path / "ray")]
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    cmd = [
+        sys.executable,
+        "-m",
+        "prelora_ray.cli",
+        "tune",
+        *args,
+        "--tracking-uri",
+        tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage",
+        storage or str(tmp_path / "ray"),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs
+    )
 
 
 def _children(tmp_path: Path, sweep: str, uri: str | None = None):
@@ -62,10 +75,14 @@ def _children(tmp_path: Path, sweep: str, uri: str | None = None):
     exp = client.get_experiment_by_name("prelora-ray")
     if exp is None:
         return client, None, []
-    parents = client.search_runs([exp.experiment_id], f"tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = '{sweep}'")
+    parents = client.search_runs(
+        [exp.experiment_id], f"tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = '{sweep}'"
+    )
     if not parents:
         return client, None, []
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", max_results=1000)
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", max_results=1000
+    )
     return client, parents[0], children
 
 
@@ -93,9 +110,26 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     # best -> train: the exported config trains and keeps the chosen trial's switch hyperparameters
     out_yaml = tmp_path / "best.yaml"
     best = subprocess.run(
-        [sys.executable, "-m", "prelora_ray.cli", "best", "--experiment", "prelora-ray", "--sweep", "small", "--pick", "max-acc",
-         "--out", str(out_yaml), "--tracking-uri", two_sweeps.uri],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "prelora_ray.cli",
+            "best",
+            "--experiment",
+            "prelora-ray",
+            "--sweep",
+            "small",
+            "--pick",
+            "max-acc",
+            "--out",
+            str(out_yaml),
+            "--tracking-uri",
+            two_sweeps.uri,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert best.returncode == 0, best.stderr
     chosen_name = best.stdout.split("trial ", 1)[1].split(" ", 1)[0]
@@ -105,7 +139,15 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     from prelora_ray.trainer import train
 
     cfg = TrainSettings.load(out_yaml, ["tracking.enabled=false"])
-    for key in ("prelora.tau", "prelora.zeta", "prelora.k", "prelora.m", "prelora.warmup", "prelora.r_min", "prelora.r_max"):
+    for key in (
+        "prelora.tau",
+        "prelora.zeta",
+        "prelora.k",
+        "prelora.m",
+        "prelora.warmup",
+        "prelora.r_min",
+        "prelora.r_max",
+    ):
         assert str(cfg.flat()[key]) == chosen.data.params[key], key
     summary = train(cfg)
     assert summary["switch_epoch"] == int(chosen.data.metrics["switch_epoch"])
@@ -141,8 +183,12 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     finishes with the requested trials, each once, no finished trunk epoch or finished trial trained again."""
     import json
 
-    journal = tmp_path / "shared" / "killed.optuna.journal"  # the study outside the driver: a journal file (`optuna_storage`)
-    space = _space(tmp_path, "killed", 4, epochs=8, trial_executor="tune", optuna_storage=f"journal:{journal}")  # in-process: no TorchTrainer start-ups
+    journal = (
+        tmp_path / "shared" / "killed.optuna.journal"
+    )  # the study outside the driver: a journal file (`optuna_storage`)
+    space = _space(
+        tmp_path, "killed", 4, epochs=8, trial_executor="tune", optuna_storage=f"journal:{journal}"
+    )  # in-process: no TorchTrainer start-ups
     trunk_history = tmp_path / "ray" / "killed" / "trunk" / "history.json"
 
     def trunk_epochs() -> int:
@@ -183,7 +229,9 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     # a kill between a trial's start and Ray Tune's snapshot loses that trial (Tune runs another in its place):
     # at most one per kill, ended KILLED and tagged lost, never left RUNNING (test_lost_trial_runs_are_ended)
     lost = [c for c in trials if c.data.tags.get(M.LOST_TAG) == "true"]
-    assert len(lost) <= 2 and all(c.info.status == "KILLED" for c in lost), [(c.info.run_name, c.info.status) for c in lost]
+    assert len(lost) <= 2 and all(c.info.status == "KILLED" for c in lost), [
+        (c.info.run_name, c.info.status) for c in lost
+    ]
     trials = [c for c in trials if c not in lost]
     names = [c.data.tags["mlflow.runName"] for c in trials]
     assert len(names) == len(set(names)) == 4, names  # the requested number, none twice
@@ -197,7 +245,9 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
         if c.info.run_id in before:  # finished before the second kill: untouched
             assert (_curve(client, c), c.data.tags.get("epochs_trained")) == before[c.info.run_id]
     killed = next(c for c in trials if c.info.run_id == running.info.run_id)
-    assert json.loads(killed.data.tags["prelora.resumed_at"])[0] > int(killed.data.tags["fork.epoch"])  # its own checkpoint, not the fork again
+    assert json.loads(killed.data.tags["prelora.resumed_at"])[0] > int(
+        killed.data.tags["fork.epoch"]
+    )  # its own checkpoint, not the fork again
     assert [s for s, _ in _curve(client, killed)] == list(range(8))
     import optuna
     from optuna.storages.journal import JournalFileBackend
@@ -211,11 +261,15 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     assert [t.number for t in study.trials] == list(range(len(study.trials)))  # one numbering across the three drivers
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     finished = {c.data.tags["trial_id"]: c for c in trials}
-    assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in complete) == sorted(finished)  # each finished trial once, none twice
+    assert sorted(t.user_attrs[TUNE_TRIAL_ATTR] for t in complete) == sorted(
+        finished
+    )  # each finished trial once, none twice
     for t in complete:  # the sampler sees each finished trial's objectives, as logged
         run = finished[t.user_attrs[TUNE_TRIAL_ATTR]]
         assert t.values == [run.data.metrics["final_val_acc"], run.data.metrics["mean_epoch_time_s"]]
-    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in complete)  # lost ones: none left RUNNING
+    assert all(
+        t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in complete
+    )  # lost ones: none left RUNNING
 
 
 def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_path):
@@ -227,13 +281,26 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
     from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
     from prelora_ray.orchestration.tune import _optuna_storage, make_sweep, mark_lost_trials
 
-    sweep = make_sweep(load_search_space(_space(tmp_path, "lost", 3)), name="lost", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage_path=str(tmp_path))
-    sweep.parent_run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, "lost", params={}, tags={M.ROLE_TAG: "parent"})
+    sweep = make_sweep(
+        load_search_space(_space(tmp_path, "lost", 3)),
+        name="lost",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        storage_path=str(tmp_path),
+    )
+    sweep.parent_run_id = tracking.start_run(
+        sweep.tracking_uri, sweep.experiment_id, "lost", params={}, tags={M.ROLE_TAG: "parent"}
+    )
     study = optuna.create_study(study_name="lost", storage=_optuna_storage(sweep), directions=["maximize", "minimize"])
     ids = {}
     for tid, status in (("a", "FINISHED"), ("b", "RUNNING"), ("c", "RUNNING")):
-        ids[tid] = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, f"lost_{tid}", params={}, parent_run_id=sweep.parent_run_id,
-                                      tags={M.ROLE_TAG: "trial", "trial_id": tid})
+        ids[tid] = tracking.start_run(
+            sweep.tracking_uri,
+            sweep.experiment_id,
+            f"lost_{tid}",
+            params={},
+            parent_run_id=sweep.parent_run_id,
+            tags={M.ROLE_TAG: "trial", "trial_id": tid},
+        )
         if status == "FINISHED":
             tracking.end_run(sweep.tracking_uri, ids[tid])
         study.ask().set_user_attr(TUNE_TRIAL_ATTR, tid)
@@ -242,15 +309,23 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
     runs = {tid: c.get_run(run_id) for tid, run_id in ids.items()}
     assert [runs[t].info.status for t in "abc"] == ["FINISHED", "FAILED", "KILLED"]
     assert runs["c"].data.tags.get(M.LOST_TAG) == "true" and M.LOST_TAG not in runs["b"].data.tags
-    states = {t.user_attrs[TUNE_TRIAL_ATTR]: t.state for t in optuna.load_study(study_name="lost", storage=_optuna_storage(sweep)).trials}
+    states = {
+        t.user_attrs[TUNE_TRIAL_ATTR]: t.state
+        for t in optuna.load_study(study_name="lost", storage=_optuna_storage(sweep)).trials
+    }
     assert states["c"] == optuna.trial.TrialState.FAIL and states["a"] == states["b"] == optuna.trial.TrialState.RUNNING
     assert mark_lost_trials(sweep, {"lost_a", "lost_b"}) == []  # nothing RUNNING is left
 
 
 def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
-    space = yaml.safe_load(_space(tmp_path, "nan", 3, trial_executor="tune").read_text())  # no TorchTrainer start-up per trial
+    space = yaml.safe_load(
+        _space(tmp_path, "nan", 3, trial_executor="tune").read_text()
+    )  # no TorchTrainer start-up per trial
     space["base"]["optim"] = {"grad_clip": None, "lr_warmup_epochs": 0}
-    space["parameters"] = {"optim.lr": {"type": "categorical", "values": [0.001, 1000000.0]}, "prelora.tau": {"type": "uniform", "low": 20, "high": 80}}
+    space["parameters"] = {
+        "optim.lr": {"type": "categorical", "values": [0.001, 1000000.0]},
+        "prelora.tau": {"type": "uniform", "low": 20, "high": 80},
+    }
     space["sampler"] = {"type": "random", "seed": 5}  # draws lr = 1e6, 1e-3, 1e-3
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(space))

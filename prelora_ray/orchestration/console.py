@@ -46,7 +46,11 @@ class SweepConsole:
             return text
         repaired = {k: flat[k] for k in sampled if k in flat and flat[k] != sampled[k]}
         if repaired:
-            text += " (repaired: " + " ".join(f"{k.removeprefix('prelora.')}={_short(v)}" for k, v in repaired.items()) + ")"
+            text += (
+                " (repaired: "
+                + " ".join(f"{k.removeprefix('prelora.')}={_short(v)}" for k, v in repaired.items())
+                + ")"
+            )
         return text
 
     def result_text(self, result: dict[str, Any]) -> str:
@@ -89,7 +93,9 @@ def _short(value: Any) -> str:
 
 def objectives_text(values: dict[str, Any], metrics: list[str]) -> str:
     """`final_val_acc 0.9361, mean_epoch_time_s 0.8123` (n/a where a value is missing)."""
-    return ", ".join(f"{m} {_short(float(values[m])) if isinstance(values.get(m), (int, float)) else 'n/a'}" for m in metrics)
+    return ", ".join(
+        f"{m} {_short(float(values[m])) if isinstance(values.get(m), (int, float)) else 'n/a'}" for m in metrics
+    )
 
 
 def _switch_text(result: dict[str, Any]) -> str:
@@ -163,12 +169,28 @@ class TrunkProgress:
                 return
             state, n = status.get("state"), len(history)
             if state == "finished":
-                log.info("trunk %s: finished: %s (full training, %d epochs)", self.name, objectives_text(fork.summarize(history), self.metrics), n)
+                log.info(
+                    "trunk %s: finished: %s (full training, %d epochs)",
+                    self.name,
+                    objectives_text(fork.summarize(history), self.metrics),
+                    n,
+                )
                 self.done = True
             elif state == "failed":
-                log.warning("trunk %s: FAILED: %s; the trials waiting for it fail too (--resume retries them)", self.name, status.get("error"))
+                log.warning(
+                    "trunk %s: FAILED: %s; the trials waiting for it fail too (--resume retries them)",
+                    self.name,
+                    status.get("error"),
+                )
                 self.done = True
             elif n < self.epochs and n // self.step > self.shown // self.step:
                 last = history[-1]
-                log.info("trunk %s: epoch %d/%d | val_acc %.4f | %.2f s/epoch", self.name, n, self.epochs, float(last[M.VAL_ACC]), float(last[M.EPOCH_TIME_S]))
+                log.info(
+                    "trunk %s: epoch %d/%d | val_acc %.4f | %.2f s/epoch",
+                    self.name,
+                    n,
+                    self.epochs,
+                    float(last[M.VAL_ACC]),
+                    float(last[M.EPOCH_TIME_S]),
+                )
                 self.shown = n

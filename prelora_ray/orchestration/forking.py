@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prelora_ray import fork
+from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
-from prelora_ray import tracking
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
 from prelora_ray.storage import Location
@@ -35,8 +34,14 @@ CLAIM_BEAT_S = 10.0  # how often a trial that trains a result renews its claim
 CLAIM_STALE_S = 90.0  # a claim unchanged this long (nine beats missed): its owner died without a word
 
 
-def claim_or_wait(registry: fork.ResultRegistry, key: str, owner: str, *, stale_s: float = CLAIM_STALE_S, poll_s: float = POLL_S,
-                  ) -> dict[str, Any] | None:
+def claim_or_wait(
+    registry: fork.ResultRegistry,
+    key: str,
+    owner: str,
+    *,
+    stale_s: float = CLAIM_STALE_S,
+    poll_s: float = POLL_S,
+) -> dict[str, Any] | None:
     """None: `owner` trains the key (a new claim, its own from before a restart, or one taken over from a twin that
     stopped beating). Else the finished twin's record, waited for rather than trained twice."""
     seen, since = None, time.monotonic()
@@ -46,8 +51,12 @@ def claim_or_wait(registry: fork.ResultRegistry, key: str, owner: str, *, stale_
         if holder != seen:  # the twin beat (or the key changed hands): it lives
             seen, since = holder, time.monotonic()
         elif time.monotonic() - since > stale_s:  # measured on this clock only: no skew between nodes
-            log.warning("trial %s: its twin %s claimed the same result and has not been heard from for %.0f s; training it here",
-                        owner, holder.get("owner"), stale_s)
+            log.warning(
+                "trial %s: its twin %s claimed the same result and has not been heard from for %.0f s; training it here",
+                owner,
+                holder.get("owner"),
+                stale_s,
+            )
             registry.take_over(key, owner)
             return None
         time.sleep(poll_s)
@@ -55,7 +64,9 @@ def claim_or_wait(registry: fork.ResultRegistry, key: str, owner: str, *, stale_
 
 
 @contextlib.contextmanager
-def claim_heartbeat(registry: fork.ResultRegistry, key: str, owner: str, *, every_s: float = CLAIM_BEAT_S) -> Iterator[None]:
+def claim_heartbeat(
+    registry: fork.ResultRegistry, key: str, owner: str, *, every_s: float = CLAIM_BEAT_S
+) -> Iterator[None]:
     """While the owner trains, a thread renews its claim every `every_s`, so twins waiting on it know it lives."""
     stop = threading.Event()
 
@@ -65,7 +76,9 @@ def claim_heartbeat(registry: fork.ResultRegistry, key: str, owner: str, *, ever
             count += 1
             try:
                 registry.beat(key, owner, count)
-            except Exception as exc:  # storage hiccup: the next beat may get through; a waiter allows for several misses
+            except (
+                Exception
+            ) as exc:  # storage hiccup: the next beat may get through; a waiter allows for several misses
                 log.warning("trial %s: could not renew its claim (%s)", owner, type(exc).__name__)
 
     thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
@@ -101,8 +114,14 @@ def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
 
     try:
         summary = run_one(
-            sweep, trunk_config(sweep.space.base), f"{sweep.name}_baseline", "baseline", {"fork.trunk": "true"}, False,
-            loop_extra={"trunk": {"folder": folder.uri, "every": sweep.space.fork_every}}, on_prepared=started,
+            sweep,
+            trunk_config(sweep.space.base),
+            f"{sweep.name}_baseline",
+            "baseline",
+            {"fork.trunk": "true"},
+            False,
+            loop_extra={"trunk": {"folder": folder.uri, "every": sweep.space.fork_every}},
+            on_prepared=started,
         )
     except BaseException as exc:
         mark_trunk_failed(folder, exc)
@@ -128,10 +147,14 @@ def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkP
         if plan is not None:
             return plan
         if status.get("state") == "failed":
-            raise TrunkFailed(f"the trunk {sweep.name}_baseline failed, so {run_name} cannot fork: {status.get('error')}")
+            raise TrunkFailed(
+                f"the trunk {sweep.name}_baseline failed, so {run_name} cannot fork: {status.get('error')}"
+            )
         if status.get("state") == "finished":
             raise TrunkFailed(f"the trunk {sweep.name}_baseline finished but its history in {folder} is incomplete")
-        if sweep.verbose and time.monotonic() - last_note > PROGRESS_EVERY_S:  # else the driver shows the trunk's progress
+        if (
+            sweep.verbose and time.monotonic() - last_note > PROGRESS_EVERY_S
+        ):  # else the driver shows the trunk's progress
             log.info("%s waits for the trunk (epoch %d/%d)", run_name, len(fork.read_history(folder)), cfg.epochs)
             last_note = time.monotonic()
         time.sleep(POLL_S)
@@ -139,7 +162,8 @@ def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkP
 
 def _prepare(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]) -> PreparedRun:
     return prepare_run(
-        sweep.run_config(cfg, run_name), parent_run_id=sweep.parent_run_id,
+        sweep.run_config(cfg, run_name),
+        parent_run_id=sweep.parent_run_id,
         extra_tags={M.ROLE_TAG: "trial", M.SWEEP_TAG: sweep.name, **tags},
     )
 
@@ -179,7 +203,13 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         raise
     history = fork.read_history(folder)
     switch_tag = "never" if plan.never else str(plan.switch.epoch) if plan.switch is not None else None
-    _set_tags(run, {M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""), **({M.FORK_SWITCH_TAG: switch_tag} if switch_tag else {})})
+    _set_tags(
+        run,
+        {
+            M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""),
+            **({M.FORK_SWITCH_TAG: switch_tag} if switch_tag else {}),
+        },
+    )
     if plan.never:
         return _never(run, cfg, run_name, history, plan.why)
     if plan.mode == "scratch":  # shares no epochs with the trunk: the trial trains whole
@@ -195,9 +225,19 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     if twin is not None:
         return _reuse(run, run_name, twin)
     if plan.switch is not None:
-        log.info("trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)", run_name, plan.fork_epoch, plan.switch.epoch)
+        log.info(
+            "trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)",
+            run_name,
+            plan.fork_epoch,
+            plan.switch.epoch,
+        )
     else:
-        log.info("trial %s (%s): forked from the trunk at epoch %d (full training before it is the trunk's)", run_name, cfg.strategy, plan.fork_epoch)
+        log.info(
+            "trial %s (%s): forked from the trunk at epoch %d (full training before it is the trunk's)",
+            run_name,
+            cfg.strategy,
+            plan.fork_epoch,
+        )
     try:
         copied = history[: plan.fork_epoch]
         if plan.switch is not None:
@@ -235,7 +275,9 @@ def switch_marked(history: list[dict[str, Any]], switch_epoch: int, warmup: int)
     return out
 
 
-def _never(run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]], why: str) -> dict[str, Any]:
+def _never(
+    run: PreparedRun, cfg: TrainSettings, run_name: str, history: list[dict[str, Any]], why: str
+) -> dict[str, Any]:
     """The trial is the trunk (the test never passes on it, or a `full` trial): it trains nothing."""
     log.info("trial %s: %s; its result is the trunk's (0 epochs trained)", run_name, why)
     _set_tags(run, {M.FORK_EPOCH_TAG: str(cfg.epochs)})
@@ -250,13 +292,17 @@ def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str,
     """Same switch epoch, ranks and post-switch config as a finished trial: its result, nothing trained."""
     log.info(
         "trial %s: same switch epoch (%s), ranks and settings as %s; reusing its result (0 epochs trained)",
-        run_name, holder.get("report", {}).get(M.SWITCH_EPOCH, "?"), holder.get("owner"),
+        run_name,
+        holder.get("report", {}).get(M.SWITCH_EPOCH, "?"),
+        holder.get("owner"),
     )
     _set_tags(run, {M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
     _copy_once(run, lambda: tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id))
     try:
         with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
-            text = Path(tracking.client(run.tracking_uri).download_artifacts(holder["run_id"], "ranks.json", tmp)).read_text()
+            text = Path(
+                tracking.client(run.tracking_uri).download_artifacts(holder["run_id"], "ranks.json", tmp)
+            ).read_text()
         tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, "ranks.json")
     except Exception:  # the twin's artifact is missing: the metrics still say it all
         log.warning("%s: could not copy ranks.json from run %s", run_name, holder["run_id"])

@@ -17,7 +17,9 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
-SWEEP_ATTR = "sweep_instance"  # one id per sweep (kept across resumes in Tune's pickled searcher), on each of its Optuna trials
+SWEEP_ATTR = (
+    "sweep_instance"  # one id per sweep (kept across resumes in Tune's pickled searcher), on each of its Optuna trials
+)
 
 
 class TaggedOptunaSearch(OptunaSearch):
@@ -34,12 +36,19 @@ class TaggedOptunaSearch(OptunaSearch):
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         instance = getattr(self, "sweep_instance", None)
-        return sum(t.user_attrs.get(SWEEP_ATTR) == instance for t in self._ot_study.get_trials(deepcopy=False, states=states))
+        return sum(
+            t.user_attrs.get(SWEEP_ATTR) == instance for t in self._ot_study.get_trials(deepcopy=False, states=states)
+        )
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Suggest as OptunaSearch does, then stamp the new Optuna trial; FINISHED once the study holds max_trials."""
         limit = getattr(self, "max_trials", None)  # a searcher pickled before this attribute existed has none
-        if limit is not None and self._ot_study is not None and trial_id not in self._ot_trials and self.counted_trials() >= limit:
+        if (
+            limit is not None
+            and self._ot_study is not None
+            and trial_id not in self._ot_trials
+            and self.counted_trials() >= limit
+        ):
             return Searcher.FINISHED
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:
@@ -57,11 +66,11 @@ def open_storage(url: str):
     from prelora_ray.search_space import JOURNAL_PREFIX
 
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url[len(JOURNAL_PREFIX):])
+        path = Path(url[len(JOURNAL_PREFIX) :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url)
 
 

@@ -18,16 +18,22 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from prelora_ray import fork
+from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray import scan as S
-from prelora_ray import tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, trial_error
 from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.train import init_ray
 from prelora_ray.orchestration.tune import (
-    Sweep, _quiet_libraries, _start_trunk, _trials_could_starve_the_trunk, _wait_for_trunk_start, epoch_totals, final_report, make_sweep,
+    Sweep,
+    _quiet_libraries,
+    _start_trunk,
+    _trials_could_starve_the_trunk,
+    _wait_for_trunk_start,
+    epoch_totals,
+    final_report,
+    make_sweep,
     trial_resources,
 )
 from prelora_ray.search_space import DEFAULT_OBJECTIVES, TRIAL_EXECUTORS, Objective, SearchSpace
@@ -37,23 +43,48 @@ SCAN_ROLE = "scan"  # ROLE_TAG of a scan's parent run (a sweep's is "parent": `b
 
 
 def make_scan(
-    cfg: TrainSettings, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None,
-    trial_executor: str | None = None, verbose: bool = False,
+    cfg: TrainSettings,
+    *,
+    name: str | None,
+    tracking_uri: str | None,
+    storage_path: str | None,
+    experiment: str | None = None,
+    trial_executor: str | None = None,
+    verbose: bool = False,
 ) -> Sweep:
     """The scan as a fork-mode sweep without sampled parameters; everything cheap is checked before Ray starts."""
     executor = trial_executor or ("tune" if cfg.cluster.num_workers == 1 else "ray_train")
     if executor not in TRIAL_EXECUTORS:
         raise ValueError(f"--trial-executor {executor!r} is invalid: one of {', '.join(TRIAL_EXECUTORS)}")
     if executor == "tune" and cfg.cluster.num_workers != 1:
-        raise ValueError(f"--trial-executor tune trains one worker per point; cluster.num_workers is {cfg.cluster.num_workers}")
+        raise ValueError(
+            f"--trial-executor tune trains one worker per point; cluster.num_workers is {cfg.cluster.num_workers}"
+        )
     if cfg.prelora.window_unit != "epoch":
-        raise ValueError("prelora.window_unit='step' is invalid for a scan: the trunk records one snapshot per epoch; use epoch")
-    base = cfg.replace(**{"strategy": "prelora", "prelora.switch_at_epoch": None, "name": None, "tracking.run_name": None})
-    space = SearchSpace(
-        name=name or f"scan-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}", path="scan", base=base, parameters=[],
-        objectives=[Objective(**o) for o in DEFAULT_OBJECTIVES], trial_executor=executor, fork=True, fork_every=1,
+        raise ValueError(
+            "prelora.window_unit='step' is invalid for a scan: the trunk records one snapshot per epoch; use epoch"
+        )
+    base = cfg.replace(
+        **{"strategy": "prelora", "prelora.switch_at_epoch": None, "name": None, "tracking.run_name": None}
     )
-    return make_sweep(space, name=space.name, tracking_uri=tracking_uri, storage_path=storage_path, experiment=experiment, verbose=verbose)
+    space = SearchSpace(
+        name=name or f"scan-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        path="scan",
+        base=base,
+        parameters=[],
+        objectives=[Objective(**o) for o in DEFAULT_OBJECTIVES],
+        trial_executor=executor,
+        fork=True,
+        fork_every=1,
+    )
+    return make_sweep(
+        space,
+        name=space.name,
+        tracking_uri=tracking_uri,
+        storage_path=storage_path,
+        experiment=experiment,
+        verbose=verbose,
+    )
 
 
 def point_name(sweep: Sweep, switch_epoch: int) -> str:
@@ -98,7 +129,9 @@ class ScanConsole(SweepConsole):
         if not self.header_shown:
             log.info("point  %s", S.TABLE_HEADER)
             self.header_shown = True
-        log.info("point  %s", S.format_row(S.point_row(int(trial.config["switch_epoch"]), trial.last_result or {}, trunk_s)))
+        log.info(
+            "point  %s", S.format_row(S.point_row(int(trial.config["switch_epoch"]), trial.last_result or {}, trunk_s))
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A point that failed for good."""
@@ -115,15 +148,28 @@ def _console(sweep: Sweep) -> Any:
 
 
 def _parent(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting]) -> str:
-    params = {"candidates": json.dumps(candidates), "grid": json.dumps([g.__dict__ for g in grid]), "trial_executor": sweep.space.trial_executor,
-              "epochs": sweep.space.base.epochs}
-    run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, sweep.name, params=params,
-                                tags={M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name})
-    tracking.log_text(sweep.tracking_uri, run_id, yaml.safe_dump(sweep.space.base.to_dict(), sort_keys=False), "config.yaml")
+    params = {
+        "candidates": json.dumps(candidates),
+        "grid": json.dumps([g.__dict__ for g in grid]),
+        "trial_executor": sweep.space.trial_executor,
+        "epochs": sweep.space.base.epochs,
+    }
+    run_id = tracking.start_run(
+        sweep.tracking_uri,
+        sweep.experiment_id,
+        sweep.name,
+        params=params,
+        tags={M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name},
+    )
+    tracking.log_text(
+        sweep.tracking_uri, run_id, yaml.safe_dump(sweep.space.base.to_dict(), sort_keys=False), "config.yaml"
+    )
     return run_id
 
 
-def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, address: str | None = None) -> dict[str, Any]:
+def run_scan(
+    sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, address: str | None = None
+) -> dict[str, Any]:
     """Trunk, forks, replay; logs scan.csv, grid.csv and scan.png to the parent; returns the table's parts."""
     import ray
     from ray import tune
@@ -148,13 +194,17 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
         trainable,
         param_space={"switch_epoch": tune.grid_search(candidates)},
         tune_config=tune.TuneConfig(
-            trial_dirname_creator=lambda t: point_name(sweep, int(t.config["switch_epoch"])), reuse_actors=space.trial_executor == "tune",
+            trial_dirname_creator=lambda t: point_name(sweep, int(t.config["switch_epoch"])),
+            reuse_actors=space.trial_executor == "tune",
         ),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=ray_path, storage_filesystem=ray_fs,
+            name=sweep.name,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=space.base.cluster.checkpoints_to_keep),
-            callbacks=[_console(sweep)], verbose=1 if sweep.verbose else 0,
+            callbacks=[_console(sweep)],
+            verbose=1 if sweep.verbose else 0,
         ),
     )
     results = tuner.fit()
@@ -165,7 +215,9 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
             progress.stop()
     history = fork.read_history(trunk_dir(sweep))
     if len(history) < space.base.epochs:
-        raise RuntimeError(f"the trunk {sweep.name}_baseline did not finish: {fork.read_status(trunk_dir(sweep)).get('error')}")
+        raise RuntimeError(
+            f"the trunk {sweep.name}_baseline did not finish: {fork.read_status(trunk_dir(sweep)).get('error')}"
+        )
     trunk = S.trunk_row(history)
     rows, failed = [], []
     for r in results:
@@ -183,38 +235,60 @@ def run_scan(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, 
 def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dict[str, Any]]:
     """Rows of the points an earlier run of the same scan finished (the same name reuses its trunk and extends the
     scan: its table holds every point scanned so far); points scanned again now are left to this run."""
-    runs = tracking.search_runs(sweep.tracking_uri, [sweep.experiment_id],
-                                f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'")
+    runs = tracking.search_runs(
+        sweep.tracking_uri,
+        [sweep.experiment_id],
+        f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'",
+    )
     rows = []
     for _, run in runs.iterrows():
         tag = run.get(f"tags.{M.FORK_SWITCH_TAG}")
         if not isinstance(tag, str) or not tag.isdigit() or int(tag) in now:
             continue
         epoch = int(tag)
-        result = {k: run.get(f"metrics.{k}") for k in (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.TRAINABLE_FRACTION)}
+        result = {
+            k: run.get(f"metrics.{k}")
+            for k in (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.TRAINABLE_FRACTION)
+        }
         trained = run.get(f"tags.{M.EPOCHS_TRAINED_TAG}")
-        rows.append(S.point_row(epoch, {**result, "epochs_trained": int(trained) if isinstance(trained, str) else -1}, trunk_time_s))
+        rows.append(
+            S.point_row(
+                epoch, {**result, "epochs_trained": int(trained) if isinstance(trained, str) else -1}, trunk_time_s
+            )
+        )
     return rows
 
 
 def scan_frame(trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]]) -> pd.DataFrame:
     """scan.csv: the trunk (switch_epoch -1) and one row per point, with the grid settings landing there."""
     frame = pd.DataFrame([trunk, *sorted(rows, key=lambda r: r["switch_epoch"])], columns=list(S.TABLE_COLUMNS))
-    frame["grid_settings"] = [" ".join(g["setting"] for g in landings if g["switch_epoch"] == e) for e in frame["switch_epoch"]]
+    frame["grid_settings"] = [
+        " ".join(g["setting"] for g in landings if g["switch_epoch"] == e) for e in frame["switch_epoch"]
+    ]
     return frame
 
 
-def _log_parent(sweep: Sweep, trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]], wall_s: float) -> None:
+def _log_parent(
+    sweep: Sweep, trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]], wall_s: float
+) -> None:
     uri, parent = sweep.tracking_uri, sweep.parent_run_id
     for name, frame in (("scan.csv", scan_frame(trunk, rows, landings)), ("grid.csv", pd.DataFrame(landings))):
         buf = io.StringIO()
         frame.to_csv(buf, index=False)
         tracking.log_text(uri, parent, buf.getvalue(), name)
     with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
-        png = S.plot_scan(trunk, rows, landings, Path(tmp) / "scan.png", title=f"scan {sweep.name}: {sweep.space.base.model.preset} on {sweep.space.base.data.name}")
+        png = S.plot_scan(
+            trunk,
+            rows,
+            landings,
+            Path(tmp) / "scan.png",
+            title=f"scan {sweep.name}: {sweep.space.base.model.preset} on {sweep.space.base.data.name}",
+        )
         tracking.log_file(uri, parent, png)
     runs = tracking.search_runs(uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
-    tracking.log_metrics(uri, parent, {**epoch_totals(runs, sweep.space.base.epochs), "scan_wall_time_s": wall_s, "points": len(rows)})
+    tracking.log_metrics(
+        uri, parent, {**epoch_totals(runs, sweep.space.base.epochs), "scan_wall_time_s": wall_s, "points": len(rows)}
+    )
     tracking.end_run(uri, parent, "FINISHED")
 
 
@@ -224,8 +298,12 @@ def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings,
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"--experiment {experiment!r} does not exist in {uri}")
-    runs = c.search_runs([exp.experiment_id], f"tags.`{M.ROLE_TAG}` = '{SCAN_ROLE}' and tags.`{M.SCAN_TAG}` = '{name}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        f"tags.`{M.ROLE_TAG}` = '{SCAN_ROLE}' and tags.`{M.SCAN_TAG}` = '{name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise ValueError(f"--scan {name!r}: no such scan in experiment {experiment!r}")
     run_id = runs[0].info.run_id
@@ -234,8 +312,13 @@ def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings,
             table = pd.read_csv(c.download_artifacts(run_id, "scan.csv", tmp))
             grid = pd.read_csv(c.download_artifacts(run_id, "grid.csv", tmp))
         except Exception:
-            raise ValueError(f"--scan {name!r} has no scan.csv: it did not finish (run it again with the same --name)") from None
-        cfg = TrainSettings.from_dict(yaml.safe_load(Path(c.download_artifacts(run_id, "config.yaml", tmp)).read_text()), source=f"scan {name} config.yaml")
+            raise ValueError(
+                f"--scan {name!r} has no scan.csv: it did not finish (run it again with the same --name)"
+            ) from None
+        cfg = TrainSettings.from_dict(
+            yaml.safe_load(Path(c.download_artifacts(run_id, "config.yaml", tmp)).read_text()),
+            source=f"scan {name} config.yaml",
+        )
     return run_id, cfg, table, grid
 
 
@@ -255,11 +338,15 @@ def pick_switch_epoch(table: pd.DataFrame, pick: str) -> int:
     trunk_acc = float(table.loc[table["switch_epoch"] < 0, M.FINAL_VAL_ACC].iloc[0])
     ok = table[(table["switch_epoch"] >= 0) & (table[M.FINAL_VAL_ACC] >= trunk_acc - points / 100 - 1e-12)]
     if ok.empty:
-        raise ValueError(f"--pick {pick!r}: no scanned switch epoch is within {points} points of the trunk's accuracy {trunk_acc:.4f}")
+        raise ValueError(
+            f"--pick {pick!r}: no scanned switch epoch is within {points} points of the trunk's accuracy {trunk_acc:.4f}"
+        )
     return int(ok["switch_epoch"].min())
 
 
-def export_scan_config(uri: str, experiment: str, name: str, *, switch_epoch: int | None, pick: str | None, out: str | Path) -> tuple[int, str, TrainSettings]:
+def export_scan_config(
+    uri: str, experiment: str, name: str, *, switch_epoch: int | None, pick: str | None, out: str | Path
+) -> tuple[int, str, TrainSettings]:
     """Write a train config that switches at the chosen epoch: a grid setting's thresholds when one lands there,
     else `prelora.switch_at_epoch`. Returns (the epoch, how it switches there, the config)."""
     if (switch_epoch is None) == (pick is None):
@@ -269,13 +356,24 @@ def export_scan_config(uri: str, experiment: str, name: str, *, switch_epoch: in
     landing = grid[grid["switch_epoch"] == epoch]
     if len(landing):
         g = landing.iloc[0]
-        setting = S.GridSetting(name=str(g["setting"]), tau=float(g["tau"]), zeta=float(g["zeta"]), k=int(g["k"]), m=int(g["m"]))
-        out_cfg, how = setting.config(cfg), f"grid setting {setting.name} (tau={setting.tau:g}, zeta={setting.zeta:g}, k={setting.k}, m={setting.m}) lands there"
+        setting = S.GridSetting(
+            name=str(g["setting"]), tau=float(g["tau"]), zeta=float(g["zeta"]), k=int(g["k"]), m=int(g["m"])
+        )
+        out_cfg, how = (
+            setting.config(cfg),
+            f"grid setting {setting.name} (tau={setting.tau:g}, zeta={setting.zeta:g}, k={setting.k}, m={setting.m}) lands there",
+        )
     else:
-        out_cfg, how = cfg.replace(**{"prelora.switch_at_epoch": epoch}), "prelora.switch_at_epoch (no grid setting lands there)"
+        out_cfg, how = (
+            cfg.replace(**{"prelora.switch_at_epoch": epoch}),
+            "prelora.switch_at_epoch (no grid setting lands there)",
+        )
     row = table[table["switch_epoch"] == epoch]
-    measured = (f"final_val_acc {float(row[M.FINAL_VAL_ACC].iloc[0]):.4f}, mean_epoch_time_s {float(row[M.MEAN_EPOCH_TIME_S].iloc[0]):.4f}"
-                if len(row) else "not a scanned point")
+    measured = (
+        f"final_val_acc {float(row[M.FINAL_VAL_ACC].iloc[0]):.4f}, mean_epoch_time_s {float(row[M.MEAN_EPOCH_TIME_S].iloc[0]):.4f}"
+        if len(row)
+        else "not a scanned point"
+    )
     header = f"# prelora-ray best --scan {name}: switch at epoch {epoch} via {how}\n# scan point: {measured}\n"
     Path(out).write_text(header + yaml.safe_dump(out_cfg.to_dict(), sort_keys=False))
     return epoch, how, out_cfg

@@ -60,7 +60,9 @@ def preflight(cfg: TrainSettings) -> TrainSettings:
     return cfg.replace(**changes)
 
 
-def prepare_run(cfg: TrainSettings, *, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> PreparedRun:
+def prepare_run(
+    cfg: TrainSettings, *, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None
+) -> PreparedRun:
     """Validate, name the run, and create or reopen its MLflow run (params, tags, config artifact)."""
     cfg = preflight(cfg)
     name = cfg.name or default_name(cfg)
@@ -73,7 +75,9 @@ def prepare_run(cfg: TrainSettings, *, parent_run_id: str | None = None, extra_t
         cfg = cfg.replace(**{"tracking.uri": uri})
         exp = tracking.ensure_experiment(uri, cfg.tracking.experiment)
         tags = {"strategy": cfg.strategy, "dataset": cfg.data.name, "model": cfg.model.preset, **(extra_tags or {})}
-        run_id = tracking.start_run(uri, exp, cfg.tracking.run_name or name, params=cfg.flat(), tags=tags, parent_run_id=parent_run_id)
+        run_id = tracking.start_run(
+            uri, exp, cfg.tracking.run_name or name, params=cfg.flat(), tags=tags, parent_run_id=parent_run_id
+        )
         tracking.log_text(uri, run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
     return PreparedRun(cfg=cfg, name=name, tracking_uri=uri, mlflow_run_id=run_id, experiment_id=exp)
 
@@ -89,18 +93,26 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(RAY_ENV)}, "log_to_driver": True, "logging_level": logging.INFO if verbose else logging.WARNING}
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": dict(RAY_ENV)},
+        "log_to_driver": True,
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     address = address or os.environ.get("RAY_ADDRESS")  # a driver started by `ray job submit` joins its cluster
     if not verbose:  # Ray 2.60 says at every new local cluster that it turned token authentication on (its default)
         logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:
-        kwargs["runtime_env"]["worker_process_setup_hook"] = "prelora_ray.orchestration.ray_hooks.quiet_without_state_api"
+        kwargs["runtime_env"]["worker_process_setup_hook"] = (
+            "prelora_ray.orchestration.ray_hooks.quiet_without_state_api"
+        )
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def loop_config(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True) -> dict[str, Any]:
+def loop_config(
+    run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True
+) -> dict[str, Any]:
     """What a run's worker gets: its settings, MLflow run, export folder, faults to inject, console."""
     from prelora_ray.orchestration.worker import fault_from_env
 
@@ -116,7 +128,12 @@ def loop_config(run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, v
 
 
 def fit_run(
-    run: PreparedRun, *, tune_callback: bool = False, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True,
+    run: PreparedRun,
+    *,
+    tune_callback: bool = False,
+    loop_extra: dict[str, Any] | None = None,
+    verbose: bool = False,
+    epoch_lines: bool = True,
 ) -> dict[str, Any]:
     """Run the TorchTrainer to the end (resuming from the last checkpoint of a run of the same name).
 
@@ -165,7 +182,12 @@ def fit_run(
 
 
 def fit_in_trial(
-    run: PreparedRun, *, in_task: bool = False, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True,
+    run: PreparedRun,
+    *,
+    in_task: bool = False,
+    loop_extra: dict[str, Any] | None = None,
+    verbose: bool = False,
+    epoch_lines: bool = True,
 ) -> dict[str, Any]:
     """`trial_executor: tune`: the run's one worker in this process, no TorchTrainer.
 
@@ -178,7 +200,9 @@ def fit_in_trial(
 
     folder = storage.location(run.cfg.cluster.storage_path) / run.name if in_task else None
     try:
-        summary = run_in_trial(loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder)
+        summary = run_in_trial(
+            loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder
+        )
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
@@ -192,7 +216,11 @@ def finish_run(run: PreparedRun, summary: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # MLflow down at the end: keep everything in the run's storage, say where
         path = storage.location(run.cfg.cluster.storage_path) / run.name / "summary.json"
         path.write_text(json.dumps(summary, indent=2, default=str))
-        log.warning("could not log the summary to MLflow (%s); the summary and per-epoch history are in %s", type(exc).__name__, path)
+        log.warning(
+            "could not log the summary to MLflow (%s); the summary and per-epoch history are in %s",
+            type(exc).__name__,
+            path,
+        )
         summary["summary_path"] = path.uri
     end_run(run, "FINISHED")
     return summary
@@ -206,7 +234,11 @@ def log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
 
     if summary.get("unsent_metrics"):  # the worker could not reach MLflow for some epochs: send them now
         for epoch in summary.get("history", []):
-            numbers = {k: v for k, v in epoch.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != M.EPOCH}
+            numbers = {
+                k: v
+                for k, v in epoch.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != M.EPOCH
+            }
             tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, numbers, step=int(epoch[M.EPOCH]))
 
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -23,12 +23,12 @@ import pandas as pd
 from prelora_ray import metrics as M
 from prelora_ray import storage, tracking
 from prelora_ray.config import TrainSettings
+from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, console_callback, objectives_text
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, init_ray, prepare_run, preflight
+from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, init_ray, preflight, prepare_run
 from prelora_ray.search_space import SearchSpace, check_optuna_storage
 from prelora_ray.storage import Location, location
-from prelora_ray.front import format_front, sweep_table  # noqa: F401 (format_front re-exported for the CLI)
 from prelora_ray.sweep_record import load_sweep
 from prelora_ray.tracking import search_runs
 
@@ -85,11 +85,21 @@ class Sweep:
 
 
 def make_sweep(
-    space: SearchSpace, *, name: str | None, tracking_uri: str | None, storage_path: str | None, experiment: str | None = None, verbose: bool = False,
+    space: SearchSpace,
+    *,
+    name: str | None,
+    tracking_uri: str | None,
+    storage_path: str | None,
+    experiment: str | None = None,
+    verbose: bool = False,
     optuna_storage: str | None = None,
 ) -> Sweep:
     """Validate everything cheap (data path, model shape, storage, MLflow store, Optuna storage) before Ray starts."""
-    root = storage.resolve(storage_path, "--storage") if storage_path else storage.resolve(space.base.cluster.storage_path, "cluster.storage_path")
+    root = (
+        storage.resolve(storage_path, "--storage")
+        if storage_path
+        else storage.resolve(space.base.cluster.storage_path, "cluster.storage_path")
+    )
     preflight(space.base.replace(**{"cluster.storage_path": root.uri}))
     uri = tracking.resolve_uri(tracking_uri or space.base.tracking.uri)
     sweep = Sweep(
@@ -103,9 +113,17 @@ def make_sweep(
     )
     sweep.experiment_id = tracking.ensure_experiment(uri, sweep.experiment)
     _optuna_storage(sweep)  # reachable now, not after Ray started
-    if not (sweep.optuna_storage or space.optuna_storage) and tracking.sqlite_path(uri) is None and not sweep.storage.is_local:
-        log.warning("sweep %s: the Optuna study is in %s on this machine; set optuna_storage (e.g. postgresql://... or "
-                    "journal:/shared/path) so that a driver restarted on another machine continues it", sweep.name, sweep.optuna_url)
+    if (
+        not (sweep.optuna_storage or space.optuna_storage)
+        and tracking.sqlite_path(uri) is None
+        and not sweep.storage.is_local
+    ):
+        log.warning(
+            "sweep %s: the Optuna study is in %s on this machine; set optuna_storage (e.g. postgresql://... or "
+            "journal:/shared/path) so that a driver restarted on another machine continues it",
+            sweep.name,
+            sweep.optuna_url,
+        )
     return sweep
 
 
@@ -150,8 +168,15 @@ class DefineByRun:
 
 
 def _run_one(
-    sweep: Sweep, cfg: TrainSettings, run_name: str, role: str, extra_tags: dict[str, str], tune_callback: bool,
-    *, loop_extra: dict[str, Any] | None = None, on_prepared: Any = None,
+    sweep: Sweep,
+    cfg: TrainSettings,
+    run_name: str,
+    role: str,
+    extra_tags: dict[str, str],
+    tune_callback: bool,
+    *,
+    loop_extra: dict[str, Any] | None = None,
+    on_prepared: Any = None,
 ) -> dict[str, Any]:
     run = prepare_run(
         sweep.run_config(cfg, run_name),
@@ -163,12 +188,18 @@ def _run_one(
     return fit_sweep_run(sweep, run, in_trial=role == "trial", tune_callback=tune_callback, loop_extra=loop_extra)
 
 
-def fit_sweep_run(sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, loop_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_sweep_run(
+    sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, loop_extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train a sweep's run: under `trial_executor: tune` in this process (a trial's Tune process, or the baseline's
     Ray task: `baseline_task`), else with a TorchTrainer (reporting to Tune with `tune_callback`)."""
     if sweep.space.trial_executor == "tune":
-        return fit_in_trial(run, in_task=not in_trial, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
-    return fit_run(run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose)
+        return fit_in_trial(
+            run, in_task=not in_trial, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose
+        )
+    return fit_run(
+        run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose
+    )
 
 
 def _run_trunk(sweep: Sweep) -> dict[str, Any]:
@@ -210,11 +241,20 @@ def final_report(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _baseline_done(sweep: Sweep) -> bool:
-    run_id = tracking.find_run(sweep.tracking_uri, sweep.experiment_id, f"{sweep.name}_baseline", "attributes.status = 'FINISHED'")
+    run_id = tracking.find_run(
+        sweep.tracking_uri, sweep.experiment_id, f"{sweep.name}_baseline", "attributes.status = 'FINISHED'"
+    )
     return run_id is not None
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | None = None, max_concurrent: int | None = None, resume: bool = False) -> pd.DataFrame:
+def run_sweep(
+    sweep: Sweep,
+    *,
+    address: str | None = None,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+) -> pd.DataFrame:
     """Run (or resume) the sweep; returns the table of trials with the Pareto flag."""
     import ray
     from ray import tune
@@ -225,9 +265,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
     space = sweep.space
     exp_path = sweep.storage / sweep.name
     if resume and not (exp_path / "tuner.pkl").exists():
-        raise ValueError(f"--resume: no sweep named {sweep.name!r} under {sweep.storage_path} (no tuner.pkl in {exp_path})")
+        raise ValueError(
+            f"--resume: no sweep named {sweep.name!r} under {sweep.storage_path} (no tuner.pkl in {exp_path})"
+        )
     if not resume and (exp_path / "tuner.pkl").exists():
-        raise ValueError(f"a sweep named {sweep.name!r} already exists under {sweep.storage_path}: add --resume to continue it, or --name NEW")
+        raise ValueError(
+            f"a sweep named {sweep.name!r} already exists under {sweep.storage_path}: add --resume to continue it, or --name NEW"
+        )
     ray_path, ray_fs = sweep.storage.ray_storage()
     sweep.parent_run_id = _parent_run(sweep, num_samples or space.num_samples)
     init_ray(address, verbose=sweep.verbose)
@@ -241,7 +285,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 # max_concurrent trials could take every CPU and wait for a trunk that never starts
                 _wait_for_trunk_start(sweep)
     elif space.baseline and not _baseline_done(sweep):
-        baseline_ref = baseline_task(space, _run_one).remote(sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False)
+        baseline_ref = baseline_task(space, _run_one).remote(
+            sweep, space.base.replace(strategy="full"), f"{sweep.name}_baseline", "baseline", {}, False
+        )
     trainable = tune.with_resources(tune.with_parameters(trial_fn, sweep=sweep), trial_resources(space))
     _quiet_libraries(sweep.verbose)
     console = console_callback(sweep)
@@ -251,20 +297,34 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
         # the number; those that finished stay (in MLflow and the study), those it had begun are marked lost at the end
         done = finished_trials(sweep)
         samples = max(0, samples - done)
-        log.warning("sweep %s: Ray Tune had saved no state before the driver stopped; %d trials finished, %d more start now",
-                    sweep.name, done, samples)
+        log.warning(
+            "sweep %s: Ray Tune had saved no state before the driver stopped; %d trials finished, %d more start now",
+            sweep.name,
+            done,
+            samples,
+        )
         resume = False
     if resume:
         # in fork mode, trials that failed because the trunk did are tried again with the resumed trunk
-        tuner = tune.Tuner.restore(exp_path.path, trainable=trainable, resume_unfinished=True, resume_errored=space.fork, storage_filesystem=ray_fs)
+        tuner = tune.Tuner.restore(
+            exp_path.path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=space.fork,
+            storage_filesystem=ray_fs,
+        )
         # trials the dead driver had begun after Tune's last snapshot: lost now (their Optuna trials FAIL), so that the
         # study counts only what will finish and Tune starts trials in their place (TaggedOptunaSearch.max_trials)
-        mark_lost_trials(sweep, {posixpath.basename(r.path.rstrip("/")) for r in tuner.get_results() if r.path}, at_end=False)
+        mark_lost_trials(
+            sweep, {posixpath.basename(r.path.rstrip("/")) for r in tuner.get_results() if r.path}, at_end=False
+        )
         internal = getattr(tuner, "_local_tuner", None)  # the restored RunConfig is the pickled one: this run's console
         if internal is not None:
             run_config = internal.get_run_config()
             run_config.verbose = 1 if sweep.verbose else 0
-            run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, SweepConsole)] + [console]
+            run_config.callbacks = [c for c in run_config.callbacks or [] if not isinstance(c, SweepConsole)] + [
+                console
+            ]
     else:
         searcher = TaggedOptunaSearch(
             space=DefineByRun(space.parameters),
@@ -294,7 +354,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
                 # a trial's driver lost with its node is retried (same name: its TorchTrainer resumes from
                 # its checkpoint, its MLflow run is reused) as often as its workers may be
                 failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=space.base.cluster.checkpoints_to_keep),  # trial_executor tune
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=space.base.cluster.checkpoints_to_keep
+                ),  # trial_executor tune
                 callbacks=[console],
                 verbose=1 if sweep.verbose else 0,  # Tune's status and result tables: --verbose
             ),
@@ -308,7 +370,11 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, num_samples: int | No
             log.warning("the full-training baseline failed: %s", exc)
         else:
             if progress is None:  # in fork mode, the trunk's progress said it
-                log.info("baseline %s_baseline: finished: %s", sweep.name, objectives_text(baseline, [o.metric for o in space.objectives]))
+                log.info(
+                    "baseline %s_baseline: finished: %s",
+                    sweep.name,
+                    objectives_text(baseline, [o.metric for o in space.objectives]),
+                )
     if progress is not None:
         progress.stop()
     mark_lost_trials(sweep, {posixpath.basename(r.path.rstrip("/")) for r in grid if r.path})
@@ -400,7 +466,9 @@ def _start_trunk(sweep: Sweep) -> Any:
         if status.get("state") != "finished":
             fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
         return None
-    fork.write_status(folder, "running")  # now, not when the task starts: a failed trunk's old status must not end a wait for it
+    fork.write_status(
+        folder, "running"
+    )  # now, not when the task starts: a failed trunk's old status must not end a wait for it
     ref = baseline_task(sweep.space, _run_trunk).remote(sweep)
 
     def watch() -> None:
@@ -410,14 +478,22 @@ def _start_trunk(sweep: Sweep) -> Any:
             mark_trunk_failed(folder, exc)
 
     threading.Thread(target=watch, name="trunk-watcher", daemon=True).start()
-    log.info("sweep %s: fork mode, the trunk (%s_baseline) runs ahead of the trials; records in %s", sweep.name, sweep.name, folder)
+    log.info(
+        "sweep %s: fork mode, the trunk (%s_baseline) runs ahead of the trials; records in %s",
+        sweep.name,
+        sweep.name,
+        folder,
+    )
     return ref
 
 
 def finished_trials(sweep: Sweep) -> int:
     """The sweep's trial runs that finished (in MLflow, under its parent run)."""
-    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id],
-                       f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'")
+    runs = search_runs(
+        sweep.tracking_uri,
+        [sweep.experiment_id],
+        f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'",
+    )
     return len(runs)
 
 
@@ -434,21 +510,35 @@ def mark_lost_trials(sweep: Sweep, known: set[str], *, at_end: bool = True) -> l
 
     from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
 
-    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'RUNNING' and tags.`{M.ROLE_TAG}` = 'trial'")
+    runs = search_runs(
+        sweep.tracking_uri,
+        [sweep.experiment_id],
+        f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'RUNNING' and tags.`{M.ROLE_TAG}` = 'trial'",
+    )
     lost: dict[str, str] = {}
     for _, row in runs.iterrows():
         name = str(row.get("tags.mlflow.runName"))
         if name in known and not at_end:
             continue  # Tune resumes it
         if name in known:
-            tracking.end_run(sweep.tracking_uri, row["run_id"], "FAILED", "the trial's process ended without reporting its end (killed?)")
+            tracking.end_run(
+                sweep.tracking_uri,
+                row["run_id"],
+                "FAILED",
+                "the trial's process ended without reporting its end (killed?)",
+            )
             continue
         lost[str(row.get("tags.trial_id"))] = name
         tracking.client(sweep.tracking_uri).set_tag(row["run_id"], M.LOST_TAG, "true")
-        tracking.end_run(sweep.tracking_uri, row["run_id"], "KILLED", "lost: the sweep was stopped before Ray Tune recorded this trial; a new trial ran in its place")
+        tracking.end_run(
+            sweep.tracking_uri,
+            row["run_id"],
+            "KILLED",
+            "lost: the sweep was stopped before Ray Tune recorded this trial; a new trial ran in its place",
+        )
     # Optuna trials of Tune trials this driver never knew: those lost above, and any a killed driver had asked the study for
     # before its process or MLflow run existed; left RUNNING, the sampler would wait on them forever
-    known_ids = {n[len(sweep.name) + 1:] for n in known if n.startswith(f"{sweep.name}_")}
+    known_ids = {n[len(sweep.name) + 1 :] for n in known if n.startswith(f"{sweep.name}_")}
     storage = _optuna_storage(sweep)
     try:
         trials = optuna.load_study(study_name=sweep.name, storage=storage).trials
@@ -456,11 +546,17 @@ def mark_lost_trials(sweep: Sweep, known: set[str], *, at_end: bool = True) -> l
         trials = []
     for t in trials:
         # before a resumed driver suggests anything, as after its trials ended, no live trial is in the study unknown to Tune
-        if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and t.user_attrs.get(TUNE_TRIAL_ATTR) not in known_ids:
+        if (
+            t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+            and t.user_attrs.get(TUNE_TRIAL_ATTR) not in known_ids
+        ):
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     if lost:
-        log.warning("sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED",
-                    sweep.name, ", ".join(sorted(lost.values())))
+        log.warning(
+            "sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED",
+            sweep.name,
+            ", ".join(sorted(lost.values())),
+        )
     return sorted(lost.values())
 
 
@@ -480,7 +576,11 @@ def reconcile_study(sweep: Sweep) -> int:
     except KeyError:  # no study (nothing was suggested)
         return 0
     retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED'")
+    runs = search_runs(
+        sweep.tracking_uri,
+        [sweep.experiment_id],
+        f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED'",
+    )
     by_trial = {row["tags.trial_id"]: row for _, row in runs.iterrows()} if "tags.trial_id" in runs else {}
     added = 0
     for t in study.trials:
@@ -490,9 +590,14 @@ def reconcile_study(sweep: Sweep) -> int:
         values = [float(row.get(f"metrics.{o.metric}", float("nan"))) for o in sweep.space.objectives]
         if any(v != v for v in values):
             continue
-        study.add_trial(optuna.trial.create_trial(
-            params=t.params, distributions=t.distributions, values=values, user_attrs={**t.user_attrs, "retry_of": t.number},
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=t.params,
+                distributions=t.distributions,
+                values=values,
+                user_attrs={**t.user_attrs, "retry_of": t.number},
+            )
+        )
         added += 1
     return added
 
@@ -505,7 +610,9 @@ def _optuna_storage(sweep: Sweep):
         return open_storage(sweep.optuna_url)
     except Exception as exc:  # a driver module missing, a server down, a folder not writable
         key = "--optuna-storage" if sweep.optuna_storage else "optuna_storage"
-        raise ValueError(f"{key}={display_url(sweep.optuna_url)!r}: cannot open the Optuna storage ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"{key}={display_url(sweep.optuna_url)!r}: cannot open the Optuna storage ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
 
 
 def _parent_run(sweep: Sweep, num_samples: int) -> str:
@@ -521,7 +628,13 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
         "parameters": json.dumps([p.key for p in space.parameters]),
         "optuna_storage": display_url(sweep.optuna_url),
     }
-    run_id = tracking.start_run(sweep.tracking_uri, sweep.experiment_id, sweep.name, params=params, tags={ROLE_TAG: "parent", SWEEP_TAG: sweep.name})
+    run_id = tracking.start_run(
+        sweep.tracking_uri,
+        sweep.experiment_id,
+        sweep.name,
+        params=params,
+        tags={ROLE_TAG: "parent", SWEEP_TAG: sweep.name},
+    )
     tracking.log_text(sweep.tracking_uri, run_id, space.raw_text, Path(space.path).name)
     return run_id
 
@@ -529,7 +642,9 @@ def _parent_run(sweep: Sweep, num_samples: int) -> str:
 def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
     runs = search_runs(sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
-    table = sweep_table(runs, [(o.metric, o.mode) for o in sweep.space.objectives], [p.key for p in sweep.space.parameters])
+    table = sweep_table(
+        runs, [(o.metric, o.mode) for o in sweep.space.objectives], [p.key for p in sweep.space.parameters]
+    )
     c = tracking.client(sweep.tracking_uri)
     for _, row in table.iterrows():
         if row["role"] == "trial":
@@ -538,7 +653,11 @@ def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     table.to_csv(buf, index=False)
     tracking.log_text(sweep.tracking_uri, sweep.parent_run_id, buf.getvalue(), "pareto.csv")
     n_pareto = int(table[PARETO_TAG].sum()) if len(table) else 0
-    counts = {"trials": int((table["role"] == "trial").sum()) if len(table) else 0, "pareto_trials": n_pareto, **epoch_totals(runs, sweep.space.base.epochs)}
+    counts = {
+        "trials": int((table["role"] == "trial").sum()) if len(table) else 0,
+        "pareto_trials": n_pareto,
+        **epoch_totals(runs, sweep.space.base.epochs),
+    }
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, counts)
     return table
 
@@ -580,8 +699,11 @@ def pick_row(table: pd.DataFrame, objectives: list[tuple[str, str]], pick: str) 
             raise ValueError(f"--pick {pick!r} needs the sweep's finished baseline run")
         trials = table[(table["role"] == "trial") & (table["status"] == "FINISHED")].reset_index(drop=True)
         idx, _ = speedup_at_equal_accuracy(
-            trials[M.FINAL_VAL_ACC].astype(float).tolist(), trials[M.MEAN_EPOCH_TIME_S].astype(float).tolist(),
-            float(base[M.FINAL_VAL_ACC].iloc[0]), float(base[M.MEAN_EPOCH_TIME_S].iloc[0]), within_points=points,
+            trials[M.FINAL_VAL_ACC].astype(float).tolist(),
+            trials[M.MEAN_EPOCH_TIME_S].astype(float).tolist(),
+            float(base[M.FINAL_VAL_ACC].iloc[0]),
+            float(base[M.MEAN_EPOCH_TIME_S].iloc[0]),
+            within_points=points,
         )
         if idx is None:
             raise ValueError(f"--pick {pick!r}: no trial within {points} points of the baseline's accuracy")
@@ -589,7 +711,9 @@ def pick_row(table: pd.DataFrame, objectives: list[tuple[str, str]], pick: str) 
     raise ValueError(f"--pick {pick!r} is invalid: one of {', '.join(PICKS)}")
 
 
-def export_best(uri: str, experiment: str, sweep: str | None, pick: str, out: str | Path) -> tuple[pd.Series, TrainSettings]:
+def export_best(
+    uri: str, experiment: str, sweep: str | None, pick: str, out: str | Path
+) -> tuple[pd.Series, TrainSettings]:
     """Write the train config of the picked trial to `out`; returns (the trial's row, the config)."""
     if not (pick in ("knee", "max-acc", "min-time") or pick.startswith("fastest-within=")):
         raise ValueError(f"--pick {pick!r} is invalid: one of {', '.join(PICKS)}")

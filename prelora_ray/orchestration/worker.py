@@ -148,14 +148,28 @@ def _previous_ray_checkpoint(bad: Any, error: CheckpointError, *, rank: int = 0)
 
     fs, parent, name = bad.filesystem, posixpath.dirname(bad.path.rstrip("/")), posixpath.basename(bad.path.rstrip("/"))
     infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False, allow_not_found=True))
-    siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_")
-                       and posixpath.basename(i.path) < name), reverse=True)
-    return _first_readable([(p, ray.train.Checkpoint(path=p, filesystem=fs).as_directory) for p in siblings], error, rank=rank)
+    siblings = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory
+            and posixpath.basename(i.path).startswith("checkpoint_")
+            and posixpath.basename(i.path) < name
+        ),
+        reverse=True,
+    )
+    return _first_readable(
+        [(p, ray.train.Checkpoint(path=p, filesystem=fs).as_directory) for p in siblings], error, rank=rank
+    )
 
 
 def load_previous_checkpoint(bad: Location, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
     """The newest complete, readable checkpoint folder beside `bad` (names sort by time), or raise `error`."""
-    siblings = sorted((c for c in bad.parent.children() if c.name.startswith("checkpoint_") and c.name < bad.name), key=lambda c: c.name, reverse=True)
+    siblings = sorted(
+        (c for c in bad.parent.children() if c.name.startswith("checkpoint_") and c.name < bad.name),
+        key=lambda c: c.name,
+        reverse=True,
+    )
     return _first_readable([(c.uri, c.fetched_folder) for c in siblings if c.folder_complete()], error, rank=rank)
 
 
@@ -182,7 +196,11 @@ FAULT_RUN_ENV = "PRELORA_FAULT_RUN"  # only runs whose name contains this (e.g. 
 
 def fault_from_env() -> dict[str, str]:
     """The driver's PRELORA_FAULT_* variables (forwarded to the workers in the loop config)."""
-    return {k: v for k, v in os.environ.items() if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_BATCH_ENV, FAULT_RUN_ENV)}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k in (FAULT_EPOCH_ENV, FAULT_MARKER_ENV, FAULT_MODE_ENV, FAULT_BATCH_ENV, FAULT_RUN_ENV)
+    }
 
 
 def maybe_inject_fault(epoch: int, rank: int, fault: dict[str, str], *, batch: int | None = None) -> None:
@@ -253,7 +271,12 @@ def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
         from prelora_ray.trainer import ForkStart
 
         history = fork.read_history(location(spec["folder"]))
-        return {"fork": ForkStart(state=load_state_file(location(spec["checkpoint"])), snapshots=fork.snapshots(history[: int(spec["epoch"])]))}
+        return {
+            "fork": ForkStart(
+                state=load_state_file(location(spec["checkpoint"])),
+                snapshots=fork.snapshots(history[: int(spec["epoch"])]),
+            )
+        }
     return {}
 
 
@@ -301,10 +324,20 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
     if runtime.world_size > 1:
         # every worker's view of the switch, so the driver can check they agree
         summary["all_workers"] = runtime.all_gather_object(
-            {"rank": runtime.rank, **{k: summary[k] for k in ("switch_epoch", "freeze_epoch", "ranks")}, "sync_checks": loop.strategy.sync_checks()}
+            {
+                "rank": runtime.rank,
+                **{k: summary[k] for k in ("switch_epoch", "freeze_epoch", "ranks")},
+                "sync_checks": loop.strategy.sync_checks(),
+            }
         )
-        if runtime.rank == 0 and any(w["sync_checks"] != summary["all_workers"][0]["sync_checks"] for w in summary["all_workers"]):
-            log.warning("workers' weights differed at a sync point (%s): %s", loop.strategy.name, [w["sync_checks"] for w in summary["all_workers"]])
+        if runtime.rank == 0 and any(
+            w["sync_checks"] != summary["all_workers"][0]["sync_checks"] for w in summary["all_workers"]
+        ):
+            log.warning(
+                "workers' weights differed at a sync point (%s): %s",
+                loop.strategy.name,
+                [w["sync_checks"] for w in summary["all_workers"]],
+            )
     return summary
 
 
@@ -398,7 +431,9 @@ def run_in_trial(config: dict[str, Any], *, checkpoint_dir: str | Path | None = 
     and checkpoints to Ray Tune) or, with `checkpoint_dir`, a plain Ray task's (checkpoints in that folder)."""
     cfg = TrainSettings.from_dict(config["settings"])
     if cfg.cluster.num_workers != 1:
-        raise ValueError(f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: use trial_executor ray_train")
+        raise ValueError(
+            f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: use trial_executor ray_train"
+        )
     fault = _run_fault(config, cfg)
     if checkpoint_dir is not None:
         return run_loop(config, cfg, FolderRuntime(checkpoint_dir, cfg.cluster.checkpoints_to_keep, fault))

@@ -32,8 +32,12 @@ class TrunkFork:
     """Where a trial starts in a fork-from-trunk sweep, given the trunk's records so far (`Strategy.trunk_fork`)."""
 
     mode: str  # fork: from the trunk's checkpoint at or before `until`; trunk: its result is the trunk's; scratch: trains whole
-    until: int = -1  # fork: the trial's epochs before `until` are the trunk's (it may start from any trunk checkpoint c <= until)
-    switch: SwitchPoint | None = None  # fork: the switch replayed on the trunk's history, where it is known before training
+    until: int = (
+        -1
+    )  # fork: the trial's epochs before `until` are the trunk's (it may start from any trunk checkpoint c <= until)
+    switch: SwitchPoint | None = (
+        None  # fork: the switch replayed on the trunk's history, where it is known before training
+    )
     why: str = ""  # trunk and scratch: the reason, for the trial's log line
 
 
@@ -110,7 +114,9 @@ class Strategy:
         """Multiplier of the peak learning rate at optimizer `step`: `optim.*`'s warmup and schedule."""
         o = self.cfg.optim
         warmup = int(o.lr_warmup_epochs * loop.steps_per_epoch)
-        return lr_factor(step, total_steps=loop.total_steps, warmup_steps=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio)
+        return lr_factor(
+            step, total_steps=loop.total_steps, warmup_steps=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio
+        )
 
     def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
         """After each optimizer step (`loss`: the step's all-worker mean when `step_losses`, else None)."""

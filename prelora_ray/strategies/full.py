@@ -14,7 +14,9 @@ class Full(Strategy):
 
     name = "full"
     fork_mode = "trunk"  # the trunk is this strategy's run: a trial's result is the trunk's
-    fork_keys_text = "keys a full run never reads (other strategies' sections, optim.lora_lr or optim.carry_optimizer_state)"
+    fork_keys_text = (
+        "keys a full run never reads (other strategies' sections, optim.lora_lr or optim.carry_optimizer_state)"
+    )
 
     @classmethod
     def _acts_after_fork(cls, key: str) -> bool:
@@ -23,4 +25,6 @@ class Full(Strategy):
     @classmethod
     def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
         """The trunk's result, once the trunk has recorded every epoch."""
-        return TrunkFork(mode="trunk", why="full training: its run is the trunk") if len(history) >= cfg.epochs else None
+        return (
+            TrunkFork(mode="trunk", why="full training: its run is the trunk") if len(history) >= cfg.epochs else None
+        )

@@ -28,7 +28,15 @@ import torch
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
-from prelora_ray.lte_heads import apply_merge, inject_lte_heads, is_head_param, is_head_state, local_mean_deltas, lte_modules, set_lte_trainable
+from prelora_ray.lte_heads import (
+    apply_merge,
+    inject_lte_heads,
+    is_head_param,
+    is_head_state,
+    local_mean_deltas,
+    lte_modules,
+    set_lte_trainable,
+)
 from prelora_ray.strategies.base import Strategy
 from prelora_ray.switch import Phase, unwrap
 
@@ -85,8 +93,15 @@ class LTE(Strategy):
         s = self.settings
         model = unwrap(loop.wrapped)
         names = [n for family, layer_names in loop.family_names.items() for n in layer_names]
-        inject_lte_heads(model, names, heads=s.heads_per_worker, rank=s.rank, scale=s.alpha / s.rank, seed=self.cfg.seed,
-                         first_head=loop.runtime.rank * s.heads_per_worker)
+        inject_lte_heads(
+            model,
+            names,
+            heads=s.heads_per_worker,
+            rank=s.rank,
+            scale=s.alpha / s.rank,
+            seed=self.cfg.seed,
+            first_head=loop.runtime.rank * s.heads_per_worker,
+        )
         model.to(loop.device)
         set_lte_trainable(model, s.train_others == "averaged")
         loop.model = loop.wrapped = model
@@ -100,8 +115,15 @@ class LTE(Strategy):
         if loop.runtime.rank == 0:
             s = self.settings
             heads = s.heads_per_worker * loop.runtime.world_size
-            log.info("epoch %d: LTE, %d heads of rank %d (scale %g), merged every %d steps; %s", loop.state.epoch, heads, s.rank,
-                     s.alpha / s.rank, s.merge_every, loop.trainable_text())
+            log.info(
+                "epoch %d: LTE, %d heads of rank %d (scale %g), merged every %d steps; %s",
+                loop.state.epoch,
+                heads,
+                s.rank,
+                s.alpha / s.rank,
+                s.merge_every,
+                loop.trainable_text(),
+            )
 
     # -- hooks ---------------------------------------------------------------------------------------
     def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
@@ -128,7 +150,7 @@ class LTE(Strategy):
         others = self._others(loop)
         means = loop.all_reduce_mean([*deltas, *(p.detach() for p in others)])
         apply_merge(loop.model, means[: len(deltas)])
-        for param, mean in zip(others, means[len(deltas):]):
+        for param, mean in zip(others, means[len(deltas) :]):
             param.copy_(mean)
         self.state.lte_merges += 1
         self.state.since_merge = 0
@@ -168,8 +190,10 @@ class LTE(Strategy):
         if loop.state.phase is not Phase.LTE:
             return
         if worker is None and loop.runtime.world_size > 1:
-            raise ValueError(f"the LTE checkpoint has no heads of worker {loop.runtime.rank} (worker_rank{loop.runtime.rank}.pt): "
-                             "it was written by another number of workers or is incomplete")
+            raise ValueError(
+                f"the LTE checkpoint has no heads of worker {loop.runtime.rank} (worker_rank{loop.runtime.rank}.pt): "
+                "it was written by another number of workers or is incomplete"
+            )
         if worker is not None and int(worker["rank"]) != loop.runtime.rank:
             raise ValueError(f"worker {loop.runtime.rank} got the LTE heads of worker {worker['rank']}")
         if len(lte_modules(loop.model)) == 0:

@@ -143,7 +143,11 @@ class PreLoRA(Strategy):
         """
         p = self.settings
         passed = forced or self.monitor.passed(p.tau, p.zeta)
-        ranks = self.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below) if passed else {}
+        ranks = (
+            self.monitor.ranks(p.r_min, p.r_max, tie_rank=p.tie_rank, zero_rank_below=p.zero_rank_below)
+            if passed
+            else {}
+        )
         local = {"passed": passed, "ranks": ranks}
         if loop.runtime.world_size > 1:
             gathered = loop.runtime.all_gather_object(local)
@@ -164,9 +168,15 @@ class PreLoRA(Strategy):
         self.state.ranks, self.state.switch_epoch = ranks, loop.state.epoch
         loop.rebuild()
         if loop.runtime.rank == 0:
-            why = "prelora.switch_at_epoch" if self.settings.switch_at_epoch is not None else "partial convergence test passed"
+            why = (
+                "prelora.switch_at_epoch"
+                if self.settings.switch_at_epoch is not None
+                else "partial convergence test passed"
+            )
             log.info("epoch %d: %s; LoRA injected with ranks %s", loop.state.epoch, why, ranks)
-        loop.sink.log_dict({"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json")
+        loop.sink.log_dict(
+            {"switch_epoch": self.state.switch_epoch, "ranks": ranks, "decisions": self.state.decisions}, "ranks.json"
+        )
 
     def _adapter_seed(self, epoch: int) -> int:
         """Seed of the adapters' initial A: from the run's seed and the switch epoch, not the training's RNG stream."""
@@ -187,7 +197,11 @@ class PreLoRA(Strategy):
 
     def summary(self) -> dict[str, Any]:
         """Switch and freeze epochs and the ranks."""
-        return {"switch_epoch": self.state.switch_epoch, "freeze_epoch": self.state.freeze_epoch, "ranks": self.state.ranks}
+        return {
+            "switch_epoch": self.state.switch_epoch,
+            "freeze_epoch": self.state.freeze_epoch,
+            "ranks": self.state.ranks,
+        }
 
     @property
     def decisions(self) -> list[dict[str, Any]]:
@@ -210,5 +224,10 @@ class PreLoRA(Strategy):
         So the test runs at the same epochs with the same input as in a run of this config from scratch.
         """
         p = self.settings
-        window = [({f: norms[f] for f in p.modules}, loss) for norms, loss in snapshots[max(0, start - p.k * p.m) : start]]
-        return {**dataclasses.asdict(self.state_class()), "monitor": {"snapshots": window, "units": start, "k": p.k, "m": p.m}}
+        window = [
+            ({f: norms[f] for f in p.modules}, loss) for norms, loss in snapshots[max(0, start - p.k * p.m) : start]
+        ]
+        return {
+            **dataclasses.asdict(self.state_class()),
+            "monitor": {"snapshots": window, "units": start, "k": p.k, "m": p.m},
+        }

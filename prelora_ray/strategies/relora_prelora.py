@@ -25,7 +25,17 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.optim import jagged_cosine_factor, prune_moments
 from prelora_ray.strategies.base import TrunkFork
 from prelora_ray.strategies.prelora import PreLoRA, PreLoRAState
-from prelora_ray.switch import Phase, fold_adapters, weights_checksum, inject_lora, is_adapter_param, merge_lora, reinit_adapters, set_trainable, unwrap
+from prelora_ray.switch import (
+    Phase,
+    fold_adapters,
+    inject_lora,
+    is_adapter_param,
+    merge_lora,
+    reinit_adapters,
+    set_trainable,
+    unwrap,
+    weights_checksum,
+)
 
 if TYPE_CHECKING:
     from prelora_ray.trainer import TrainingLoop
@@ -61,7 +71,9 @@ class ReLoRAPreLoRA(PreLoRA):
         """The epochs before `relora.start_epoch` are full training with the trunk's schedule and RNG stream: fork at
         the trunk's checkpoint at (or before) the start of RELORA. With start_epoch 0 nothing is shared."""
         if cfg.relora.start_epoch == 0:
-            return TrunkFork(mode="scratch", why="relora.start_epoch is 0: no full-training epochs to share with the trunk")
+            return TrunkFork(
+                mode="scratch", why="relora.start_epoch is 0: no full-training epochs to share with the trunk"
+            )
         return TrunkFork(mode="fork", until=cfg.relora.start_epoch)
 
     def __init__(self, cfg: TrainSettings) -> None:
@@ -90,17 +102,31 @@ class ReLoRAPreLoRA(PreLoRA):
         if rebuild:
             loop.rebuild()
         if loop.runtime.rank == 0:
-            log.info("epoch %d: ReLoRA phase, uniform rank %d; %s", loop.state.epoch, self.relora.rank, loop.trainable_text())
+            log.info(
+                "epoch %d: ReLoRA phase, uniform rank %d; %s", loop.state.epoch, self.relora.rank, loop.trainable_text()
+            )
 
     def _inject_uniform(self, loop: TrainingLoop, *, seed: int) -> nn.Module:
         """`relora.rank` on every layer of the target families, at scale `relora.alpha_scale`."""
-        ranks = {family: [self.relora.rank] * len(names) for family, names in loop.family_names.items() if family in self.settings.modules}
-        return inject_lora(unwrap(loop.wrapped), ranks, dataclasses.replace(self.settings, alpha_scale=self.relora.alpha_scale), seed=seed)
+        ranks = {
+            family: [self.relora.rank] * len(names)
+            for family, names in loop.family_names.items()
+            if family in self.settings.modules
+        }
+        return inject_lora(
+            unwrap(loop.wrapped),
+            ranks,
+            dataclasses.replace(self.settings, alpha_scale=self.relora.alpha_scale),
+            seed=seed,
+        )
 
     # -- hooks -------------------------------------------------------------------------------------
     def after_step(self, loop: TrainingLoop, loss: float | None) -> None:
         """Merge every `merge_every` steps of RELORA; then the windows, as PreLoRA (step windows)."""
-        if loop.state.phase is Phase.RELORA and (loop.state.step - self._start_step(loop)) % self.relora.merge_every == 0:
+        if (
+            loop.state.phase is Phase.RELORA
+            and (loop.state.step - self._start_step(loop)) % self.relora.merge_every == 0
+        ):
             self._merge(loop)
         super().after_step(loop, loss)
 
@@ -116,8 +142,12 @@ class ReLoRAPreLoRA(PreLoRA):
             return super().lr_factor(loop, step)
         o = self.cfg.optim
         return jagged_cosine_factor(
-            step, total_steps=loop.total_steps, warmup_steps=int(o.lr_warmup_epochs * loop.steps_per_epoch), min_ratio=o.min_lr_ratio,
-            first_restart=self._start_step(loop) + self.relora.merge_every, restart_every=self.relora.merge_every,
+            step,
+            total_steps=loop.total_steps,
+            warmup_steps=int(o.lr_warmup_epochs * loop.steps_per_epoch),
+            min_ratio=o.min_lr_ratio,
+            first_restart=self._start_step(loop) + self.relora.merge_every,
+            restart_every=self.relora.merge_every,
             rewarm_steps=self.relora.rewarm_steps,
         )
 
