@@ -23,6 +23,7 @@ from analysis.runs import (
     trial_strategies,
 )
 from prelora_ray import metrics as M
+from prelora_ray import tracking
 
 log = logging.getLogger("prelora_ray")
 CURVE_KEYS = (M.VAL_ACC, M.TRAIN_LOSS)
@@ -210,10 +211,7 @@ def make_report(
     )
 
     if log_to_mlflow:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
         for rec in records:
             for p in paths.values():
-                client.log_artifact(rec.parent_run_id, str(p), "plots")
+                tracking.log_file(uri, rec.parent_run_id, p, "plots")
     return {"records": records, "plots": paths, "text": "\n\n".join(texts), "chosen": chosen}

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import yaml
 from common import RESULTS, build_phase, machine, make_step, spread, timed
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from prelora_ray.config import DataSettings
@@ -279,9 +280,8 @@ def fork_sweep(args: argparse.Namespace, tmp: Path, timeout: float) -> dict:
 def sweep_records(uri: str) -> dict:
     """Finished trials and the parent's epoch totals, from the sweep's own MLflow store."""
     from prelora_ray import metrics as M
-    from prelora_ray import tracking
 
-    client = tracking.client(uri)
+    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("prelora-ray").experiment_id])
     role = {r.info.run_id: r.data.tags.get(M.ROLE_TAG) for r in runs}
     parent = next((r.data.metrics for r in runs if role[r.info.run_id] == "parent"), {})

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from mlflow.tracking import MlflowClient
+
 from prelora_ray import metrics as M
-from prelora_ray import tracking
 
 FULL, LORA = 0, 2  # phase_index
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="quickstart")
     ap.add_argument("--experiment", default="prelora-ray")
     args = ap.parse_args()
-    c = tracking.client(f"sqlite:///{args.db}")
+    c = MlflowClient(f"sqlite:///{args.db}")
     exp = c.get_experiment_by_name(args.experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {args.experiment!r} in {args.db}")

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from common import write_json
+from mlflow.tracking import MlflowClient
 
 from prelora_ray import metrics as M
-from prelora_ray import tracking
 
 
 def uptime() -> str:
@@ -78,13 +78,13 @@ def main() -> None:
     )
     load_after = uptime()
 
-    c = tracking.client(f"sqlite:///{scan_root}/mlflow.db")
+    c = MlflowClient(f"sqlite:///{scan_root}/mlflow.db")
     exp = c.get_experiment_by_name("prelora-ray").experiment_id
     parent = c.search_runs([exp], f"tags.`{M.SCAN_TAG}` = 'scancost' and tags.`{M.ROLE_TAG}` = 'scan'")[0]
     scan_epochs = int(parent.data.metrics[M.EPOCHS_TRAINED_TOTAL])
     table = scan_root / "scan.csv"
     table.write_text(Path(c.download_artifacts(parent.info.run_id, "scan.csv", str(scan_root))).read_text())
-    b = tracking.client(f"sqlite:///{base_root}/mlflow.db")
+    b = MlflowClient(f"sqlite:///{base_root}/mlflow.db")
     base_run = b.search_runs([b.get_experiment_by_name("prelora-ray").experiment_id], "")[0]
     base_epochs = int(base_run.data.tags[M.EPOCHS_TRAINED_TAG])
 

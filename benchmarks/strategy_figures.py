@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from mlflow.tracking import MlflowClient
+
 from prelora_ray import metrics as M
-from prelora_ray import tracking
 from prelora_ray.switch import PHASE_INDEX
 
 PHASE_NAME = {index: phase.value for phase, index in PHASE_INDEX.items()}
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", help="run names (default: every run of the experiment)")
     ap.add_argument("--target", type=float, default=0.93, help="report the first epoch whose val_acc reaches this")
     args = ap.parse_args()
-    c = tracking.client(f"sqlite:///{args.db}")
+    c = MlflowClient(f"sqlite:///{args.db}")
     exp = c.get_experiment_by_name(args.experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {args.experiment!r} in {args.db}")

@@ -55,7 +55,8 @@ def space_for(args: argparse.Namespace, fork: bool):
 
 def run_one(args: argparse.Namespace, fork: bool) -> dict:
     """Run one sweep in a fresh folder; its wall time, parent metrics and one row per child run."""
-    from prelora_ray.orchestration.tune import make_sweep, run_sweep
+    from prelora_ray.orchestration.sweep import make_sweep
+    from prelora_ray.orchestration.tune import run_sweep
 
     root = Path(tempfile.mkdtemp(prefix=f"sweepcost-{'fork' if fork else 'naive'}-"))
     sweep = make_sweep(
@@ -64,10 +65,8 @@ def run_one(args: argparse.Namespace, fork: bool) -> dict:
     started = time.perf_counter()
     run_sweep(sweep)
     wall = time.perf_counter() - started
-    parent = tracking.client(sweep.tracking_uri).get_run(sweep.parent_run_id).data.metrics
-    runs = tracking.search_runs(
-        sweep.tracking_uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'"
-    )
+    parent = tracking.run_metrics(sweep.tracking_uri, sweep.parent_run_id)
+    runs = tracking.runs(sweep.tracking_uri, sweep.experiment_id, parent=sweep.parent_run_id)
 
     def get(r, col, default=None):
         v = r.get(col)

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from prelora_ray import metrics as M
+from prelora_ray import strategies
 from prelora_ray.config import TrainSettings, field_docs
 
 log = logging.getLogger("prelora_ray")
@@ -47,7 +47,7 @@ def mlflow_lines(uri: str, experiment_id: str | None, run_id: str | None = None)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="one PreLoRA (or full) training run on Ray Train, logged to MLflow")
+    p = sub.add_parser("train", help="one training run of a strategy (PreLoRA by default) on Ray Train, logged to MLflow")
     p.add_argument("--config", help="YAML file of config keys (see the README's reference)")
     p.add_argument(
         "--set",
@@ -102,6 +102,7 @@ def _run_prepared(run: Any, *, verbose: bool = False) -> dict[str, Any]:
     summary = fit_run(run, verbose=verbose, epoch_lines=True)
     summary.update(
         run_name=run.name,
+        strategy=run.cfg.strategy,
         mlflow_run_id=run.mlflow_run_id,
         tracking_uri=run.tracking_uri,
         experiment=run.cfg.tracking.experiment,
@@ -115,14 +116,7 @@ def _summary_text(s: dict[str, Any]) -> str:
         f"run {s.get('run_name')}: final val_acc {s.get('final_val_acc', float('nan')):.4f} (best {s.get('best_val_acc', float('nan')):.4f}), "
         f"mean epoch time {s.get('mean_epoch_time_s', float('nan')):.3f} s, total {s.get('total_train_time_s', float('nan')):.1f} s",
     ]
-    if s.get("switch_epoch", -1) >= 0:
-        lines.append(
-            f"switch at epoch {s['switch_epoch']}, base frozen at epoch {s['freeze_epoch']}; ranks {json.dumps(s.get('ranks'))}"
-        )
-    elif (merges := (s.get("history") or [{}])[-1].get(M.LTE_MERGES)) is not None:
-        lines.append(f"strategy lte: {merges} merges of the heads into the base")
-    else:
-        lines.append("no switch (full training throughout)")
+    lines.append(strategies.get(s.get("strategy", "prelora")).summary_line(s))  # the strategy's own line
     if s.get("merged_model_path"):
         lines.append(f"merged model (plain ViT): {s['merged_model_path']}")
     if s.get("tracking_uri"):
@@ -165,7 +159,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={value} is invalid: an integer >= 1")
-    from prelora_ray.orchestration.tune import format_front, make_sweep, run_sweep
+    from prelora_ray.front import format_front
+    from prelora_ray.orchestration.sweep import make_sweep
+    from prelora_ray.orchestration.tune import run_sweep
 
     sweep = make_sweep(
         space,
@@ -328,7 +324,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         return 0
     if args.switch_epoch is not None:
         raise ValueError("--switch-epoch needs --scan NAME")
-    from prelora_ray.orchestration.tune import SWITCH_PARAMS, export_best
+    from prelora_ray.metrics import SWITCH_PARAMS
+    from prelora_ray.orchestration.results import export_best
 
     args.pick = args.pick or "knee"
     row, cfg = export_best(tracking.resolve_uri(args.tracking_uri), args.experiment, args.sweep, args.pick, args.out)

@@ -38,10 +38,10 @@ class SweepRecord:
 
 def list_sweeps(uri: str, experiment: str) -> pd.DataFrame:
     """The sweeps (parent runs) of an experiment, newest first."""
-    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    exp = tracking.experiment_id(uri, experiment)
     if exp is None:
         raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment in {uri}")
-    runs = tracking.search_runs(uri, [exp.experiment_id], f"tags.`{M.ROLE_TAG}` = 'parent'")
+    runs = tracking.runs(uri, exp, role="parent")
     return runs.sort_values("start_time", ascending=False).reset_index(drop=True) if len(runs) else runs
 
 
@@ -59,7 +59,7 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
     parent = parents.iloc[0]
     params = {k[len("params.") :]: v for k, v in parent.items() if k.startswith("params.") and isinstance(v, str)}
     objectives = [tuple(o) for o in json.loads(params.get("objectives", "[]"))] or list(DEFAULT_OBJECTIVES)
-    runs = tracking.search_runs(uri, [parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    runs = tracking.runs(uri, parent["experiment_id"], parent=parent["run_id"])
     return SweepRecord(
         name=parent[f"tags.{M.SWEEP_TAG}"],
         experiment_id=parent["experiment_id"],

@@ -1,8 +1,10 @@
-"""MLflow: the only module that imports mlflow (lazily).
+"""MLflow: the only module that imports mlflow (lazily), holds an MlflowClient or writes a search filter.
 
 The driver creates (or, on resume, finds) the run and logs params, tags and artifacts; rank 0 of
 the workers logs per-epoch metrics through `MlflowSink`, which keeps metrics it could not send
-and sends them with the next batch, so an MLflow outage mid-run loses nothing.
+and sends them with the next batch, so an MLflow outage mid-run loses nothing. Everyone else asks
+in plain terms (`runs(..., parent=..., role=..., status=...)`, `set_tags`, `download_text`);
+tests/test_tracking_facade.py fails when a filter string or a client appears elsewhere.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+from prelora_ray.metrics import ROLE_TAG
+from prelora_ray.metrics import RUN_NAME_TAG as RUN_KEY_TAG  # how a resumed run finds its MLflow run
+
 try:
     import fcntl
 except ImportError:  # not POSIX: a new sqlite store is opened without a lock
     fcntl = None
 
 log = logging.getLogger("prelora_ray")
-
-from prelora_ray.metrics import RUN_NAME_TAG as RUN_KEY_TAG  # how a resumed run finds its MLflow run
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -54,14 +57,14 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def client(uri: str):
+def _client(uri: str):
     """An MlflowClient for the URI (import deferred: a run without tracking never imports mlflow)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
-def search_runs(uri: str, experiment_ids: list[str], filter_string: str = "") -> pd.DataFrame:
+def _search(uri: str, experiment_ids: list[str], filter_string: str = "") -> pd.DataFrame:
     """mlflow.search_runs into pandas for a store (sets the tracking URI, never an experiment)."""
     import mlflow
 
@@ -77,14 +80,14 @@ def ensure_experiment(uri: str, name: str) -> str:
     """
     try:
         with _fail_fast(), _sqlite_init_lock(uri):
-            c = client(uri)
+            c = _client(uri)
             exp = c.get_experiment_by_name(name)
             if exp is not None:
                 return exp.experiment_id
             return c.create_experiment(name, artifact_location=artifact_location(uri))
     except Exception as exc:  # any backend failure: unreachable server, bad path, locked db
         if "already exists" in str(exc):
-            return client(uri).get_experiment_by_name(name).experiment_id
+            return _client(uri).get_experiment_by_name(name).experiment_id
         raise ValueError(
             f"tracking.uri={uri!r}: MLflow store not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
         ) from None
@@ -126,13 +129,89 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def find_run(uri: str, experiment_id: str, run_name: str, extra_filter: str = "") -> str | None:
+def _quote(value: str) -> str:
+    """A value inside a filter string's single quotes (names and ids here never hold a quote: refuse one)."""
+    if "'" in str(value):
+        raise ValueError(f"{value!r}: a quote cannot be searched for in MLflow")
+    return f"'{value}'"
+
+
+def _filter(*, parent: str | None = None, status: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """The one place filter strings are written: parent run, run status, exact tag values."""
+    parts = [f"tags.mlflow.parentRunId = {_quote(parent)}"] if parent else []
+    if status:
+        parts.append(f"attributes.status = {_quote(status)}")
+    parts += [f"tags.`{key}` = {_quote(value)}" for key, value in (tags or {}).items()]
+    return " and ".join(parts)
+
+
+def runs(
+    uri: str,
+    experiment_id: str,
+    *,
+    parent: str | None = None,
+    role: str | None = None,
+    status: str | None = None,
+    tags: dict[str, str] | None = None,
+    top_level: bool = False,
+) -> pd.DataFrame:
+    """The experiment's runs as a DataFrame (mlflow.search_runs' columns), narrowed to a parent run, a role
+    (`metrics.ROLE_TAG`), a status (RUNNING, FINISHED, FAILED, KILLED) and exact tag values; `top_level`: only runs
+    without a parent or role (standalone `prelora-ray train` runs)."""
+    all_tags = {**({ROLE_TAG: role} if role else {}), **(tags or {})}
+    found = _search(uri, [experiment_id], _filter(parent=parent, status=status, tags=all_tags))
+    if top_level:
+        for column in ("tags.mlflow.parentRunId", f"tags.{ROLE_TAG}"):
+            if column in found:
+                found = found[found[column].isna()]
+        found = found.reset_index(drop=True)
+    return found
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of the experiment with this name, or None."""
+    exp = _client(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else None
+
+
+def find_run(uri: str, experiment_id: str, run_name: str, *, status: str | None = None) -> str | None:
     """The id of the newest run tagged with this run name (for resume), or None."""
-    flt = f"tags.`{RUN_KEY_TAG}` = '{run_name}'" + (f" and {extra_filter}" if extra_filter else "")
-    runs = client(uri).search_runs(
-        [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0].info.run_id if runs else None
+    flt = _filter(status=status, tags={RUN_KEY_TAG: run_name})
+    found = _client(uri).search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run (values as strings)."""
+    c = _client(uri)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value))
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    """A run's tags."""
+    return dict(_client(uri).get_run(run_id).data.tags)
+
+
+def run_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest value of every metric."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, int, float]]:
+    """(step, timestamp, value) of every logged value of a metric."""
+    return [(m.step, m.timestamp, m.value) for m in _client(uri).get_metric_history(run_id, key)]
+
+
+def download_text(uri: str, run_id: str, path: str) -> str:
+    """A text artifact of a run (JSON, YAML, CSV)."""
+    with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
+        return Path(_client(uri).download_artifacts(run_id, path, tmp)).read_text()
+
+
+def download_artifact(uri: str, run_id: str, path: str, folder: str | Path) -> Path:
+    """An artifact of a run, downloaded into `folder`; returns its local path."""
+    return Path(_client(uri).download_artifacts(run_id, path, str(folder)))
 
 
 def start_run(
@@ -145,7 +224,7 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> str:
     """Create a run (or reopen the one with this name) and log params and tags; returns its id."""
-    c = client(uri)
+    c = _client(uri)
     run_id = find_run(uri, experiment_id, run_name)
     all_tags = {RUN_KEY_TAG: run_name, **tags}
     if parent_run_id:
@@ -165,7 +244,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
-    c = client(uri)
+    c = _client(uri)
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
 
@@ -180,7 +259,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
-    c = client(uri)
+    c = _client(uri)
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
@@ -196,7 +275,7 @@ def log_history(uri: str, run_id: str, history: list[dict[str, Any]]) -> None:
         for k, v in record.items()
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)
     ]
-    c = client(uri)
+    c = _client(uri)
     for i in range(0, len(items), 1000):
         c.log_batch(run_id, metrics=items[i : i + 1000])
 
@@ -205,7 +284,7 @@ def copy_metrics(uri: str, source_run_id: str, run_id: str) -> None:
     """Every metric's whole history from one run to another (a reused trial shows its twin's curves)."""
     from mlflow.entities import Metric
 
-    c = client(uri)
+    c = _client(uri)
     items = [
         Metric(key, m.value, m.timestamp, m.step)
         for key in c.get_run(source_run_id).data.metrics
@@ -219,7 +298,7 @@ def last_step(uri: str, run_id: str, key: str) -> int | None:
     """The highest step logged for a metric of the run (None: none, or the store cannot say)."""
     try:
         with _fail_fast():
-            steps = [m.step for m in client(uri).get_metric_history(run_id, key)]
+            steps = [m.step for m in _client(uri).get_metric_history(run_id, key)]
     except Exception:  # the store is down: log everything, a duplicate beats a gap
         return None
     return max(steps) if steps else None
@@ -227,17 +306,17 @@ def last_step(uri: str, run_id: str, key: str) -> int | None:
 
 def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     """A text artifact (JSON, YAML, CSV) at the run's artifact root."""
-    client(uri).log_text(run_id, text, name)
+    _client(uri).log_text(run_id, text, name)
 
 
 def log_file(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    """A file artifact."""
-    client(uri).log_artifact(run_id, str(path), artifact_path)
+    """A file artifact (under `artifact_path` if given)."""
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     """Mark the run FINISHED / FAILED / KILLED (with the error as a tag)."""
-    c = client(uri)
+    c = _client(uri)
     if error:
         c.set_tag(run_id, "error", error[:5000])
     c.set_terminated(run_id, status=status)

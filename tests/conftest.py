@@ -110,7 +110,7 @@ def two_sweeps(tmp_path_factory, mlflow_server_uri, s3_endpoint):
     with them in a bucket of the S3 server. A TorchTrainer per trial (trial_executor ray_train) is test_fork_sweep.py's
     `fork_sweep`."""
     from tests.servers import create_bucket, s3_uri
-    from tests.test_tune import _space, _tune
+    from tests.sweeps import run_tune, sweep_space
 
     root = tmp_path_factory.mktemp("sweeps")
     bucket = create_bucket(s3_endpoint, "sweeps")
@@ -118,9 +118,9 @@ def two_sweeps(tmp_path_factory, mlflow_server_uri, s3_endpoint):
     for name in ("small", "other"):
         extra = {"trial_executor": "tune", "base": {"deterministic": True}}
         storage = s3_uri(s3_endpoint, bucket, "records") if name == "other" else None
-        proc = _tune(
+        proc = run_tune(
             root,
-            str(_space(root, name, 3, seed=1, **extra)),
+            str(sweep_space(root, name, 3, seed=1, **extra)),
             *(["--verbose"] if name == "other" else []),
             tracking=mlflow_server_uri,
             storage=storage,

@@ -73,7 +73,8 @@ def main(workdir: Path) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from prelora_ray.orchestration.tune import make_sweep, run_sweep
+    from prelora_ray.orchestration.sweep import make_sweep
+    from prelora_ray.orchestration.tune import run_sweep
     from prelora_ray.search_space import load_search_space
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,13 @@ epochs and equal a from-scratch run; a failed trunk fails its waiting trials, an
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
-import torch
 import yaml
 
 from prelora_ray import metrics as M
-from tests.test_tune import _children, _tune
+from tests.sweeps import assert_equals_from_scratch, fault_env, history, run_tune, sweep_runs
 
 pytestmark = pytest.mark.slow
 EPOCHS = 6
@@ -51,28 +49,13 @@ def _fork_space(
     return str(path)
 
 
-def _fault_env(tmp_path, *, epoch: int, mode: str, run: str) -> dict[str, str]:
-    """The driver's environment injecting one fault (marker file `fired`: once) into the runs `run` selects."""
-    return {
-        **os.environ,
-        "PRELORA_FAULT_EPOCH": str(epoch),
-        "PRELORA_FAULT_MODE": mode,
-        "PRELORA_FAULT_RUN": run,
-        "PRELORA_FAULT_MARKER": str(tmp_path / "fired"),
-    }
-
-
-def _history(client, run_id: str, key: str = M.VAL_ACC) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
 @pytest.fixture(scope="module")
 def fork_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("forksweep")
-    proc = _tune(root, _fork_space(root, "fk", 5, [0.000001, 40.0, 60.0], seed=5))
+    proc = run_tune(root, _fork_space(root, "fk", 5, [0.000001, 40.0, 60.0], seed=5))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
-    client, parent, children = _children(root, "fk")
+    client, parent, children = sweep_runs(root, "fk")
     return root, out, client, parent, children
 
 
@@ -84,7 +67,7 @@ def test_never_trials_take_the_trunks_result_and_train_nothing(fork_sweep):
     for c in never:
         assert c.info.status == "FINISHED" and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
         assert c.data.params["prelora.tau"] == "1e-06"
-        assert _history(client, c.info.run_id) == _history(client, trunk.info.run_id)
+        assert history(client, c.info.run_id) == history(client, trunk.info.run_id)
         assert c.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
         assert c.data.metrics[M.SWITCH_EPOCH] == -1
 
@@ -101,12 +84,12 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
     assert 0 <= fork_epoch <= switch + 1 and switch == int(origin.data.metrics[M.SWITCH_EPOCH])
     assert origin.data.tags[M.FORK_TRUNK_RUN_TAG] == trunk.info.run_id
     assert origin.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - fork_epoch)
-    curve = _history(client, origin.info.run_id)
+    curve = history(client, origin.info.run_id)
     assert [s for s, _ in curve] == list(range(EPOCHS))  # whole curve, each epoch once
-    assert curve[: switch + 1] == _history(client, trunk.info.run_id)[: switch + 1]  # identical until the switch
+    assert curve[: switch + 1] == history(client, trunk.info.run_id)[: switch + 1]  # identical until the switch
     for c in reused:
         assert c.data.tags[M.FORK_REUSED_TAG] == origin.info.run_id and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
-        assert _history(client, c.info.run_id) == curve
+        assert history(client, c.info.run_id) == curve
         assert c.data.metrics[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
     # the parent's cost accounting: the trunk plus the one trained fork, against every run from scratch
     assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + EPOCHS - fork_epoch
@@ -121,14 +104,14 @@ def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
         for c in children
         if c.data.tags.get(M.FORK_SWITCH_TAG) not in (None, "never") and M.FORK_REUSED_TAG not in c.data.tags
     )
-    _assert_equals_from_scratch(root, client, origin)
+    assert_equals_from_scratch(root, client, origin)
 
 
 def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweeps):
     """trial_executor tune ("small" of two_sweeps): the forked trial trains in its Tune trial's process, no TorchTrainer,
     with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
     root = two_sweeps.root
-    client, _, children = _children(root, "small", two_sweeps.uri)
+    client, _, children = sweep_runs(root, "small", two_sweeps.uri)
     trained = [
         c
         for c in children
@@ -143,43 +126,17 @@ def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweep
     assert trunk_checkpoints and all(re.fullmatch(r"checkpoint_\d{6}", n) for n in trunk_checkpoints), (
         trunk_checkpoints
     )  # its Ray task's, not Ray Train's
-    _assert_equals_from_scratch(root, client, trained[0])
-
-
-def _assert_equals_from_scratch(root, client, origin) -> None:
-    from prelora_ray.config import TrainSettings
-    from prelora_ray.runtime import LocalRuntime
-    from prelora_ray.trainer import TrainingLoop
-
-    with open(client.download_artifacts(origin.info.run_id, "config.yaml", str(root))) as f:
-        cfg = TrainSettings.from_dict(yaml.safe_load(f))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the trial's worker (cpus_per_worker 1)
-    try:
-        loop = TrainingLoop(cfg.replace(**{"tracking.enabled": False, "name": None}), LocalRuntime())
-        summary = loop.run()
-    finally:
-        torch.set_num_threads(threads)
-    assert summary[M.SWITCH_EPOCH] == int(origin.data.metrics[M.SWITCH_EPOCH])
-    assert json.dumps(summary[M.RANKS], sort_keys=True) == json.dumps(
-        json.loads(open(client.download_artifacts(origin.info.run_id, "ranks.json", str(root))).read())[M.RANKS],
-        sort_keys=True,
-    )
-    assert summary[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
-    assert summary[M.BEST_VAL_ACC] == origin.data.metrics[M.BEST_VAL_ACC]
-    assert [v for _, v in _history(client, origin.info.run_id, M.VAL_LOSS)] == [
-        h[M.VAL_LOSS] for h in loop.state.history
-    ]
+    assert_equals_from_scratch(root, client, trained[0])
 
 
 def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(tmp_path):
     """trial_executor tune (no TorchTrainer start-ups; the trunk raises in its Ray task, which is not retried)."""
     space = _fork_space(tmp_path, "tf", 3, [0.000001, 40.0], seed=0, trial_executor="tune")
-    env = _fault_env(tmp_path, epoch=2, mode="raise", run="_baseline")
-    proc = _tune(tmp_path, space, env=env)
+    env = fault_env(tmp_path, epoch=2, mode="raise", run="_baseline")
+    proc = run_tune(tmp_path, space, env=env)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]  # the sweep ends (no hang) with the trunk's failure on its waiting trials
-    client, _, children = _children(tmp_path, "tf")
+    client, _, children = sweep_runs(tmp_path, "tf")
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
     assert trunk.info.status == "FAILED" and "injected fault" in trunk.data.tags["error"]
     waiting = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial" and c.info.status == "FAILED"]
@@ -188,17 +145,17 @@ def test_a_failed_trunk_fails_its_waiting_trials_and_resume_finishes_the_sweep(t
         c.data.tags.get("error") for c in waiting
     )
 
-    resumed = _tune(tmp_path, space, "--resume", env=env)
+    resumed = run_tune(tmp_path, space, "--resume", env=env)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
-    client, _, children = _children(tmp_path, "tf")
+    client, _, children = sweep_runs(tmp_path, "tf")
     trials = [c for c in children if c.data.tags[M.ROLE_TAG] == "trial"]
     assert len(trials) == 3 and all(c.info.status == "FINISHED" for c in trials)
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
     assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [
         3
     ]  # not one finished epoch again
-    assert [s for s, _ in _history(client, trunk.info.run_id)] == list(range(EPOCHS))
+    assert [s for s, _ in history(client, trunk.info.run_id)] == list(range(EPOCHS))
     import optuna
 
     study = optuna.load_study(study_name="tf", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -211,16 +168,16 @@ def test_a_tune_executor_trial_killed_mid_run_is_retried_from_its_tune_checkpoin
     to a from-scratch run, each epoch logged once."""
     path = _fork_space(tmp_path, "tk", 1, [40.0], seed=0, trial_executor="tune", max_failures=1)
     marker = tmp_path / "fired"
-    proc = _tune(tmp_path, path, env=_fault_env(tmp_path, epoch=4, mode="exit", run="!_baseline"))
+    proc = run_tune(tmp_path, path, env=fault_env(tmp_path, epoch=4, mode="exit", run="!_baseline"))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     assert marker.exists() and "retrying it" in out, out[-3000:]
-    client, _, children = _children(tmp_path, "tk")
+    client, _, children = sweep_runs(tmp_path, "tk")
     trial = next(c for c in children if c.data.tags[M.ROLE_TAG] == "trial")
     assert trial.info.status == "FINISHED" and int(trial.data.tags[M.FORK_EPOCH_TAG]) < 4  # it forked before the fault
     assert json.loads(trial.data.tags[M.RESUMED_AT_TAG]) == [5]  # from its epoch-4 checkpoint, not from the trunk again
-    assert [s for s, _ in _history(client, trial.info.run_id)] == list(range(EPOCHS))
-    _assert_equals_from_scratch(tmp_path, client, trial)
+    assert [s for s, _ in history(client, trial.info.run_id)] == list(range(EPOCHS))
+    assert_equals_from_scratch(tmp_path, client, trial)
 
 
 def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_path):
@@ -229,17 +186,17 @@ def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_p
     from-scratch full run, each epoch logged once, and its never-switching trial takes its result."""
     path = _fork_space(tmp_path, "tt", 1, [0.000001], seed=0, trial_executor="tune", max_failures=1)
     marker = tmp_path / "fired"
-    proc = _tune(tmp_path, path, env=_fault_env(tmp_path, epoch=3, mode="exit", run="_baseline"))
+    proc = run_tune(tmp_path, path, env=fault_env(tmp_path, epoch=3, mode="exit", run="_baseline"))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     assert marker.exists(), out[-3000:]
-    client, _, children = _children(tmp_path, "tt")
+    client, _, children = sweep_runs(tmp_path, "tt")
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
     assert trunk.info.status == "FINISHED" and json.loads(trunk.data.tags[M.RESUMED_AT_TAG]) == [4], trunk.data.tags
-    assert [s for s, _ in _history(client, trunk.info.run_id)] == list(range(EPOCHS))
+    assert [s for s, _ in history(client, trunk.info.run_id)] == list(range(EPOCHS))
     kept = sorted(p.name for p in (tmp_path / "ray" / "tt" / "train" / "tt_baseline").iterdir())
     assert kept == [f"checkpoint_{e:06d}" for e in (EPOCHS - 2, EPOCHS - 1)], kept  # cluster.checkpoints_to_keep 2
-    _assert_equals_from_scratch(tmp_path, client, trunk)
+    assert_equals_from_scratch(tmp_path, client, trunk)
     trial = next(c for c in children if c.data.tags[M.ROLE_TAG] == "trial")
     assert trial.info.status == "FINISHED" and trial.data.tags[M.FORK_SWITCH_TAG] == "never"
     assert trial.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
@@ -252,7 +209,7 @@ def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_f
     from tests.servers import bucket_keys, local_s3_folders
 
     def by_config(name: str) -> dict[str, tuple]:
-        client, _, children = _children(two_sweeps.root, name, two_sweeps.uri)
+        client, _, children = sweep_runs(two_sweeps.root, name, two_sweeps.uri)
         out = {}
         for c in children:
             if c.info.status != "FINISHED":
@@ -265,7 +222,7 @@ def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_f
                 c.data.metrics[M.SWITCH_EPOCH],
                 c.data.tags.get(M.EPOCHS_TRAINED_TAG),
                 c.data.tags.get(M.FORK_SWITCH_TAG),
-                [v for _, v in _history(client, c.info.run_id, M.VAL_LOSS)],
+                [v for _, v in history(client, c.info.run_id, M.VAL_LOSS)],
             )
         return out
 
@@ -277,7 +234,7 @@ def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_f
     assert {trunk + "history.json", trunk + "status.json"} <= set(keys), keys
     assert any(k.startswith(trunk + "checkpoints/epoch_") and k.endswith(".pt.manifest.json") for k in keys), keys
     assert "records/other/tuner.pkl" in keys  # Ray Tune's experiment state, through the same filesystem
-    client, _, children = _children(two_sweeps.root, "other", two_sweeps.uri)
+    client, _, children = sweep_runs(two_sweeps.root, "other", two_sweeps.uri)
     for (
         c
     ) in children:  # every run's records: the trunk's checkpoints in its task's folder, each trial's own in Ray Tune's

@@ -281,13 +281,13 @@ def test_scan_logs_the_trunk_a_child_per_point_with_fork_lineage_and_the_table(s
 
 @pytest.mark.slow
 def test_a_scan_point_equals_a_from_scratch_run_with_switch_at_epoch(small_scan):
-    from tests.test_fork_sweep import _assert_equals_from_scratch
+    from tests.sweeps import assert_equals_from_scratch
 
     root, _, client, _, children, _, _ = small_scan
     point = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) == str(POINTS[0]))
     cfg = yaml.safe_load(open(client.download_artifacts(point.info.run_id, "config.yaml", str(root))))
     assert cfg["prelora"]["switch_at_epoch"] == POINTS[0] and cfg["strategy"] == "prelora"
-    _assert_equals_from_scratch(root, client, point)  # switch epoch, ranks, final/best val_acc, val_loss per epoch: ==
+    assert_equals_from_scratch(root, client, point)  # switch epoch, ranks, final/best val_acc, val_loss per epoch: ==
 
 
 @pytest.mark.slow
@@ -341,7 +341,7 @@ def test_the_same_scan_name_reuses_its_trunk_from_the_bucket_and_adds_its_points
     """Run last (it adds a point to the scan's table): the trunk is read from the bucket, not trained again; the new
     point equals a from-scratch run; the table holds every point scanned so far."""
     from tests.servers import bucket_keys, local_s3_folders
-    from tests.test_fork_sweep import _assert_equals_from_scratch
+    from tests.sweeps import assert_equals_from_scratch
 
     root, _, client, parent, children, _, _ = small_scan
     trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
@@ -355,7 +355,7 @@ def test_the_same_scan_name_reuses_its_trunk_from_the_bucket_and_adds_its_points
     )  # not one trunk epoch again
     new = next(c for c in children if c.data.tags.get(M.FORK_SWITCH_TAG) == "1")
     assert new.data.tags[M.FORK_EPOCH_TAG] == "2" and new.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - 2)
-    _assert_equals_from_scratch(root, client, new)
+    assert_equals_from_scratch(root, client, new)
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "scan.csv", str(root / "again")))
     assert list(table["switch_epoch"]) == [-1, 1, *POINTS]
     assert [k for k in bucket_keys(s3_endpoint, SCAN_BUCKET) if k.startswith("scans/sc/trunk/checkpoints/")]

@@ -53,7 +53,7 @@ def test_quickstart_is_digits_with_at_least_8_trials():
 
 
 def test_trial_executor_defaults_to_ray_train_and_sets_the_trials_resources(tmp_path):
-    from prelora_ray.orchestration.tune import trial_resources
+    from prelora_ray.orchestration.sweep import trial_resources
 
     space = load_search_space(_write(tmp_path, GOOD))
     assert space.trial_executor == "ray_train" and trial_resources(space) == {"cpu": 0, "memory": 1}
@@ -244,7 +244,7 @@ def test_fork_refusal_comes_from_the_cli_before_ray_starts(tmp_path):
 def test_tune_executor_trials_wait_for_the_trunks_workers_only_where_they_could_take_its_cpus(tmp_path, monkeypatch):
     import ray
 
-    from prelora_ray.orchestration.tune import _trials_could_starve_the_trunk
+    from prelora_ray.orchestration.sweep import trials_could_starve_the_trunk as _trials_could_starve_the_trunk
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     data = _mutate(["trial_executor"], "tune")

@@ -279,7 +279,7 @@ def test_bad_optuna_storage_is_one_line_naming_the_key(url):
 def test_the_studys_default_place_follows_the_stores(tmp_path, caplog, s3_bucket, mlflow_server_uri, monkeypatch):
     """Beside a sqlite MLflow store; else in a local storage path; else (a bucket and a server) in the working directory,
     with a warning that names the setting; a given URL always wins, and an unreachable one fails before Ray starts."""
-    from prelora_ray.orchestration.tune import make_sweep
+    from prelora_ray.orchestration.sweep import make_sweep
     from prelora_ray.search_space import parse_search_space
 
     monkeypatch.chdir(tmp_path)
@@ -335,7 +335,7 @@ def test_the_study_caps_a_sweeps_trials_across_drivers(tmp_path):
     from ray.tune.search import Searcher
 
     from prelora_ray.orchestration.optuna_search import SWEEP_ATTR, TUNE_TRIAL_ATTR, TaggedOptunaSearch, open_storage
-    from prelora_ray.orchestration.tune import DefineByRun
+    from prelora_ray.orchestration.study import DefineByRun
     from prelora_ray.search_space import parse_search_space
 
     url = f"journal:{tmp_path / 's.journal'}"

@@ -20,6 +20,7 @@ from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.runtime import LocalRuntime
 from prelora_ray.search_space import load_search_space
 from prelora_ray.strategies import REGISTRY
+from prelora_ray.strategies.relora_prelora import RELORA_MERGES
 from prelora_ray.trainer import ForkStart, TrainingLoop
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -57,7 +58,7 @@ def _with(**params) -> dict:
 def test_a_strategy_categorical_with_conditions_validates_forks_and_samples_each_strategys_own_knobs(tmp_path):
     import optuna
 
-    from prelora_ray.orchestration.tune import DefineByRun
+    from prelora_ray.orchestration.study import DefineByRun
 
     space = load_search_space(_write(tmp_path, SPACE))
     assert space.fork  # every strategy of the space starts from the trunk (or is it)
@@ -282,8 +283,8 @@ def test_a_relora_prelora_run_forked_at_its_start_epoch_equals_the_run_from_scra
             M.FREEZE_EPOCH,
         ):
             assert [h[key] for h in forked.state.history] == [h[key] for h in scratch.state.history], (start, key)
-        assert [h[M.RELORA_MERGES] for h in forked.state.history[start:]] == [
-            h[M.RELORA_MERGES] for h in scratch.state.history[start:]
+        assert [h[RELORA_MERGES] for h in forked.state.history[start:]] == [
+            h[RELORA_MERGES] for h in scratch.state.history[start:]
         ]
         a, b = scratch.summary(), forked.summary()
         assert (
@@ -325,14 +326,13 @@ SWEEP = {
 @pytest.mark.slow
 def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_them(tmp_path):
     from analysis.report import make_report
-    from prelora_ray.orchestration.tune import export_best
-    from tests.test_fork_sweep import _assert_equals_from_scratch
-    from tests.test_tune import _children, _tune
+    from prelora_ray.orchestration.results import export_best
+    from tests.sweeps import assert_equals_from_scratch, run_tune, sweep_runs
 
-    proc = _tune(tmp_path, str(_write(tmp_path, SWEEP)))
+    proc = run_tune(tmp_path, str(_write(tmp_path, SWEEP)))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
-    client, parent, children = _children(tmp_path, "strat")
+    client, parent, children = sweep_runs(tmp_path, "strat")
     trials = {c.data.params["strategy"]: c for c in children if c.data.tags[M.ROLE_TAG] == "trial"}
     assert set(trials) == {"full", "prelora", "relora_prelora"}, [c.data.tags for c in children]
     for strategy, c in trials.items():  # MLflow's params carry the sampled strategy; a full trial sampled nothing else
@@ -347,11 +347,11 @@ def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_th
     )
     relora = trials["relora_prelora"]
     assert relora.data.tags[M.FORK_EPOCH_TAG] == "2" and relora.data.tags[M.EPOCHS_TRAINED_TAG] == "2"
-    assert relora.data.metrics[M.RELORA_MERGES] >= 2 and relora.data.metrics[M.SWITCH_EPOCH] >= 2
+    assert relora.data.metrics[RELORA_MERGES] >= 2 and relora.data.metrics[M.SWITCH_EPOCH] >= 2
     assert [
-        m.value for m in sorted(client.get_metric_history(relora.info.run_id, M.RELORA_MERGES), key=lambda m: m.step)
+        m.value for m in sorted(client.get_metric_history(relora.info.run_id, RELORA_MERGES), key=lambda m: m.step)
     ][:2] == [0, 0]
-    _assert_equals_from_scratch(tmp_path, client, relora)
+    assert_equals_from_scratch(tmp_path, client, relora)
     assert int(trials["prelora"].data.tags[M.FORK_EPOCH_TAG]) <= int(trials["prelora"].data.tags[M.FORK_SWITCH_TAG]) + 1
 
     # `prelora-ray pareto`: the printed front names each row's strategy, one line per strategy, the front coloured by strategy

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -13,77 +11,9 @@ import yaml
 
 from prelora_ray import metrics as M
 from prelora_ray.search_space import load_search_space
+from tests.sweeps import curve, kill_driver, run_tune, sweep_runs, sweep_space, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _space(
-    tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1, *, base: dict | None = None, **top
-) -> Path:
-    """A small sweep on digits; `base` adds to the base config, `top` to the file's top-level keys (e.g. trial_executor)."""
-    data = {
-        "name": name,
-        "base": {
-            "epochs": epochs,
-            "prelora": {"k": 2, "m": 1, "warmup": 1},
-            "cluster": {"num_workers": 1, "cpus_per_worker": 1},
-            "model": {"preset": "vit-digits"},
-            **(base or {}),
-        },
-        "parameters": {
-            "prelora.tau": {"type": "loguniform", "low": 20.0, "high": 80.0},
-            "prelora.zeta": {"type": "uniform", "low": 20.0, "high": 80.0},
-            "prelora.warmup": {"type": "int", "low": 0, "high": 2},
-            "prelora.r_min": {"type": "categorical", "values": [1, 2]},
-            "prelora.r_max": {"type": "categorical", "values": [4, 8]},
-        },
-        "objectives": [{"metric": "final_val_acc", "mode": "max"}, {"metric": "mean_epoch_time_s", "mode": "min"}],
-        "sampler": {"type": "random", "seed": seed},
-        "num_samples": num_samples,
-        "max_concurrent": 2,
-        "baseline": True,
-        **top,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _tune(
-    tmp_path: Path, *args: str, tracking: str | None = None, storage: str | None = None, **kwargs
-) -> subprocess.Popen:
-    """`prelora-ray tune` in a process of its own, tracked in `tracking` (default: mlflow.db in tmp_path), storage in `storage`
-    (default: tmp_path/ray)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "prelora_ray.cli",
-        "tune",
-        *args,
-        "--tracking-uri",
-        tracking or f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--storage",
-        storage or str(tmp_path / "ray"),
-    ]
-    return subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs
-    )
-
-
-def _children(tmp_path: Path, sweep: str, uri: str | None = None):
-    client = mlflow.tracking.MlflowClient(uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("prelora-ray")
-    if exp is None:
-        return client, None, []
-    parents = client.search_runs(
-        [exp.experiment_id], f"tags.`prelora.role` = 'parent' and tags.`prelora.sweep` = '{sweep}'"
-    )
-    if not parents:
-        return client, None, []
-    children = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'", max_results=1000
-    )
-    return client, parents[0], children
 
 
 def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
@@ -92,7 +22,7 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     assert "Pareto front" in out and f"open {two_sweeps.uri}/#/experiments/" in out  # a tracking server is its own UI
     assert "epoch   3 | lora" in outputs["other"]  # with --verbose the workers' per-epoch lines reach the console...
     assert "Failed to query Ray Train Controller" not in out  # ...Ray Train's state-API spam does not (ray_hooks)
-    client, parent, children = _children(tmp_path, "small", two_sweeps.uri)
+    client, parent, children = sweep_runs(tmp_path, "small", two_sweeps.uri)
     assert parent is not None
     roles = sorted(c.data.tags["prelora.role"] for c in children)
     assert roles == ["baseline", "trial", "trial", "trial"]
@@ -153,31 +83,6 @@ def test_sweep_logs_parent_children_and_pareto_then_best_round_trip(two_sweeps):
     assert summary["switch_epoch"] == int(chosen.data.metrics["switch_epoch"])
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process of its session at once, as a lost machine: Ray's worker processes (the
-    trunk's task, the trials) run in process groups of their own, so killing the driver's group would leave them
-    training on for a few seconds."""
-    from tests.servers import kill_session
-
-    kill_session(proc.pid)
-    proc.wait()
-
-
-def _wait_for(proc: subprocess.Popen, condition, what: str, timeout_s: float = 600):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        found = condition()
-        if found:
-            return found
-        assert proc.poll() is None, f"the sweep ended before {what}: " + proc.stdout.read()[-3000:]
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _curve(client, run) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc"))
-
-
 def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_anything_twice(tmp_path):
     """SIGKILL of the whole sweep while the trunk trains, then again while a forked trial trains: --resume
     finishes with the requested trials, each once, no finished trunk epoch or finished trial trained again."""
@@ -186,7 +91,7 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     journal = (
         tmp_path / "shared" / "killed.optuna.journal"
     )  # the study outside the driver: a journal file (`optuna_storage`)
-    space = _space(
+    space = sweep_space(
         tmp_path, "killed", 4, epochs=8, trial_executor="tune", optuna_storage=f"journal:{journal}"
     )  # in-process: no TorchTrainer start-ups
     trunk_history = tmp_path / "ray" / "killed" / "trunk" / "history.json"
@@ -197,34 +102,34 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
         except (FileNotFoundError, json.JSONDecodeError):
             return 0
 
-    proc = _tune(tmp_path, str(space))
-    _wait_for(proc, lambda: trunk_epochs() >= 2, "the trunk's second epoch")
-    _kill(proc)
+    proc = run_tune(tmp_path, str(space))
+    wait_for(proc, lambda: trunk_epochs() >= 2, "the trunk's second epoch")
+    kill_driver(proc)
     done_at_kill = trunk_epochs()
     assert done_at_kill < 8
 
-    proc = _tune(tmp_path, str(space), "--resume")
+    proc = run_tune(tmp_path, str(space), "--resume")
 
     def mid_fork():
-        client, _, children = _children(tmp_path, "killed")
+        client, _, children = sweep_runs(tmp_path, "killed")
         trials = [c for c in children if c.data.tags.get("prelora.role") == "trial"]
         finished = [c for c in trials if c.info.status == "FINISHED"]
         for c in trials:
             fork_epoch = c.data.tags.get("fork.epoch")
             if c.info.status == "RUNNING" and fork_epoch is not None and finished:
-                if any(step > int(fork_epoch) for step, _ in _curve(client, c)):
+                if any(step > int(fork_epoch) for step, _ in curve(client, c)):
                     return c, finished
         return None
 
-    running, finished = _wait_for(proc, mid_fork, "a forked trial training while another has finished")
-    _kill(proc)
+    running, finished = wait_for(proc, mid_fork, "a forked trial training while another has finished")
+    kill_driver(proc)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    before = {c.info.run_id: (_curve(client, c), c.data.tags.get("epochs_trained")) for c in finished}
+    before = {c.info.run_id: (curve(client, c), c.data.tags.get("epochs_trained")) for c in finished}
 
-    resumed = _tune(tmp_path, str(space), "--resume")
+    resumed = run_tune(tmp_path, str(space), "--resume")
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
-    client, parent, children = _children(tmp_path, "killed")
+    client, parent, children = sweep_runs(tmp_path, "killed")
     trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
     # a kill between a trial's start and Ray Tune's snapshot loses that trial (Tune runs another in its place):
     # at most one per kill, ended KILLED and tagged lost, never left RUNNING (test_lost_trial_runs_are_ended)
@@ -240,15 +145,15 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     assert len(trunk) == 1 and trunk[0].info.status == "FINISHED"
     # the trunk went on from its checkpoint: at most the epoch in flight at the kill was trained again
     assert json.loads(trunk[0].data.tags["prelora.resumed_at"])[0] >= max(1, done_at_kill - 1)
-    assert [s for s, _ in _curve(client, trunk[0])] == list(range(8))
+    assert [s for s, _ in curve(client, trunk[0])] == list(range(8))
     for c in trials:
         if c.info.run_id in before:  # finished before the second kill: untouched
-            assert (_curve(client, c), c.data.tags.get("epochs_trained")) == before[c.info.run_id]
+            assert (curve(client, c), c.data.tags.get("epochs_trained")) == before[c.info.run_id]
     killed = next(c for c in trials if c.info.run_id == running.info.run_id)
     assert json.loads(killed.data.tags["prelora.resumed_at"])[0] > int(
         killed.data.tags["fork.epoch"]
     )  # its own checkpoint, not the fork again
-    assert [s for s, _ in _curve(client, killed)] == list(range(8))
+    assert [s for s, _ in curve(client, killed)] == list(range(8))
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -279,10 +184,11 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
 
     from prelora_ray import tracking
     from prelora_ray.orchestration.optuna_search import TUNE_TRIAL_ATTR
-    from prelora_ray.orchestration.tune import _optuna_storage, make_sweep, mark_lost_trials
+    from prelora_ray.orchestration.study import mark_lost_trials
+    from prelora_ray.orchestration.sweep import make_sweep
 
     sweep = make_sweep(
-        load_search_space(_space(tmp_path, "lost", 3)),
+        load_search_space(sweep_space(tmp_path, "lost", 3)),
         name="lost",
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         storage_path=str(tmp_path),
@@ -290,7 +196,7 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
     sweep.parent_run_id = tracking.start_run(
         sweep.tracking_uri, sweep.experiment_id, "lost", params={}, tags={M.ROLE_TAG: "parent"}
     )
-    study = optuna.create_study(study_name="lost", storage=_optuna_storage(sweep), directions=["maximize", "minimize"])
+    study = optuna.create_study(study_name="lost", storage=sweep.study_storage(), directions=["maximize", "minimize"])
     ids = {}
     for tid, status in (("a", "FINISHED"), ("b", "RUNNING"), ("c", "RUNNING")):
         ids[tid] = tracking.start_run(
@@ -305,13 +211,13 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
             tracking.end_run(sweep.tracking_uri, ids[tid])
         study.ask().set_user_attr(TUNE_TRIAL_ATTR, tid)
     assert mark_lost_trials(sweep, {"lost_a", "lost_b"}) == ["lost_c"]
-    c = tracking.client(sweep.tracking_uri)
+    c = mlflow.tracking.MlflowClient(sweep.tracking_uri)
     runs = {tid: c.get_run(run_id) for tid, run_id in ids.items()}
     assert [runs[t].info.status for t in "abc"] == ["FINISHED", "FAILED", "KILLED"]
     assert runs["c"].data.tags.get(M.LOST_TAG) == "true" and M.LOST_TAG not in runs["b"].data.tags
     states = {
         t.user_attrs[TUNE_TRIAL_ATTR]: t.state
-        for t in optuna.load_study(study_name="lost", storage=_optuna_storage(sweep)).trials
+        for t in optuna.load_study(study_name="lost", storage=sweep.study_storage()).trials
     }
     assert states["c"] == optuna.trial.TrialState.FAIL and states["a"] == states["b"] == optuna.trial.TrialState.RUNNING
     assert mark_lost_trials(sweep, {"lost_a", "lost_b"}) == []  # nothing RUNNING is left
@@ -319,7 +225,7 @@ def test_lost_trial_runs_are_ended_killed_and_their_optuna_trials_failed(tmp_pat
 
 def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
     space = yaml.safe_load(
-        _space(tmp_path, "nan", 3, trial_executor="tune").read_text()
+        sweep_space(tmp_path, "nan", 3, trial_executor="tune").read_text()
     )  # no TorchTrainer start-up per trial
     space["base"]["optim"] = {"grad_clip": None, "lr_warmup_epochs": 0}
     space["parameters"] = {
@@ -329,10 +235,10 @@ def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
     space["sampler"] = {"type": "random", "seed": 5}  # draws lr = 1e6, 1e-3, 1e-3
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(space))
-    proc = _tune(tmp_path, str(path))
+    proc = run_tune(tmp_path, str(path))
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]  # the sweep goes on past the failed trial
-    _, _, children = _children(tmp_path, "nan")
+    _, _, children = sweep_runs(tmp_path, "nan")
     trials = [c for c in children if c.data.tags["prelora.role"] == "trial"]
     failed = [c for c in trials if c.info.status == "FAILED"]
     assert len(trials) == 3 and len(failed) == 1

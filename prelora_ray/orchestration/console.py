@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from prelora_ray import metrics as M
 
 if TYPE_CHECKING:
-    from prelora_ray.orchestration.tune import Sweep
+    from prelora_ray.orchestration.sweep import Sweep
 
 log = logging.getLogger("prelora_ray")
 
@@ -132,7 +132,7 @@ class TrunkProgress:
     LINES = 5
 
     def __init__(self, sweep: Sweep, *, poll_s: float = 2.0) -> None:
-        from prelora_ray.orchestration.forking import trunk_dir
+        from prelora_ray.orchestration.trunk import trunk_dir
 
         self.folder, self.name, self.epochs = trunk_dir(sweep), f"{sweep.name}_baseline", sweep.space.base.epochs
         self.metrics = [o.metric for o in sweep.space.objectives]

@@ -1,34 +1,28 @@
-"""Fork-from-trunk sweeps on Ray: the trunk run, and a trial that waits for, forks from or reuses it.
+"""A trial of a fork-mode sweep on Ray: it waits for, forks from or reuses the trunk (orchestration/trunk.py).
 
-The trunk is the sweep's `full` baseline, run ahead of the trials as a Ray task with its records
-written to `<storage>/<sweep>/trunk` (`prelora_ray.fork`). A trial's driver (a Tune function
-trainable holding no CPU or GPU) replays Algorithm 1 on the trunk's history, waits until the trunk
-has the checkpoint it needs, then fits a TorchTrainer that starts from it. The records live on storage
-every node sees (a bucket, or a shared mount: `prelora_ray.storage`), as Ray Train's own must.
+A trial's driver (a Tune function trainable) replays Algorithm 1 on the trunk's history, waits until the trunk
+has the checkpoint it needs, then trains from it (in its own process, or with a TorchTrainer). Twins (the same
+switch, ranks and post-switch settings) train once: the first claims the result, the others reuse it. The
+records live on storage every node sees (a bucket, or a shared mount: `prelora_ray.storage`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
-from prelora_ray.config import MODULE_FAMILIES, TrainSettings
+from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
-from prelora_ray.storage import Location
-
-if TYPE_CHECKING:
-    from prelora_ray.orchestration.tune import Sweep
+from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_dir
 
 log = logging.getLogger("prelora_ray")
-POLL_S = 1.0
 PROGRESS_EVERY_S = 30.0
 CLAIM_BEAT_S = 10.0  # how often a trial that trains a result renews its claim
 CLAIM_STALE_S = 90.0  # a claim unchanged this long (nine beats missed): its owner died without a word
@@ -90,53 +84,6 @@ def claim_heartbeat(
         thread.join(timeout=30)
 
 
-class TrunkFailed(RuntimeError):
-    """The trunk a trial waits for has failed: the trial fails with the trunk's error (`--resume` retries)."""
-
-
-def trunk_dir(sweep: Sweep) -> Location:
-    """Where the sweep's trunk keeps its history, checkpoints and status."""
-    return sweep.storage / sweep.name / "trunk"
-
-
-def trunk_config(base: TrainSettings) -> TrainSettings:
-    """The trunk: the baseline (full training) with the norms of every module family recorded."""
-    return base.replace(strategy="full", **{"prelora.modules": list(MODULE_FAMILIES)})
-
-
-def run_trunk(sweep: Sweep, run_one: Any) -> dict[str, Any]:
-    """Run (or resume) the trunk; its status file tells waiting trials when it fails."""
-    folder = trunk_dir(sweep)
-    fork.write_status(folder, "running")
-
-    def started(run: PreparedRun) -> None:
-        fork.write_status(folder, "running", run_id=run.mlflow_run_id)
-
-    try:
-        summary = run_one(
-            sweep,
-            trunk_config(sweep.space.base),
-            f"{sweep.name}_baseline",
-            "baseline",
-            {"fork.trunk": "true"},
-            False,
-            loop_extra={"trunk": {"folder": folder.uri, "every": sweep.space.fork_every}},
-            on_prepared=started,
-        )
-    except BaseException as exc:
-        mark_trunk_failed(folder, exc)
-        raise
-    fork.write_status(folder, "finished", run_id=fork.read_status(folder).get("run_id", ""))
-    return summary
-
-
-def mark_trunk_failed(folder: Location, exc: BaseException) -> None:
-    """Record the trunk's failure unless it already is (the Ray task and the sweep driver both may)."""
-    status = fork.read_status(folder)
-    if status.get("state") != "failed":
-        fork.write_status(folder, "failed", error=f"{type(exc).__name__}: {exc}", run_id=status.get("run_id", ""))
-
-
 def wait_for_plan(sweep: Sweep, cfg: TrainSettings, run_name: str) -> fork.ForkPlan:
     """Poll the trunk until the trial's switch epoch and its checkpoint are known (or the trunk failed)."""
     folder = trunk_dir(sweep)
@@ -170,11 +117,10 @@ def _prepare(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, st
 
 def _copy_once(run: PreparedRun, copy: Callable[[], None]) -> None:
     """Copy curves into the trial's run once: a resumed or retried trial does not copy them again."""
-    c = tracking.client(run.tracking_uri)
-    if c.get_run(run.mlflow_run_id).data.tags.get(M.FORK_COPIED_TAG) == "true":
+    if tracking.run_tags(run.tracking_uri, run.mlflow_run_id).get(M.FORK_COPIED_TAG) == "true":
         return
     copy()
-    c.set_tag(run.mlflow_run_id, M.FORK_COPIED_TAG, "true")
+    tracking.set_tags(run.tracking_uri, run.mlflow_run_id, {M.FORK_COPIED_TAG: "true"})
 
 
 def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
@@ -183,9 +129,7 @@ def _copy_trunk_epochs(run: PreparedRun, history: list[dict[str, Any]]) -> None:
 
 
 def _set_tags(run: PreparedRun, tags: dict[str, str]) -> None:
-    c = tracking.client(run.tracking_uri)
-    for key, value in tags.items():
-        c.set_tag(run.mlflow_run_id, key, value)
+    tracking.set_tags(run.tracking_uri, run.mlflow_run_id, tags)
 
 
 def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]) -> dict[str, Any]:
@@ -215,8 +159,6 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     if plan.mode == "scratch":  # shares no epochs with the trunk: the trial trains whole
         log.info("trial %s: trains from scratch (%s)", run_name, plan.why)
         _set_tags(run, {M.FORK_EPOCH_TAG: "0"})
-        from prelora_ray.orchestration.tune import fit_sweep_run
-
         return fit_sweep_run(sweep, run, in_trial=True, tune_callback=True)
     key = fork.reuse_key(cfg, plan.switch)
     registry = fork.ResultRegistry(folder / "results")
@@ -244,8 +186,6 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
             copied = switch_marked(copied, plan.switch.epoch, cfg.prelora.warmup)
         _copy_trunk_epochs(run, with_event_defaults(copied, cfg))
         start = {"fork": {"folder": folder.uri, "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
-        from prelora_ray.orchestration.tune import final_report, fit_sweep_run
-
         with claim_heartbeat(registry, key, run_name):
             summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)
     except BaseException as exc:
@@ -299,10 +239,7 @@ def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str,
     _set_tags(run, {M.FORK_REUSED_TAG: holder["run_id"], M.EPOCHS_TRAINED_TAG: "0"})
     _copy_once(run, lambda: tracking.copy_metrics(run.tracking_uri, holder["run_id"], run.mlflow_run_id))
     try:
-        with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
-            text = Path(
-                tracking.client(run.tracking_uri).download_artifacts(holder["run_id"], "ranks.json", tmp)
-            ).read_text()
+        text = tracking.download_text(run.tracking_uri, holder["run_id"], "ranks.json")
         tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, "ranks.json")
     except Exception:  # the twin's artifact is missing: the metrics still say it all
         log.warning("%s: could not copy ranks.json from run %s", run_name, holder["run_id"])

@@ -16,6 +16,8 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from prelora_ray.orchestration.ray_compat import searcher_study, searcher_trials
+
 TUNE_TRIAL_ATTR = "tune_trial_id"
 SWEEP_ATTR = (
     "sweep_instance"  # one id per sweep (kept across resumes in Tune's pickled searcher), on each of its Optuna trials
@@ -36,24 +38,20 @@ class TaggedOptunaSearch(OptunaSearch):
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         instance = getattr(self, "sweep_instance", None)
-        return sum(
-            t.user_attrs.get(SWEEP_ATTR) == instance for t in self._ot_study.get_trials(deepcopy=False, states=states)
-        )
+        trials = searcher_study(self).get_trials(deepcopy=False, states=states)
+        return sum(t.user_attrs.get(SWEEP_ATTR) == instance for t in trials)
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Suggest as OptunaSearch does, then stamp the new Optuna trial; FINISHED once the study holds max_trials."""
         limit = getattr(self, "max_trials", None)  # a searcher pickled before this attribute existed has none
-        if (
-            limit is not None
-            and self._ot_study is not None
-            and trial_id not in self._ot_trials
-            and self.counted_trials() >= limit
-        ):
+        trials = searcher_trials(self)
+        started = searcher_study(self) is not None
+        if limit is not None and started and trial_id not in trials and self.counted_trials() >= limit:
             return Searcher.FINISHED
         config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-            self._ot_trials[trial_id].set_user_attr(SWEEP_ATTR, getattr(self, "sweep_instance", None))
+        if trial_id in trials:
+            trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            trials[trial_id].set_user_attr(SWEEP_ATTR, getattr(self, "sweep_instance", None))
         return config
 
 

@@ -1,8 +1,9 @@
 """`prelora-ray scan` on Ray: the trunk, one fork per candidate switch epoch (a Ray Tune grid over
 `prelora.switch_at_epoch`), the grid replay, and the scan's MLflow parent with `scan.csv` and `scan.png`.
 
-It reuses the fork-mode sweep's machinery: the trunk runs ahead as a Ray task (or is reused, by name,
-when the experiment holds the finished `<scan>_baseline`), and each point is a `fork_trial`.
+It is a fork-mode sweep without sampled parameters, on the same core (sweep.py, driver.py, results.py): the trunk
+runs ahead as a Ray task (or is reused, by name, when the experiment holds the finished `<scan>_baseline`), and each
+point is a `fork_trial`. The same name again adds points to the scan's table.
 """
 
 from __future__ import annotations
@@ -22,20 +23,12 @@ from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray import scan as S
 from prelora_ray.config import TrainSettings
-from prelora_ray.orchestration.console import SweepConsole, TrunkProgress, trial_error
+from prelora_ray.orchestration import driver
+from prelora_ray.orchestration.console import SweepConsole, trial_error
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.train import init_ray
-from prelora_ray.orchestration.tune import (
-    Sweep,
-    _quiet_libraries,
-    _start_trunk,
-    _trials_could_starve_the_trunk,
-    _wait_for_trunk_start,
-    epoch_totals,
-    final_report,
-    make_sweep,
-    trial_resources,
-)
+from prelora_ray.orchestration.results import epoch_totals, run_train_config, write_train_config
+from prelora_ray.orchestration.sweep import Sweep, final_report, make_sweep, trial_resources
+from prelora_ray.orchestration.trunk import trunk_dir
 from prelora_ray.search_space import DEFAULT_OBJECTIVES, TRIAL_EXECUTORS, Objective, SearchSpace
 
 log = logging.getLogger("prelora_ray")
@@ -122,8 +115,6 @@ class ScanConsole(SweepConsole):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """Its row of the table."""
-        from prelora_ray.orchestration.forking import trunk_dir
-
         history = fork.read_history(trunk_dir(self.sweep))
         trunk_s = fork.summarize(history)[M.MEAN_EPOCH_TIME_S] if history else float("nan")
         if not self.header_shown:
@@ -147,77 +138,41 @@ def _console(sweep: Sweep) -> Any:
     return TuneScanConsole(sweep)
 
 
-def _parent(sweep: Sweep, candidates: list[int], grid: list[S.GridSetting]) -> str:
-    params = {
-        "candidates": json.dumps(candidates),
-        "grid": json.dumps([g.__dict__ for g in grid]),
-        "trial_executor": sweep.space.trial_executor,
-        "epochs": sweep.space.base.epochs,
-    }
-    run_id = tracking.start_run(
-        sweep.tracking_uri,
-        sweep.experiment_id,
-        sweep.name,
-        params=params,
-        tags={M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name},
-    )
-    tracking.log_text(
-        sweep.tracking_uri, run_id, yaml.safe_dump(sweep.space.base.to_dict(), sort_keys=False), "config.yaml"
-    )
-    return run_id
-
-
 def run_scan(
     sweep: Sweep, candidates: list[int], grid: list[S.GridSetting], *, address: str | None = None
 ) -> dict[str, Any]:
     """Trunk, forks, replay; logs scan.csv, grid.csv and scan.png to the parent; returns the table's parts."""
-    import ray
     from ray import tune
 
-    from prelora_ray.orchestration.forking import trunk_dir
-
     space = sweep.space
-    sweep.parent_run_id = _parent(sweep, candidates, grid)
-    started = time.perf_counter()
-    init_ray(address, verbose=sweep.verbose)
-    trunk_ref, progress = _start_trunk(sweep), None
-    if trunk_ref is not None:
-        progress = TrunkProgress(sweep).start()
-        if _trials_could_starve_the_trunk(space, len(candidates)):
-            _wait_for_trunk_start(sweep)
-    else:
+    params = {
+        "candidates": json.dumps(candidates),
+        "grid": json.dumps([g.__dict__ for g in grid]),
+        "trial_executor": space.trial_executor,
+        "epochs": space.base.epochs,
+    }
+    tags = {M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name}
+    run = driver.start(sweep, params=params, tags=tags, address=address, concurrent=len(candidates), baseline=False)
+    tracking.log_text(
+        sweep.tracking_uri, sweep.parent_run_id, yaml.safe_dump(space.base.to_dict(), sort_keys=False), "config.yaml"
+    )
+    if run.baseline_ref is None:
         log.info("scan %s: reusing its finished trunk %s_baseline (%s)", sweep.name, sweep.name, trunk_dir(sweep))
-    _quiet_libraries(sweep.verbose)
-    trainable = tune.with_resources(tune.with_parameters(point_fn, sweep=sweep), trial_resources(space))
-    ray_path, ray_fs = sweep.storage.ray_storage()
     tuner = tune.Tuner(
-        trainable,
+        tune.with_resources(tune.with_parameters(point_fn, sweep=sweep), trial_resources(space)),
         param_space={"switch_epoch": tune.grid_search(candidates)},
         tune_config=tune.TuneConfig(
             trial_dirname_creator=lambda t: point_name(sweep, int(t.config["switch_epoch"])),
             reuse_actors=space.trial_executor == "tune",
         ),
-        run_config=tune.RunConfig(
-            name=sweep.name,
-            storage_path=ray_path,
-            storage_filesystem=ray_fs,
-            failure_config=tune.FailureConfig(max_failures=space.base.cluster.max_failures, fail_fast=False),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=space.base.cluster.checkpoints_to_keep),
-            callbacks=[_console(sweep)],
-            verbose=1 if sweep.verbose else 0,
-        ),
+        run_config=driver.run_config(sweep, [_console(sweep)]),
     )
     results = tuner.fit()
-    if trunk_ref is not None:
-        try:
-            ray.get(trunk_ref)
-        finally:
-            progress.stop()
+    driver.finish(run, results)
     history = fork.read_history(trunk_dir(sweep))
     if len(history) < space.base.epochs:
-        raise RuntimeError(
-            f"the trunk {sweep.name}_baseline did not finish: {fork.read_status(trunk_dir(sweep)).get('error')}"
-        )
+        error = fork.read_status(trunk_dir(sweep)).get("error")
+        raise RuntimeError(f"the trunk {sweep.name}_baseline did not finish: {error}")
     trunk = S.trunk_row(history)
     rows, failed = [], []
     for r in results:
@@ -228,17 +183,15 @@ def run_scan(
         rows.append(S.point_row(epoch, r.metrics or {}, trunk[M.MEAN_EPOCH_TIME_S]))
     rows += earlier_points(sweep, set(candidates), trunk[M.MEAN_EPOCH_TIME_S])
     landings = S.grid_landings(space.base, history, grid)
-    _log_parent(sweep, trunk, rows, landings, time.perf_counter() - started)
+    _log_parent(sweep, trunk, rows, landings, run.wall_s)
     return {"trunk": trunk, "rows": rows, "landings": landings, "failed": failed}
 
 
 def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dict[str, Any]]:
     """Rows of the points an earlier run of the same scan finished (the same name reuses its trunk and extends the
     scan: its table holds every point scanned so far); points scanned again now are left to this run."""
-    runs = tracking.search_runs(
-        sweep.tracking_uri,
-        [sweep.experiment_id],
-        f"tags.mlflow.parentRunId = '{sweep.parent_run_id}' and attributes.status = 'FINISHED' and tags.`{M.ROLE_TAG}` = 'trial'",
+    runs = tracking.runs(
+        sweep.tracking_uri, sweep.experiment_id, parent=sweep.parent_run_id, role="trial", status="FINISHED"
     )
     rows = []
     for _, run in runs.iterrows():
@@ -285,7 +238,7 @@ def _log_parent(
             title=f"scan {sweep.name}: {sweep.space.base.model.preset} on {sweep.space.base.data.name}",
         )
         tracking.log_file(uri, parent, png)
-    runs = tracking.search_runs(uri, [sweep.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    runs = tracking.runs(uri, sweep.experiment_id, parent=parent)
     tracking.log_metrics(
         uri, parent, {**epoch_totals(runs, sweep.space.base.epochs), "scan_wall_time_s": wall_s, "points": len(rows)}
     )
@@ -294,32 +247,21 @@ def _log_parent(
 
 def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings, pd.DataFrame, pd.DataFrame]:
     """A finished scan's parent run id, train config, scan table and grid table (from its MLflow artifacts)."""
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(experiment)
+    exp = tracking.experiment_id(uri, experiment)
     if exp is None:
         raise ValueError(f"--experiment {experiment!r} does not exist in {uri}")
-    runs = c.search_runs(
-        [exp.experiment_id],
-        f"tags.`{M.ROLE_TAG}` = '{SCAN_ROLE}' and tags.`{M.SCAN_TAG}` = '{name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
+    parents = tracking.runs(uri, exp, role=SCAN_ROLE, tags={M.SCAN_TAG: name})
+    if parents.empty:
         raise ValueError(f"--scan {name!r}: no such scan in experiment {experiment!r}")
-    run_id = runs[0].info.run_id
-    with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
-        try:
-            table = pd.read_csv(c.download_artifacts(run_id, "scan.csv", tmp))
-            grid = pd.read_csv(c.download_artifacts(run_id, "grid.csv", tmp))
-        except Exception:
-            raise ValueError(
-                f"--scan {name!r} has no scan.csv: it did not finish (run it again with the same --name)"
-            ) from None
-        cfg = TrainSettings.from_dict(
-            yaml.safe_load(Path(c.download_artifacts(run_id, "config.yaml", tmp)).read_text()),
-            source=f"scan {name} config.yaml",
-        )
-    return run_id, cfg, table, grid
+    run_id = parents.sort_values("start_time", ascending=False)["run_id"].iloc[0]
+    try:
+        table = pd.read_csv(io.StringIO(tracking.download_text(uri, run_id, "scan.csv")))
+        grid = pd.read_csv(io.StringIO(tracking.download_text(uri, run_id, "grid.csv")))
+    except Exception:
+        raise ValueError(
+            f"--scan {name!r} has no scan.csv: it did not finish (run it again with the same --name)"
+        ) from None
+    return run_id, run_train_config(uri, run_id, f"scan {name} config.yaml"), table, grid
 
 
 PICK_RULE = "earliest-within=<points>"
@@ -375,5 +317,5 @@ def export_scan_config(
         else "not a scanned point"
     )
     header = f"# prelora-ray best --scan {name}: switch at epoch {epoch} via {how}\n# scan point: {measured}\n"
-    Path(out).write_text(header + yaml.safe_dump(out_cfg.to_dict(), sort_keys=False))
+    write_train_config(out, header, out_cfg)
     return epoch, how, out_cfg

@@ -25,7 +25,7 @@ from prelora_ray.models import check_model_shape
 log = logging.getLogger("prelora_ray")
 
 # Ray Train's controller polls workers every 2 s by default, which makes every per-epoch report wait
-# up to that long; 0.2 s cuts a digits run from ~31 s to ~21 s (stack.md).
+# up to that long; 0.2 s cuts a digits run from ~31 s to ~21 s (measured on 2 CPUs: benchmarks/ray_overhead.py).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -249,14 +249,14 @@ def log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
         json.dumps({k: summary.get(k) for k in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS)}, indent=2),
         "ranks.json",
     )
-    c = tracking.client(run.tracking_uri)
-    c.set_tag(run.mlflow_run_id, "switched", str(summary.get(M.SWITCH_EPOCH, -1) >= 0).lower())
+    tags = {"switched": str(summary.get(M.SWITCH_EPOCH, -1) >= 0).lower()}
     if "epochs_trained" in summary:
-        c.set_tag(run.mlflow_run_id, M.EPOCHS_TRAINED_TAG, str(summary["epochs_trained"]))
+        tags[M.EPOCHS_TRAINED_TAG] = str(summary["epochs_trained"])
     if summary.get("resumed_at"):  # a worker or node was lost and the run went on from a checkpoint
-        c.set_tag(run.mlflow_run_id, M.RESUMED_AT_TAG, json.dumps(summary["resumed_at"]))
+        tags[M.RESUMED_AT_TAG] = json.dumps(summary["resumed_at"])
     if summary.get("merged_model_path"):
-        c.set_tag(run.mlflow_run_id, "merged_model_path", summary["merged_model_path"])
+        tags["merged_model_path"] = summary["merged_model_path"]
+    tracking.set_tags(run.tracking_uri, run.mlflow_run_id, tags)
 
 
 def end_run(run: PreparedRun, status: str, error: str | None = None) -> None:
