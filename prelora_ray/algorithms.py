@@ -1,8 +1,8 @@
 """The paper's two algorithms as pure functions over plain numbers.
 
 Algorithm 1 (partial convergence test) and Algorithm 2 (rank assignment) of PreLoRA, read as
-`shared/design/algorithms.md` fixes them. Nothing here imports torch, Ray or PEFT, so a user can
-call both from any training loop.
+docs/algorithms.md fixes them (its sections "Algorithm 1" and "Algorithm 2"). Nothing here imports
+torch, Ray or PEFT, so a user can call both from any training loop.
 """
 
 from __future__ import annotations

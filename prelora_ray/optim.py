@@ -1,15 +1,17 @@
 """Optimizer tools as pure functions: learning-rate schedules of the step, and AdamW moment pruning.
 
 Torch only (no PEFT, no Ray). The jagged cosine and the moment pruning follow ReLoRA
-(Guitaricet/relora; see ../shared/design/algorithms.md, "ReLoRA hybrid").
+(Guitaricet/relora; see docs/algorithms.md, "ReLoRA hybrid").
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-parameter moments (m and v); its `step` is never touched here."""
@@ -54,7 +56,6 @@ def jagged_cosine_factor(
     return since / rewarm_steps * cosine(step - since + rewarm_steps)
 
 
-@torch.no_grad()
 def prune_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], keep: float) -> int:
     """In `exp_avg` and `exp_avg_sq` of each of `params`, keep the top `keep` fraction by |value|, zero the rest.
 
@@ -62,25 +63,28 @@ def prune_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tenso
     by `torch.topk`); `keep=0` resets both moments. The step counter and every other parameter's
     state are untouched. ReLoRA's `prune` p is `keep = 1 - p`. Returns the number of pruned tensors.
     """
+    import torch  # here, not at the top: the schedules above are read where torch is not loaded (config, sweeps)
+
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep={keep!r} is invalid: a fraction in [0, 1]")
     pruned = 0
-    for param in params:
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for key in MOMENTS:
-            moment = state[key]
-            n_keep = round(keep * moment.numel())
-            if n_keep == 0:
-                moment.zero_()
-            elif n_keep < moment.numel():
-                flat = moment.view(-1)
-                survivors = torch.topk(flat.abs(), n_keep, sorted=False).indices
-                mask = torch.zeros_like(flat, dtype=torch.bool)
-                mask[survivors] = True
-                flat.masked_fill_(~mask, 0.0)
-            pruned += 1
+    with torch.no_grad():
+        for param in params:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key in MOMENTS:
+                moment = state[key]
+                n_keep = round(keep * moment.numel())
+                if n_keep == 0:
+                    moment.zero_()
+                elif n_keep < moment.numel():
+                    flat = moment.view(-1)
+                    survivors = torch.topk(flat.abs(), n_keep, sorted=False).indices
+                    mask = torch.zeros_like(flat, dtype=torch.bool)
+                    mask[survivors] = True
+                    flat.masked_fill_(~mask, 0.0)
+                pruned += 1
     return pruned
 
 

@@ -2,7 +2,7 @@
 
 Every row carries its arithmetic in a comment. ΔX = (X_t - X_{t-1}) / |X_{t-1}| * 100 and the test
 passes when |ΔW_t^a| <= τ for every family a and t = 2..k, and |ΔL_t| <= ζ for every t
-(shared/design/algorithms.md). Powers of two are used where a row sits exactly on a threshold, so
+(docs/algorithms.md, "Algorithm 1"). Powers of two are used where a row sits exactly on a threshold, so
 the float arithmetic is exact and "== τ passes" is really tested.
 """
 

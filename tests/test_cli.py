@@ -63,13 +63,3 @@ def test_help_config_lists_every_key():
     assert proc.returncode == 0
     for key in valid_keys():
         assert key in proc.stdout
-
-
-def test_readme_reference_documents_every_config_key():
-    from pathlib import Path
-
-    from prelora_ray.config import valid_keys
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    missing = [k for k in valid_keys() if f"`{k}`" not in readme]
-    assert not missing, f"README's configuration reference lacks {missing}"
