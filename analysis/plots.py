@@ -113,8 +113,9 @@ def plot_front_by_strategy(
     knee: tuple[float, float] | None = None,
     title: str = "Pareto front by strategy",
 ) -> Path:
-    """One sweep's trials coloured by strategy (column `strategy`): every trial a faint point, the trials on the sweep's
-    front filled and circled in their strategy's colour, the front itself a black step line; baseline and knee marked."""
+    """One sweep's trials coloured by strategy (column `strategy`): every trial a faint point, the trials on the
+    sweep's front filled and circled in their strategy's colour, the front itself a black step line; baseline and knee
+    marked."""
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     on = table[M.PARETO_TAG].astype(bool)
@@ -269,7 +270,7 @@ def plot_importance(
     """One horizontal bar chart per objective: parameter -> importance (sums to 1)."""
     n = max(1, len(importances))
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
-    for ax, (objective, imp) in zip(axes[0], importances.items()):
+    for ax, (objective, imp) in zip(axes[0], importances.items(), strict=False):
         items = sorted(imp.items(), key=lambda kv: kv[1])
         ax.barh([k.replace("prelora.", "") for k, _ in items], [v for _, v in items], color="tab:blue")
         ax.set(xlabel="importance (fraction of variance explained)", title=LABELS.get(objective, objective))
@@ -329,7 +330,7 @@ def plot_efficiency(
         (M.PEAK_MEM_MB, "peak memory (MiB)"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         for name, h in histories.items():
             if key in h:
                 ax.plot(h.index, h[key], label=name)

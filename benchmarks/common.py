@@ -29,7 +29,10 @@ def relora_rank(preset: str) -> int:
 
 
 def ranks_for(num_layers: int, *, r_min: int = 8, r_max: int = 64, frozen_prefix: bool = False) -> dict[str, list[int]]:
-    """A spread of ranks like Algorithm 2 gives (r_min..r_max cycling); rank 0 on the first half with a frozen prefix."""
+    """A spread of ranks like Algorithm 2 gives (r_min..r_max cycling).
+
+    Rank 0 on the first half with a frozen prefix.
+    """
     cands = [r_min * 2**i for i in range((r_max // r_min).bit_length())]
     out = {}
     for j, family in enumerate(FAMILY_MODULES):

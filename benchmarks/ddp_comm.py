@@ -102,7 +102,7 @@ def lte_run(args: argparse.Namespace, x, y, *, merge_every: int) -> dict:
         counted["merges"] += 1
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     cfg = TrainSettings.from_dict(
         {"strategy": "lte", "lte": {"merge_every": merge_every, "train_others": "frozen", "rank": args.lte_rank}}
@@ -149,7 +149,8 @@ def main() -> None:
         rows = dict(out)
     full, lora = rows["full"]["bytes_per_step"], rows["lora"]["bytes_per_step"]
     print(
-        f"{args.preset}: bytes all-reduced per optimizer step, 2 workers, gloo (LTE: rank {args.lte_rank}, one head per worker)"
+        f"{args.preset}: bytes all-reduced per optimizer step, 2 workers, gloo "
+        f"(LTE: rank {args.lte_rank}, one head per worker)"
     )
     print(
         f"{'phase':<12}{'MiB/step':>10}{'colls/step':>11}{'x full':>9}{'x lora':>9}{'trainable MiB':>15}{'step s':>9}"
@@ -158,7 +159,8 @@ def main() -> None:
         r["ratio_to_full"] = r["bytes_per_step"] / full
         r["ratio_to_lora"] = r["bytes_per_step"] / lora
         print(
-            f"{phase:<12}{r['bytes_per_step'] / 2**20:>10.3f}{r['buckets_per_step']:>11.2f}{r['ratio_to_full']:>9.4f}{r['ratio_to_lora']:>9.3f}"
+            f"{phase:<12}{r['bytes_per_step'] / 2**20:>10.3f}{r['buckets_per_step']:>11.2f}"
+            f"{r['ratio_to_full']:>9.4f}{r['ratio_to_lora']:>9.3f}"
             f"{r['trainable_bytes'] / 2**20:>15.2f}{r['step_s']:>9.3f}"
         )
     print(f"written {write_json('ddp_comm', {'args': vars(args), 'results': rows})}")

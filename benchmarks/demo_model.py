@@ -66,7 +66,10 @@ def register(name: str) -> None:
 
 def describe(name: str) -> str:
     s = PRESETS[name]
-    return f"hidden {s.hidden_size}, {s.num_layers} layers, MLP {s.mlp_size}, patch {s.patch_size} ({(8 // s.patch_size) ** 2 + 1} tokens)"
+    return (
+        f"hidden {s.hidden_size}, {s.num_layers} layers, MLP {s.mlp_size}, patch {s.patch_size} "
+        f"({(8 // s.patch_size) ** 2 + 1} tokens)"
+    )
 
 
 def digits_batches(batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -176,24 +179,28 @@ def main() -> None:
         if "epochs" in args.sections:
             r = results[name]["epochs"] = section_epochs(name, args, batches)
             print(
-                f"\n[epochs] {name}: {describe(name)}, {r['params']:,} parameters, threads {args.threads}, {args.repeats} interleaved repeats",
+                f"\n[epochs] {name}: {describe(name)}, {r['params']:,} parameters, threads {args.threads}, "
+                f"{args.repeats} interleaved repeats",
                 flush=True,
             )
             for kind, row in r["rows"].items():
                 print(
-                    f"  {kind:<12}{row['median']:>8.3f} s/epoch  IQR {row['iqr']:.3f}  x full {row['ratio_to_full']:.3f}  trainable {row['trainable']:,}",
+                    f"  {kind:<12}{row['median']:>8.3f} s/epoch  IQR {row['iqr']:.3f}  "
+                    f"x full {row['ratio_to_full']:.3f}  trainable {row['trainable']:,}",
                     flush=True,
                 )
         if "train" in args.sections:
             t = results[name]["train"] = section_train(name, args)
             print(
-                f"[train] {name}: final val_acc {t['final_val_acc']:.4f}, switch {t['switch_epoch']}, freeze {t['freeze_epoch']}, "
-                f"epochs by phase {t['epochs_by_phase']}, median s/epoch { ({k: round(v, 3) for k, v in t['median_epoch_s_by_phase'].items()}) }, "
+                f"[train] {name}: final val_acc {t['final_val_acc']:.4f}, switch {t['switch_epoch']}, "
+                f"freeze {t['freeze_epoch']}, epochs by phase {t['epochs_by_phase']}, "
+                f"median s/epoch { ({k: round(v, 3) for k, v in t['median_epoch_s_by_phase'].items()}) }, "
                 f"LORA/FULL {t['lora_over_full']:.3f}, wall {t['wall_s']:.0f} s",
                 flush=True,
             )
     print(
-        f"\nthreads {args.threads}; epochs: median over interleaved repeats, LORA over rank sets {' '.join(args.ranks)}; train: {args.epochs}-epoch run, defaults"
+        f"\nthreads {args.threads}; epochs: median over interleaved repeats, "
+        f"LORA over rank sets {' '.join(args.ranks)}; train: {args.epochs}-epoch run, defaults"
     )
     print(
         f"{'candidate':<18}{'shape':<48}{'full s/ep':>10}{'LoRA s/ep':>10}{'ratio':>7}{'run ratio':>10}{'val_acc':>9}"
@@ -201,7 +208,8 @@ def main() -> None:
     for name, r in results.items():
         e, t = r.get("epochs", {}), r.get("train", {})
         print(
-            f"{name:<18}{r['shape']:<48}{e.get('full_s', float('nan')):>10.3f}{e.get('lora_s', float('nan')):>10.3f}{e.get('ratio', float('nan')):>7.3f}"
+            f"{name:<18}{r['shape']:<48}{e.get('full_s', float('nan')):>10.3f}"
+            f"{e.get('lora_s', float('nan')):>10.3f}{e.get('ratio', float('nan')):>7.3f}"
             f"{t.get('lora_over_full', float('nan')):>10.3f}{t.get('final_val_acc', float('nan')):>9.4f}"
         )
     path = write_json("demo_model", {"args": vars(args), "results": results})

@@ -65,7 +65,8 @@ def main() -> None:
         }
         s = summary[arm]
         print(
-            f"{arm:<24}{s['val_acc_mean']:>13.4f}{s['val_acc_std']:>8.4f}{s['zero_rank_layers']:>9.1f} / {s['layers']:<3}"
+            f"{arm:<24}{s['val_acc_mean']:>13.4f}{s['val_acc_std']:>8.4f}"
+            f"{s['zero_rank_layers']:>9.1f} / {s['layers']:<3}"
             f"{100 * s['lora_trainable_fraction']:>15.2f}%{s['lora_epoch_time_s']:>14.3f}"
         )
     print(f"written {write_json('frozen_prefix_accuracy', {'args': vars(args), 'runs': arms, 'summary': summary})}")

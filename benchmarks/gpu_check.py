@@ -1,7 +1,8 @@
-"""A prepared GPU check: phase step times and memory, the data loader's throughput, a 2-trial fork sweep; one bounded run.
+"""A prepared GPU check in one bounded run: phase step times and memory, the data loader's throughput, a fork sweep.
 
-    python benchmarks/gpu_check.py [--tiny] [--out PATH] [--presets vit-base vit-large] [--batch 128] [--image-size 224]
-                                   [--steps 10] [--repeats 3] [--loader-seconds 20] [--loader-workers N] [--budget-s 450]
+    python benchmarks/gpu_check.py [--tiny] [--out PATH] [--presets vit-base vit-large] [--batch 128]
+                                   [--image-size 224] [--steps 10] [--repeats 3] [--loader-seconds 20]
+                                   [--loader-workers N] [--budget-s 450]
 
 On CUDA (bf16 autocast, fused AdamW): FULL, LORA and LORA with a frozen prefix (benchmarks/common.py's build_phase:
 ranks 8-64 through prelora_ray.switch, the first half of the layers at rank 0) of vit-base and vit-large at image
@@ -46,7 +47,9 @@ from prelora_ray.config import DataSettings
 from prelora_ray.data import available_cpus, build_datasets, make_train_loader
 
 PHASES = ("full", "lora", "lora_prefix")  # the FULL vs LoRA comparison the paper's speed-up is about
-# Defaults per form; an explicit flag wins. The CUDA form is sized for 3-4 minutes on an H100 (estimated: not yet run on one).
+# Defaults per form; an explicit flag wins. The CUDA form is sized for 3-4 minutes on an H100 (estimated: not yet run
+# on one). budget_s: the sweep's deadline from the start; 450 keeps the CUDA form under 8 minutes, 240 guards CI
+# against a hang.
 PROFILES = {
     "cuda": dict(
         presets=["vit-base", "vit-large"],
@@ -72,7 +75,7 @@ PROFILES = {
         sweep_epochs=5,
         budget_s=240.0,
     ),
-}  # budget_s: the sweep's deadline from the start; 450 keeps the CUDA form under 8 minutes, 240 guards CI against a hang
+}
 T0 = time.perf_counter()
 
 
@@ -127,7 +130,10 @@ def bench_model(preset: str, batch: int, args: argparse.Namespace) -> dict:
 
 
 def bench_with_fallback(preset: str, args: argparse.Namespace) -> dict:
-    """bench_model at --batch, halving the batch on CUDA out of memory until it fits (the same batch for every phase)."""
+    """bench_model at --batch, halving the batch on CUDA out of memory until it fits.
+
+    The same batch for every phase.
+    """
     batch = args.batch
     while True:
         try:
@@ -145,7 +151,10 @@ def bench_with_fallback(preset: str, args: argparse.Namespace) -> dict:
 
 
 def jpeg_tree(root: Path, side: int, unique: int, total: int, classes: int = 10) -> Path:
-    """An ImageNet-style folder of smooth random JPEGs: `unique` encoded files, hard-linked up to `total` train images."""
+    """An ImageNet-style folder of smooth random JPEGs.
+
+    `unique` encoded files, hard-linked up to `total` train images.
+    """
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     files = []
@@ -298,7 +307,10 @@ def sweep_records(uri: str) -> dict:
 
 
 def device_info(device: str) -> dict:
-    """What the figures were measured on: device name, torch, its CUDA build, cuDNN, the CPUs and shared memory a loader may use."""
+    """What the figures were measured on.
+
+    Device name, torch, its CUDA build, cuDNN, the CPUs and shared memory a loader may use.
+    """
     cuda = device == "cuda"
     return {
         "type": device,
@@ -345,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run every part (each bounded, a failure recorded and the rest still run), print the table, write the JSON."""
     args = parse_args(argv)
     say(
-        f"gpu_check on {args.device} ({args.form} form): {', '.join(args.presets)}, batch {args.batch}, image {args.image_size}"
+        f"gpu_check on {args.device} ({args.form} form): {', '.join(args.presets)}, "
+        f"batch {args.batch}, image {args.image_size}"
     )
     errors: list[dict] = []
     steps: dict = {}
@@ -441,7 +454,8 @@ def print_table(p: dict) -> None:
     s = p["sweep"]
     if s:
         print(
-            f"sweep: {s.get('trials_finished')}/2 trials finished, {s['wall_s']:.1f} s, epochs trained {s.get('epochs_trained_total')} "
+            f"sweep: {s.get('trials_finished')}/2 trials finished, {s['wall_s']:.1f} s, "
+            f"epochs trained {s.get('epochs_trained_total')} "
             f"(naive {s.get('epochs_naive_total')}), front {len(s['front']) - 1 if s['front'] else 0} rows"
         )
     for e in p["errors"]:

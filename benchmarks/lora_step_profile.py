@@ -153,10 +153,13 @@ def section_steps(args: argparse.Namespace) -> dict:
             key = f"{preset}/ranks {ranks_text}"
             out[key] = rows
             print(
-                f"\n[steps] {preset}, ranks {ranks_text}, image {args.image_size} ({(args.image_size // 16) ** 2 + 1} tokens), batch {args.batch}, {device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats"
+                f"\n[steps] {preset}, ranks {ranks_text}, image {args.image_size} "
+                f"({(args.image_size // 16) ** 2 + 1} tokens), batch {args.batch}, {device}{' bf16' if amp else ''}, "
+                f"{args.repeats} interleaved repeats"
             )
             print(
-                f"{'kind':<14}{'median s':>10}{'min s':>9}{'IQR':>8}{'img/s':>8}{'x full (med)':>14}{'x full (min)':>14}"
+                f"{'kind':<14}{'median s':>10}{'min s':>9}{'IQR':>8}{'img/s':>8}"
+                f"{'x full (med)':>14}{'x full (min)':>14}"
             )
             for kind, r in rows.items():
                 print(
@@ -279,7 +282,10 @@ def section_memory(args: argparse.Namespace) -> dict:
         print(f"\n[memory] {preset}, ranks {args.ranks[0]}, image {args.image_size}, batch {args.batch}")
         print(
             f"{'kind':<14}{'saved fp32 MB':>14}{'saved bf16 MB':>14}"
-            + "".join(f"{'peak-built ' + ('default' if 'default' in l else 'mmap64k'):>20}{'s/step':>8}" for l in peaks)
+            + "".join(
+                f"{'peak-built ' + ('default' if 'default' in label else 'mmap64k'):>20}{'s/step':>8}"
+                for label in peaks
+            )
         )
         for kind in kinds:
             line = f"{kind:<14}{saved[kind]['fp32'] / 2**20:>14.1f}{saved[kind]['bf16_autocast'] / 2**20:>14.1f}"
@@ -326,7 +332,8 @@ def section_compile(args: argparse.Namespace) -> dict:
         )
     if "full" in rows and "lora_lean" in rows:
         print(
-            f"lora/full ratio: eager {rows['lora_lean']['eager']['median'] / rows['full']['eager']['median']:.3f}, compiled {rows['lora_lean']['compiled']['median'] / rows['full']['compiled']['median']:.3f}"
+            f"lora/full ratio: eager {rows['lora_lean']['eager']['median'] / rows['full']['eager']['median']:.3f}, "
+            f"compiled {rows['lora_lean']['compiled']['median'] / rows['full']['compiled']['median']:.3f}"
         )
     return out
 

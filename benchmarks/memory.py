@@ -61,21 +61,14 @@ def account(preset: str, phase: str, image_size: int, batch: int) -> dict[str, i
 
 def child_peak(preset: str, phase: str, image_size: int, batch: int, env: dict[str, str] | None = None) -> float:
     """Peak RSS (MiB) of a fresh process that builds the phase and runs 3 steps."""
+    here = str(__import__("pathlib").Path(__file__).parent)
     code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); from common import build_phase, make_step; "
-        "m, o = build_phase(%r, %r, image_size=%d); g = torch.Generator().manual_seed(0); "
-        "x = torch.randn(%d, 3, %d, %d, generator=g); y = torch.randint(0, 100, (%d,), generator=g); "
+        f"import sys, resource, torch; sys.path.insert(0, {here!r}); from common import build_phase, make_step; "
+        f"m, o = build_phase({preset!r}, {phase!r}, image_size={image_size:d}); g = torch.Generator().manual_seed(0); "
+        f"x = torch.randn({batch:d}, 3, {image_size:d}, {image_size:d}, generator=g); "
+        f"y = torch.randint(0, 100, ({batch:d},), generator=g); "
         "s = make_step(m, o, x, y); [s() for _ in range(3)]; "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (
-        str(__import__("pathlib").Path(__file__).parent),
-        preset,
-        phase,
-        image_size,
-        batch,
-        image_size,
-        image_size,
-        batch,
     )
     import os
 
@@ -123,10 +116,12 @@ def main() -> None:
     full = rows["full"]
     kind = "CUDA max allocated" if torch.cuda.is_available() else "child-process peak RSS"
     print(
-        f"{args.preset}, image {args.image_size}, batch {args.batch}: deterministic account (MiB) and real peak ({kind})"
+        f"{args.preset}, image {args.image_size}, batch {args.batch}: "
+        f"deterministic account (MiB) and real peak ({kind})"
     )
     print(
-        f"{'phase':<12}{'params':>9}{'grads':>9}{'adam':>9}{'activ.':>9}{'total':>9}{'x full':>8}{'peak':>9}{'x full':>8}{'peak*':>9}{'x full':>8}"
+        f"{'phase':<12}{'params':>9}{'grads':>9}{'adam':>9}{'activ.':>9}{'total':>9}{'x full':>8}"
+        f"{'peak':>9}{'x full':>8}{'peak*':>9}{'x full':>8}"
     )
     for phase, r in rows.items():
         mib = {k: v / 2**20 for k, v in r.items() if not k.startswith(("real_peak", "peak_"))}
@@ -145,9 +140,10 @@ def main() -> None:
         print(
             "peak*: the same with MALLOC_MMAP_THRESHOLD_=131072 (what cluster.release_memory=true sets in CPU workers)"
         )
-    print(
-        f"written {write_json('memory_' + ('cuda' if torch.cuda.is_available() else 'cpu'), {'args': vars(args), 'results': rows})}"
+    path = write_json(
+        "memory_" + ("cuda" if torch.cuda.is_available() else "cpu"), {"args": vars(args), "results": rows}
     )
+    print(f"written {path}")
 
 
 if __name__ == "__main__":

@@ -89,15 +89,21 @@ def main() -> None:
     }
     overhead = med["ray"]["per_epoch_s"] / med["plain"]["per_epoch_s"] - 1
     print(
-        f"digits, vit-digits, {args.epochs} epochs, {args.threads} threads, {args.repeats} alternating repeats (medians)"
+        f"digits, vit-digits, {args.epochs} epochs, {args.threads} threads, "
+        f"{args.repeats} alternating repeats (medians)"
     )
     print(f"{'':<8}{'wall/epoch s':>14}{'train-only s':>14}{'start-up s':>12}")
     for k, v in med.items():
         print(f"{k:<8}{v['per_epoch_s']:>14.3f}{v['epoch_time_s']:>14.3f}{v['startup_s']:>12.2f}")
     print(f"Ray overhead per epoch: {100 * overhead:+.1f}% (ray.init itself: {ray_init_s:.1f} s, once per driver)")
-    print(
-        f"written {write_json('ray_overhead', {'args': vars(args), 'runs': rows, 'medians': med, 'overhead_per_epoch': overhead, 'ray_init_s': ray_init_s})}"
-    )
+    result = {
+        "args": vars(args),
+        "runs": rows,
+        "medians": med,
+        "overhead_per_epoch": overhead,
+        "ray_init_s": ray_init_s,
+    }
+    print(f"written {write_json('ray_overhead', result)}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def main() -> None:
     }
     print(scan_out[scan_out.rfind("\nscan scancost") :])
     print(
-        f"epochs trained: scan {scan_epochs} (trunk included) vs one full run {base_epochs}: {scan_epochs / base_epochs:.2f}x"
+        f"epochs trained: scan {scan_epochs} (trunk included) vs one full run {base_epochs}: "
+        f"{scan_epochs / base_epochs:.2f}x"
     )
     print(f"wall time: scan {scan_wall:.0f} s vs one full run {base_wall:.0f} s: {scan_wall / base_wall:.2f}x")
     print(f"load: before {load_before}\n      between {load_between}\n      after {load_after}")

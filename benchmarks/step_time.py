@@ -70,7 +70,8 @@ def main() -> None:
         }
         results[preset] = rows
         print(
-            f"\n{preset}  image {args.image_size}, batch {args.batch}, {args.device}{' bf16' if amp else ''}, {args.repeats} interleaved repeats x {args.steps} steps"
+            f"\n{preset}  image {args.image_size}, batch {args.batch}, {args.device}{' bf16' if amp else ''}, "
+            f"{args.repeats} interleaved repeats x {args.steps} steps"
         )
         print(f"{'phase':<12}{'s/step':>10}{'IQR':>9}{'min':>9}{'max':>9}{'img/s':>9}{'x full':>9}")
         for phase, r in rows.items():
@@ -83,7 +84,10 @@ def main() -> None:
 
 
 def merge_of(model, opt, device: str):
-    """One ReLoRA merge as strategy relora_prelora does it: fold, re-initialise (B = 0, A redrawn), prune the moments to 10%."""
+    """One ReLoRA merge as strategy relora_prelora does it.
+
+    Fold, re-initialise (B = 0, A redrawn), prune the moments to 10%.
+    """
     adapters = [p for n, p in model.named_parameters() if is_adapter_param(n)]
 
     def merge() -> None:

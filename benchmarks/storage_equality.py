@@ -104,14 +104,16 @@ def main() -> int:
             )
         )
         print(
-            f"{label[:60]:<60} {row['switch_epoch']:>6} {row['final_val_acc']:>9.4f} {other.get('final_val_acc', float('nan')):>9.4f} "
+            f"{label[:60]:<60} {row['switch_epoch']:>6} {row['final_val_acc']:>9.4f} "
+            f"{other.get('final_val_acc', float('nan')):>9.4f} "
             f"{'yes' if same[k] else 'NO':>5} {row['pareto'] + '/' + str(other.get('pareto')):>16}"
         )
     trunk_keys = [k for k in keys if k.startswith("prelora/quickstart/trunk/")]
     stray = local_s3_folders(root)
     print(
         f"\n{sum(same.values())}/{len(same)} runs equal (switch epoch, final and best val_acc, epochs trained); "
-        f"wall {local_s:.0f} s local, {s3_s:.0f} s on S3; {len(keys)} objects in the bucket ({len(trunk_keys)} under the trunk); "
+        f"wall {local_s:.0f} s local, {s3_s:.0f} s on S3; "
+        f"{len(keys)} objects in the bucket ({len(trunk_keys)} under the trunk); "
         f"local folders named s3: {len(stray)}"
     )
     RESULTS.mkdir(exist_ok=True)

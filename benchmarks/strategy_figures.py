@@ -57,15 +57,17 @@ def main() -> None:
         last = max(acc)
         reach = next((e for e in sorted(acc) if acc[e] >= args.target), None)
         print(
-            f"\n{r.info.run_name}  strategy={r.data.params.get('strategy')}  epochs={last + 1}  final val_acc {acc[last]:.4f}  "
-            f"best {max(acc.values()):.4f}  first >= {args.target}: {'never' if reach is None else f'epoch {reach} ({reach + 1} epochs)'}  "
+            f"\n{r.info.run_name}  strategy={r.data.params.get('strategy')}  epochs={last + 1}  "
+            f"final val_acc {acc[last]:.4f}  best {max(acc.values()):.4f}  "
+            f"first >= {args.target}: {'never' if reach is None else f'epoch {reach} ({reach + 1} epochs)'}  "
             f"mean epoch {statistics.mean(times.values()):.3f} s"
         )
         for index in sorted(set(phase.values())):
             epochs = [e for e, p in phase.items() if p == index]
             fractions = sorted({round(fraction[e], 4) for e in epochs if e in fraction})
             print(
-                f"  {PHASE_NAME.get(int(index), index):<7} epochs {len(epochs):>3}  median epoch {statistics.median(times[e] for e in epochs):.3f} s  "
+                f"  {PHASE_NAME.get(int(index), index):<7} epochs {len(epochs):>3}  "
+                f"median epoch {statistics.median(times[e] for e in epochs):.3f} s  "
                 f"trainable fraction {', '.join(f'{f:.4f}' for f in fractions)}"
             )
         counters = {k: history(c, rid, k) for k in COUNTERS}

@@ -1,6 +1,7 @@
 """Cost of a fork-from-trunk sweep vs the same sweep trained from scratch ("naive"), in one run.
 
-    python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30] [--trial-executor tune]
+    python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30]
+                                    [--trial-executor tune]
 
 Both sweeps use search_spaces/quickstart.yaml's space on digits with `--model` (default vit-digits, as
 measured; the quickstart itself now uses vit-digits-wide, which switches earlier) and `deterministic: true`,
@@ -132,9 +133,13 @@ def main() -> None:
     base = {k: next(r for r in v["runs"] if r["role"] == "baseline") for k, v in result.items()}
 
     print(
-        f"\n{args.num_samples} trials + baseline, quickstart space, {args.epochs} epochs, sampler {args.sampler} seed {args.seed}, max_concurrent 1, trial_executor {args.trial_executor}"
+        f"\n{args.num_samples} trials + baseline, quickstart space, {args.epochs} epochs, "
+        f"sampler {args.sampler} seed {args.seed}, max_concurrent 1, trial_executor {args.trial_executor}"
     )
-    head = f"{'tau':>6}{'zeta':>6}{'k':>3}{'m':>3}{'wu':>4}{'rmin':>5}{'rmax':>5} | {'sw fork':>7}{'sw naive':>9} | {'acc fork':>9}{'acc naive':>10}{'same':>6} | {'ep':>3} {'how':<7}| pareto f/n"
+    head = (
+        f"{'tau':>6}{'zeta':>6}{'k':>3}{'m':>3}{'wu':>4}{'rmin':>5}{'rmax':>5} | {'sw fork':>7}{'sw naive':>9} | "
+        f"{'acc fork':>9}{'acc naive':>10}{'same':>6} | {'ep':>3} {'how':<7}| pareto f/n"
+    )
     print(head + "\n" + "-" * len(head))
     for p in pairs:
         s, f, n = p["sampled"], p["fork"], p["naive"]
@@ -148,13 +153,16 @@ def main() -> None:
             else f"@{f['fork_epoch']}"
         )
         print(
-            f"{s['prelora.tau']:>6.2f}{s['prelora.zeta']:>6.2f}{s['prelora.k']:>3}{s['prelora.m']:>3}{s['prelora.warmup']:>4}{s['prelora.r_min']:>5}{s['prelora.r_max']:>5} | "
-            f"{f['switch_epoch']:>7}{n['switch_epoch']:>9} | {f['final_val_acc']:>9.4f}{n['final_val_acc']:>10.4f}{'yes' if p['same_acc'] and p['same_switch'] else 'NO':>6} | "
+            f"{s['prelora.tau']:>6.2f}{s['prelora.zeta']:>6.2f}{s['prelora.k']:>3}{s['prelora.m']:>3}"
+            f"{s['prelora.warmup']:>4}{s['prelora.r_min']:>5}{s['prelora.r_max']:>5} | "
+            f"{f['switch_epoch']:>7}{n['switch_epoch']:>9} | {f['final_val_acc']:>9.4f}{n['final_val_acc']:>10.4f}"
+            f"{'yes' if p['same_acc'] and p['same_switch'] else 'NO':>6} | "
             f"{f['epochs_trained']:>3} {how:<7}| {'*' if f['pareto'] else '-'}/{'*' if n['pareto'] else '-'}"
         )
     print(
         f"baseline (full): acc fork {base['fork']['final_val_acc']:.4f}, naive {base['naive']['final_val_acc']:.4f}; "
-        f"epochs {base['fork']['epochs_trained']} / {base['naive']['epochs_trained']}  (sw: switch epoch, ep: epochs the fork trial trained, how: @fork epoch | reused | never)"
+        f"epochs {base['fork']['epochs_trained']} / {base['naive']['epochs_trained']}  "
+        "(sw: switch epoch, ep: epochs the fork trial trained, how: @fork epoch | reused | never)"
     )
     for u in unmatched:
         print("UNMATCHED " + u)
@@ -163,13 +171,17 @@ def main() -> None:
     wall = {k: v["wall_time_s"] for k, v in result.items()}
     ratios = {"epochs": ep["fork"] / ep["naive"], "wall_time": wall["fork"] / wall["naive"]}
     print(
-        f"\nepochs trained: fork {ep['fork']}, naive {ep['naive']} (naive-equivalent of fork: {int(result['fork']['parent_metrics'][M.EPOCHS_NAIVE_TOTAL])})  ratio {ratios['epochs']:.3f} (target <= 0.4)"
+        f"\nepochs trained: fork {ep['fork']}, naive {ep['naive']} "
+        f"(naive-equivalent of fork: {int(result['fork']['parent_metrics'][M.EPOCHS_NAIVE_TOTAL])})  "
+        f"ratio {ratios['epochs']:.3f} (target <= 0.4)"
     )
     print(
-        f"wall time s:    fork {wall['fork']:.0f}, naive {wall['naive']:.0f}  ratio {ratios['wall_time']:.3f} (target <= 0.5)"
+        f"wall time s:    fork {wall['fork']:.0f}, naive {wall['naive']:.0f}  "
+        f"ratio {ratios['wall_time']:.3f} (target <= 0.5)"
     )
     print(
-        f"trials matched on sampled params: {len(pairs)}/{args.num_samples}; unmatched {len(unmatched)}; switch epoch or final val_acc differ: {len(differ)}"
+        f"trials matched on sampled params: {len(pairs)}/{args.num_samples}; unmatched {len(unmatched)}; "
+        f"switch epoch or final val_acc differ: {len(differ)}"
     )
     path = write_json(
         "sweep_cost",

@@ -45,7 +45,8 @@ def main() -> None:
     print(f"{'rank':>5}{'ViT-L params':>15}{'LoRA params':>14}{'LoRA %':>9}{'+head/norms/emb':>17}{'%':>8}")
     for rank, r in rows.items():
         print(
-            f"{rank:>5}{r['vit_large_parameters']:>15,}{r['lora_parameters']:>14,}{100 * r['lora_fraction_of_vit']:>9.2f}"
+            f"{rank:>5}{r['vit_large_parameters']:>15,}{r['lora_parameters']:>14,}"
+            f"{100 * r['lora_fraction_of_vit']:>9.2f}"
             f"{r['lora_plus_head_norms_embeddings']:>17,}{100 * r['fraction_with_head_norms_embeddings']:>8.2f}"
         )
     assert abs(rows[8]["vit_large_parameters"] / 1e6 - 304.3) < 0.2

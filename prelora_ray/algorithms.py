@@ -244,4 +244,6 @@ def family_means(per_layer: Mapping[str, Sequence[Sequence[float]]]) -> dict[str
 
 def last_window_changes(per_layer: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[float]]:
     """ΔW_k per layer: % change of each layer's window value between the last two windows (Algorithm 2's input)."""
-    return {fam: [percent_change(p, c) for p, c in zip(wins[-2], wins[-1])] for fam, wins in per_layer.items()}
+    return {
+        fam: [percent_change(p, c) for p, c in zip(wins[-2], wins[-1], strict=True)] for fam, wins in per_layer.items()
+    }

@@ -54,8 +54,9 @@ def _load(file: Path, name: str) -> dict[str, Any]:
                 f"checkpoint {name} is missing or corrupt (not a pickle stream: {_refusal_detail(exc)})"
             ) from exc
         raise CheckpointError(
-            f"checkpoint {name} holds a pickled object that is not plain data (tensors, numbers, strings, lists, dicts), "
-            f"so it was refused: loading it could run code ({_refusal_detail(exc)})"
+            f"checkpoint {name} holds a pickled object that is not plain data "
+            f"(tensors, numbers, strings, lists, dicts), so it was refused: loading it could run code "
+            f"({_refusal_detail(exc)})"
         ) from exc
     except Exception as exc:
         raise CheckpointError(f"checkpoint {name} is missing or corrupt ({type(exc).__name__}: {exc})") from exc

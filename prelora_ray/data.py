@@ -68,7 +68,8 @@ def check_data(settings: DataSettings) -> None:
         sub = root / split
         if not sub.is_dir():
             raise ValueError(
-                f"data.root={settings.root!r} has no {split}/ folder: imagefolder needs root/train/<class>/*.png and root/val/<class>/*.png"
+                f"data.root={settings.root!r} has no {split}/ folder: "
+                "imagefolder needs root/train/<class>/*.png and root/val/<class>/*.png"
             )
         if not _has_images(sub):
             raise ValueError(f"data.root={settings.root!r}: {split}/ holds no images ({', '.join(IMAGE_SUFFIXES)})")

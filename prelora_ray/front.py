@@ -60,7 +60,8 @@ def _signs(directions: Sequence[str]) -> np.ndarray:
     """+1 for each maximised objective, -1 for each minimised one (validated)."""
     if isinstance(directions, str | bytes):
         raise ValueError(
-            f"directions must be a sequence with one entry per objective, e.g. ['max', 'min'], not the string {directions!r}"
+            "directions must be a sequence with one entry per objective, e.g. ['max', 'min'], "
+            f"not the string {directions!r}"
         )
     directions = list(directions)
     if not directions:
@@ -305,7 +306,8 @@ def speedup_at_equal_accuracy(
     finite_acc = a[np.isfinite(a)]
     if finite_acc.size and (finite_acc.max() > 1.0 or finite_acc.min() < 0.0):
         raise ValueError(
-            f"accuracies must be fractions in [0, 1] (not percentages), got values in [{finite_acc.min()}, {finite_acc.max()}]"
+            "accuracies must be fractions in [0, 1] (not percentages), "
+            f"got values in [{finite_acc.min()}, {finite_acc.max()}]"
         )
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(a) & np.isfinite(t) & (t > 0) & (a >= baseline_acc - within_points / 100.0 - 1e-12)
@@ -390,7 +392,8 @@ def strategy_lines(table: pd.DataFrame) -> list[str]:
         on_front = int(rows[M.PARETO_TAG].astype(bool).sum())
         best = rows[M.FINAL_VAL_ACC].astype(float).max() if M.FINAL_VAL_ACC in rows else float("nan")
         lines.append(
-            f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, best {M.FINAL_VAL_ACC} {best:.4g}"
+            f"strategy {strategy}: {len(rows)} finished trials, {on_front} on the front, "
+            f"best {M.FINAL_VAL_ACC} {best:.4g}"
         )
     return lines
 

@@ -215,7 +215,10 @@ def format_row(row: dict[str, Any], landed: Sequence[str] = ()) -> str:
     ).rstrip()
 
 
-TABLE_HEADER = f"{'switch':>6} {'final_acc':>9} {'best_acc':>9} {'epoch_s':>10} {'speedup':>8} {'trainable':>10} {'trained':>8}  grid settings landing here"
+TABLE_HEADER = (
+    f"{'switch':>6} {'final_acc':>9} {'best_acc':>9} {'epoch_s':>10} {'speedup':>8} {'trainable':>10} {'trained':>8}  "
+    "grid settings landing here"
+)
 
 
 def format_table(trunk: dict[str, Any], rows: Sequence[dict[str, Any]], landings: Sequence[dict[str, Any]]) -> str:
@@ -274,7 +277,10 @@ def plot_scan(
                 color=LANDING_COLORS[i % len(LANDING_COLORS)],
                 linestyle=":",
                 linewidth=1.5,
-                label=f"{g['setting']} (τ={g['tau']:g}, ζ={g['zeta']:g}, k={g['k']}, m={g['m']}) lands at {g['switch_epoch']}"
+                label=(
+                    f"{g['setting']} (τ={g['tau']:g}, ζ={g['zeta']:g}, k={g['k']}, m={g['m']}) "
+                    f"lands at {g['switch_epoch']}"
+                )
                 if ax is acc_ax
                 else None,
             )

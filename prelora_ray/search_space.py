@@ -147,13 +147,17 @@ def _number(path: str, key: str, spec: dict, name: str) -> float:
 
 
 def _condition(path: str, key: str, raw: Any, earlier: dict[str, Parameter]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-    """`when: {other_key: value or [values]}`: other_key a categorical parameter declared above, without a `when` itself."""
+    """`when: {other_key: value or [values]}`.
+
+    other_key is a categorical parameter declared above, without a `when` itself.
+    """
     where = f"parameters.{key}.{CONDITION_FIELD}"
     if not isinstance(raw, dict) or not raw:
         raise _err(
             path,
             where,
-            f"must be a mapping of a categorical parameter above to its value(s), e.g. {{strategy: [relora_prelora]}}, got {raw!r}",
+            "must be a mapping of a categorical parameter above to its value(s), "
+            f"e.g. {{strategy: [relora_prelora]}}, got {raw!r}",
         )
     out = []
     for other, values in raw.items():
@@ -164,7 +168,8 @@ def _condition(path: str, key: str, raw: Any, earlier: dict[str, Parameter]) -> 
             raise _err(
                 path,
                 f"{where}.{other}",
-                f"must name a categorical parameter declared above it without a when of its own; here: {', '.join(choices) or 'none'}",
+                "must name a categorical parameter declared above it without a when of its own; "
+                f"here: {', '.join(choices) or 'none'}",
             )
         allowed = tuple(values) if isinstance(values, list) else (values,)
         bad = [v for v in allowed if v not in p.values]
@@ -286,7 +291,10 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
 
 
 def space_strategies(base: TrainSettings, params: dict[str, Parameter]) -> tuple[str, ...]:
-    """The strategies a space's trials can have: the sampled `strategy`'s values (and the base's where it has a `when`), else the base's."""
+    """The strategies a space's trials can have.
+
+    The sampled `strategy`'s values (and the base's where it has a `when`), else the base's.
+    """
     p = params.get("strategy")
     if p is None:
         return (base.strategy,)
@@ -313,11 +321,14 @@ def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tup
                 if len(strategies) > 1
                 else REGISTRY[unsafe[0]].fork_keys_text
             )
+            hint = (
+                " (or put the key under a when: {strategy: ...} that leaves these out)" if len(strategies) > 1 else ""
+            )
             problems.append(
                 (
                     f"parameters.{key}",
-                    f"changes the full-training phase, which every forked trial shares with the trunk; sample only {allowed}"
-                    f"{' (or put the key under a when: {strategy: ...} that leaves these out)' if len(strategies) > 1 else ''}, or set fork: false",
+                    "changes the full-training phase, which every forked trial shares with the trunk; "
+                    f"sample only {allowed}{hint}, or set fork: false",
                 )
             )
     for s in strategies:
@@ -331,7 +342,8 @@ def fork_problems(base: TrainSettings, params: dict[str, Parameter]) -> list[tup
         problems.append(
             (
                 where,
-                f"is {' or '.join(map(repr, strategies))}: no trial forks from the trunk (strategies that do: {', '.join(forking)})",
+                f"is {' or '.join(map(repr, strategies))}: no trial forks from the trunk "
+                f"(strategies that do: {', '.join(forking)})",
             )
         )
     return problems
@@ -447,7 +459,8 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         raise _err(
             path,
             "trial_executor",
-            f"tune runs each trial's one worker in the trial's own process: it needs base.cluster.num_workers 1, got {base.cluster.num_workers} (use ray_train)",
+            "tune runs each trial's one worker in the trial's own process: "
+            f"it needs base.cluster.num_workers 1, got {base.cluster.num_workers} (use ray_train)",
         )
     if executor == "tune" and "cluster.num_workers" in params:
         raise _err(
@@ -490,9 +503,10 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
 
 
 def check_optuna_storage(url: Any, key: str) -> str:
-    """An Optuna storage URL made absolute (sqlite and journal paths against the working directory); ValueError naming `key`.
+    """An Optuna storage URL made absolute (sqlite and journal paths against the working directory).
 
-    Only the form is checked here; the sweep connects to it before Ray starts (`optuna_search.open_storage`)."""
+    An invalid one raises a ValueError naming `key`. Only the form is checked here; the sweep connects to it before Ray
+    starts (`optuna_search.open_storage`)."""
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"{key}={url!r} is invalid: {OPTUNA_STORAGE_VALID}")
     url = url.strip()

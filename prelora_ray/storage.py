@@ -45,7 +45,10 @@ MANIFEST_SUFFIX = ".manifest.json"
 FOLDER_MANIFEST = "MANIFEST.json"
 PARTIAL_PREFIX = ".partial-"
 REMOTE_SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs"}
-SUPPORTED = "a local path, file://PATH, s3://BUCKET/PREFIX (S3, MinIO: add ?endpoint_override=HOST:PORT&scheme=http or set AWS_ENDPOINT_URL) or gs://BUCKET/PREFIX"
+SUPPORTED = (
+    "a local path, file://PATH, s3://BUCKET/PREFIX "
+    "(S3, MinIO: add ?endpoint_override=HOST:PORT&scheme=http or set AWS_ENDPOINT_URL) or gs://BUCKET/PREFIX"
+)
 CLAIM_SETTLE_S = 0.5  # object stores: how long a claim waits before reading back whose write won
 _CHUNK = 8 << 20
 
@@ -326,7 +329,10 @@ class Location:
         manifest.write_json({"files": {f.relative_to(source).as_posix(): f.stat().st_size for f in files}})
 
     def folder_complete(self) -> bool:
-        """Every file of the folder is there: a renamed folder (local), or all that its MANIFEST.json lists (object store)."""
+        """Every file of the folder is there.
+
+        A renamed folder (local), or all that its MANIFEST.json lists (object store).
+        """
         if self.is_local:
             return self.local.is_dir()
         try:
@@ -420,7 +426,10 @@ def resolve(value: str | Path | Location, key: str) -> Location:
 
 
 def _probe_filesystem(loc: Location) -> Any:
-    """The location's filesystem, for GCS with a bounded retry time (pyarrow's default keeps retrying for 15 minutes)."""
+    """The location's filesystem, for GCS with a bounded retry time.
+
+    pyarrow's default keeps retrying for 15 minutes.
+    """
     import pyarrow.fs as pafs
 
     if loc.scheme == "gs" and "retry_limit_seconds" not in loc.query:
@@ -474,7 +483,10 @@ def _explain(loc: Location, exc: BaseException) -> str:
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or ("NOT_FOUND" in text and loc.scheme == "gs"):
         return f"bucket {loc.bucket!r} does not exist; create it first"
     if "OAuth2 access token" in text or ("credentials" in text.lower() and loc.scheme == "gs"):
-        return "no GCS credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run on a VM with a service account"
+        return (
+            "no GCS credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, "
+            "or run on a VM with a service account"
+        )
     if any(
         code in text
         for code in (
@@ -496,7 +508,10 @@ def _explain(loc: Location, exc: BaseException) -> str:
         code in text
         for code in ("NETWORK_CONNECTION", "curlCode", "UNAVAILABLE", "Could not connect", "Could not resolve")
     ):
-        return f"the store is not reachable ({_first_line(exc)}); check endpoint_override / AWS_ENDPOINT_URL and the network"
+        return (
+            f"the store is not reachable ({_first_line(exc)}); "
+            "check endpoint_override / AWS_ENDPOINT_URL and the network"
+        )
     return _first_line(exc)
 
 

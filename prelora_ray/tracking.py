@@ -177,7 +177,9 @@ def experiment_id(uri: str, name: str) -> str | None:
 def find_run(uri: str, experiment_id: str, run_name: str, *, status: str | None = None) -> str | None:
     """The id of the newest run tagged with this run name (for resume), or None."""
     flt = _filter(status=status, tags={RUN_KEY_TAG: run_name})
-    found = _client(uri).search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    found = _client(uri).search_runs(
+        [experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return found[0].info.run_id if found else None
 
 

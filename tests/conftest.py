@@ -84,7 +84,10 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def mlflow_server_uri(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, its own artifact serving) on 127.0.0.1 for the session; yields its URI."""
+    """A real `mlflow server` (sqlite backend, its own artifact serving) on 127.0.0.1 for the session.
+
+    Yields its URI.
+    """
     from tests.servers import mlflow_server
 
     with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
@@ -106,9 +109,9 @@ class TwoSweeps:
 def two_sweeps(tmp_path_factory, mlflow_server_uri, s3_endpoint):
     """Two real small sweeps, via the CLI, logged to one real MLflow tracking server, 3 trials + baseline each, their
     trials training in their Tune trial processes (trial_executor tune: no TorchTrainer start-ups), the same sampled
-    configurations (random sampler, seed 1, deterministic): "small" with its records in a local folder, "other" (--verbose)
-    with them in a bucket of the S3 server. A TorchTrainer per trial (trial_executor ray_train) is test_fork_sweep.py's
-    `fork_sweep`."""
+    configurations (random sampler, seed 1, deterministic): "small" with its records in a local folder, "other"
+    (--verbose) with them in a bucket of the S3 server. A TorchTrainer per trial (trial_executor ray_train) is
+    test_fork_sweep.py's `fork_sweep`."""
     from tests.servers import create_bucket, s3_uri
     from tests.sweeps import run_tune, sweep_space
 

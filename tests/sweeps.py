@@ -22,7 +22,10 @@ from tests.servers import kill_session
 def sweep_space(
     tmp_path: Path, name: str, num_samples: int, epochs: int = 4, seed: int = 1, *, base: dict | None = None, **top
 ) -> Path:
-    """A small sweep on digits; `base` adds to the base config, `top` to the file's top-level keys (e.g. trial_executor)."""
+    """A small sweep on digits.
+
+    `base` adds to the base config, `top` to the file's top-level keys (e.g. trial_executor).
+    """
     data = {
         "name": name,
         "base": {
@@ -54,8 +57,8 @@ def sweep_space(
 def run_tune(
     tmp_path: Path, *args: str, tracking: str | None = None, storage: str | None = None, **kwargs
 ) -> subprocess.Popen:
-    """`prelora-ray tune` in a process of its own, tracked in `tracking` (default: mlflow.db in tmp_path), storage in `storage`
-    (default: tmp_path/ray)."""
+    """`prelora-ray tune` in a process of its own, tracked in `tracking` (default: mlflow.db in tmp_path), storage in
+    `storage` (default: tmp_path/ray)."""
     cmd = [
         sys.executable,
         "-m",

@@ -391,7 +391,7 @@ def test_assign_ranks_output_shape_and_values():
 def test_assign_ranks_larger_change_never_gets_a_smaller_rank():
     changes = [0.013, 0.9, 0.31, 0.31, 2.4, 0.0, 1.7, 0.05, 0.6]
     ranks = assign_ranks({"q": changes}, 4, 64)["q"]
-    pairs = sorted(zip(changes, ranks))
+    pairs = sorted(zip(changes, ranks, strict=True))
     assert [r for _, r in pairs] == sorted(r for _, r in pairs)
     assert min(ranks) == 4 and max(ranks) == 64
 

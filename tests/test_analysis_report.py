@@ -50,7 +50,7 @@ def test_pareto_cli_writes_every_plot_and_logs_them_to_the_parent(two_sweeps):
 
 
 def test_two_sweeps_compared_in_one_front_plot(two_sweeps, tmp_path):
-    root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
+    uri = two_sweeps.uri  # a real MLflow tracking server
     result = make_report(uri, "prelora-ray", sweeps=["small", "other"], out=tmp_path, log_to_mlflow=False)
     assert set(result["plots"]) == EXPECTED
     assert [r.name for r in result["records"]] == ["small", "other"]
@@ -65,7 +65,7 @@ def test_two_sweeps_compared_in_one_front_plot(two_sweeps, tmp_path):
 
 
 def test_metric_history_is_per_epoch(two_sweeps):
-    root, uri = two_sweeps.root, two_sweeps.uri  # a real MLflow tracking server
+    uri = two_sweeps.uri  # a real MLflow tracking server
     record = load_sweep(uri, "prelora-ray", "small")
     run_id = record.table.loc[record.table["role"] == "baseline", "run_id"].iloc[0]
     h = metric_history(uri, run_id, ["val_acc", "train_loss", "norm/query"])

@@ -169,7 +169,10 @@ def _train_args(tmp_path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_cli_sweep_prints_trial_events_progress_and_the_front_in_few_lines(two_sweeps):
-    """The "small" sweep of the shared fixture: a CLI sweep as the quickstart runs it (trial_executor tune, no --verbose)."""
+    """The "small" sweep of the shared fixture.
+
+    A CLI sweep as the quickstart runs it (trial_executor tune, no --verbose).
+    """
     out = two_sweeps.outputs["small"]
     lines = out.splitlines()
     assert len(lines) <= MAX_LINES, out

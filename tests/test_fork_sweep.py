@@ -97,7 +97,10 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
 
 
 def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
-    """The Ray trial (forked from the trunk's checkpoint, on a TorchTrainer) against a from-scratch run of its config."""
+    """The Ray trial against a from-scratch run of its config.
+
+    The trial is forked from the trunk's checkpoint, on a TorchTrainer.
+    """
     root, _, client, _, children = fork_sweep
     origin = next(
         c
@@ -108,8 +111,8 @@ def test_a_forked_trial_equals_the_same_trial_from_scratch(fork_sweep):
 
 
 def test_a_trial_trained_in_its_tune_process_equals_a_from_scratch_run(two_sweeps):
-    """trial_executor tune ("small" of two_sweeps): the forked trial trains in its Tune trial's process, no TorchTrainer,
-    with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
+    """trial_executor tune ("small" of two_sweeps): the forked trial trains in its Tune trial's process, no
+    TorchTrainer, with its checkpoints in the trial's folder, and gives the same numbers as a from-scratch run."""
     root = two_sweeps.root
     client, _, children = sweep_runs(root, "small", two_sweeps.uri)
     trained = [
@@ -181,8 +184,8 @@ def test_a_tune_executor_trial_killed_mid_run_is_retried_from_its_tune_checkpoin
 
 
 def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_path):
-    """trial_executor tune: the trunk trains in its own Ray task's process (no TorchTrainer). Killed (os._exit) after its
-    epoch-3 checkpoint, Ray re-runs the task (cluster.max_failures 1), which resumes there; it ends equal to a
+    """trial_executor tune: the trunk trains in its own Ray task's process (no TorchTrainer). Killed (os._exit) after
+    its epoch-3 checkpoint, Ray re-runs the task (cluster.max_failures 1), which resumes there; it ends equal to a
     from-scratch full run, each epoch logged once, and its never-switching trial takes its result."""
     path = _fork_space(tmp_path, "tt", 1, [0.000001], seed=0, trial_executor="tune", max_failures=1)
     marker = tmp_path / "fired"
@@ -203,9 +206,9 @@ def test_a_tune_executor_trunk_killed_is_rerun_from_its_checkpoint_exactly(tmp_p
 
 
 def test_a_sweep_with_its_records_in_a_bucket_equals_the_same_sweep_in_a_local_folder(two_sweeps):
-    """ "other" of two_sweeps keeps the trunk, its checkpoints, the fork records, Ray Tune's state and the trials' checkpoints
-    in a bucket of a real S3 API (`--storage s3://...?endpoint_override=...`); with the same sampled configurations
-    (deterministic) every trial and the trunk end as in "small", whose records are in a local folder."""
+    """ "other" of two_sweeps keeps the trunk, its checkpoints, the fork records, Ray Tune's state and the trials'
+    checkpoints in a bucket of a real S3 API (`--storage s3://...?endpoint_override=...`); with the same sampled
+    configurations (deterministic) every trial and the trunk end as in "small", whose records are in a local folder."""
     from tests.servers import bucket_keys, local_s3_folders
 
     def by_config(name: str) -> dict[str, tuple]:

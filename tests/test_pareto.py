@@ -31,8 +31,8 @@ def brute_force_mask(points: list[list[float]], directions: list[str]) -> list[b
         for j, q in enumerate(points):
             if j == i or not finite[j]:
                 continue
-            ge = all(s * a >= s * b for s, a, b in zip(sign, q, p))
-            gt = any(s * a > s * b for s, a, b in zip(sign, q, p))
+            ge = all(s * a >= s * b for s, a, b in zip(sign, q, p, strict=True))
+            gt = any(s * a > s * b for s, a, b in zip(sign, q, p, strict=True))
             dominated |= ge and gt
         out.append(not dominated)
     return out

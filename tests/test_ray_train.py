@@ -93,6 +93,8 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
 ):
     """Kill rank 0 after the switch of a run whose checkpoints and export go to a bucket (a real S3 API); re-running
     the same name from another working directory resumes from the bucket and ends as an uninterrupted local run."""
+    from ray.train import WorkerGroupError
+
     from tests.servers import bucket_keys, local_s3_folders, s3_uri
 
     endpoint, bucket = s3_bucket
@@ -111,14 +113,13 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
         f"cluster.storage_path={s3_uri(endpoint, bucket, 'runs')}",
         f"output_dir={s3_uri(endpoint, bucket, 'models')}",
     )
-    with pytest.raises(Exception):
+    with pytest.raises(WorkerGroupError):
         run_train(cfg)
     assert (tmp_path / "fault-fired").exists()
     assert any(k.startswith("runs/interrupted/checkpoint_") for k in bucket_keys(endpoint, bucket))
     monkeypatch.chdir(second)
-    resumed = run_train(
-        cfg
-    )  # same name and storage path, another working directory: resumes from the epoch-3 checkpoint
+    # same name and storage path, another working directory: resumes from the epoch-3 checkpoint
+    resumed = run_train(cfg)
     for key in ("switch_epoch", "freeze_epoch", "ranks", "final_val_acc", "best_val_acc"):
         assert resumed[key] == reference[key], key
     assert [e["train_loss"] for e in resumed["history"]] == [e["train_loss"] for e in reference["history"]]

@@ -254,7 +254,7 @@ def test_scan_logs_the_trunk_a_child_per_point_with_fork_lineage_and_the_table(s
         (c for c in children if c.data.tags[M.ROLE_TAG] == "trial"), key=lambda c: int(c.data.tags[M.FORK_SWITCH_TAG])
     )
     assert [int(c.data.tags[M.FORK_SWITCH_TAG]) for c in points] == list(POINTS)
-    for c, e in zip(points, POINTS):
+    for c, e in zip(points, POINTS, strict=True):
         assert c.info.status == "FINISHED" and c.data.tags[M.SCAN_TAG] == "sc"
         assert c.data.tags[M.FORK_TRUNK_RUN_TAG] == trunk.info.run_id and c.data.tags[M.FORK_EPOCH_TAG] == str(e + 1)
         assert c.data.tags[M.EPOCHS_TRAINED_TAG] == str(EPOCHS - e - 1) and c.data.metrics[M.SWITCH_EPOCH] == e

@@ -234,7 +234,10 @@ def test_fork_refusal_comes_from_the_cli_before_ray_starts(tmp_path):
         "fork": True,
         "parameters": {**GOOD["parameters"], "optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-2}},
     }
-    code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
+    code = (
+        "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules; sys.exit(rc)"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code, "tune", str(_write(tmp_path, data))], capture_output=True, text=True, cwd=tmp_path
     )

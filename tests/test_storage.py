@@ -28,7 +28,10 @@ def root(request, tmp_path) -> Location:
 
 
 def _raw_s3_put(loc: Location, data: bytes) -> None:
-    """Write an object straight through the filesystem, without the layer's manifest (as a failed upload would leave it)."""
+    """Write an object straight through the filesystem, without the layer's manifest.
+
+    What a failed upload would leave.
+    """
     with loc.fs.open_output_stream(loc.path) as f:
         f.write(data)
 
@@ -277,8 +280,9 @@ def test_bad_optuna_storage_is_one_line_naming_the_key(url):
 
 
 def test_the_studys_default_place_follows_the_stores(tmp_path, caplog, s3_bucket, mlflow_server_uri, monkeypatch):
-    """Beside a sqlite MLflow store; else in a local storage path; else (a bucket and a server) in the working directory,
-    with a warning that names the setting; a given URL always wins, and an unreachable one fails before Ray starts."""
+    """Beside a sqlite MLflow store; else in a local storage path; else (a bucket and a server) in the working
+    directory, with a warning that names the setting; a given URL always wins, and an unreachable one fails before Ray
+    starts."""
     from prelora_ray.orchestration.sweep import make_sweep
     from prelora_ray.search_space import parse_search_space
 

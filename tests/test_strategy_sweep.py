@@ -123,7 +123,10 @@ def test_a_bad_strategy_is_refused_by_the_cli_before_ray_starts(tmp_path):
     import sys
 
     bad = _with(strategy={"type": "categorical", "values": ["full", "prelora_v3"]})
-    code = "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); assert 'ray' not in sys.modules; sys.exit(rc)"
+    code = (
+        "import sys; from prelora_ray.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules; sys.exit(rc)"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code, "tune", str(_write(tmp_path, bad))], capture_output=True, text=True, cwd=tmp_path
     )
@@ -341,7 +344,8 @@ def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_th
     assert json.loads(trials["relora_prelora"].data.tags["sampled"]) == {"strategy": "relora_prelora", "relora.rank": 4}
     assert trials["relora_prelora"].data.params["relora.rank"] == "4"
 
-    # where each forked: full takes the trunk's result, relora_prelora starts at relora.start_epoch and equals a run from scratch
+    # where each forked: full takes the trunk's result, relora_prelora starts at relora.start_epoch and equals a run
+    # from scratch
     assert (
         trials["full"].data.tags[M.FORK_SWITCH_TAG] == "never" and trials["full"].data.tags[M.EPOCHS_TRAINED_TAG] == "0"
     )
@@ -354,7 +358,8 @@ def test_a_strategies_sweep_forks_each_strategy_and_its_front_and_pareto_show_th
     assert_equals_from_scratch(tmp_path, client, relora)
     assert int(trials["prelora"].data.tags[M.FORK_EPOCH_TAG]) <= int(trials["prelora"].data.tags[M.FORK_SWITCH_TAG]) + 1
 
-    # `prelora-ray pareto`: the printed front names each row's strategy, one line per strategy, the front coloured by strategy
+    # `prelora-ray pareto`: the printed front names each row's strategy, one line per strategy, the front coloured by
+    # strategy
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     report = make_report(uri, "prelora-ray", sweeps=["strat"], out=tmp_path / "plots", log_to_mlflow=False)
     for strategy in ("full", "prelora", "relora_prelora"):

@@ -23,7 +23,10 @@ def offenders(text: str) -> list[tuple[int, str]]:
 
 
 def test_the_detector_sees_filters_and_clients():
-    bad = "q = f\"tags.`{M.ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'\"\nc = MlflowClient(uri)\nimport mlflow\n"
+    bad = (
+        "q = f\"tags.`{M.ROLE_TAG}` = '{role}' and attributes.status = 'RUNNING'\"\n"
+        "c = MlflowClient(uri)\nimport mlflow\n"
+    )
     assert [n for n, _ in offenders(bad)] == [1, 2, 3]
     assert not offenders('column = f"tags.{M.ROLE_TAG}"\nruns = tracking.runs(uri, exp, role="trial")\n')
 

@@ -127,7 +127,10 @@ def trial_error(trial: Any) -> str:
 
 
 class TrunkProgress:
-    """The trunk's progress on the driver, read from its records: a line every ~1/5 of its epochs, then finished or failed."""
+    """The trunk's progress on the driver, read from its records.
+
+    A line every ~1/5 of its epochs, then finished or failed.
+    """
 
     LINES = 5
 

@@ -46,7 +46,8 @@ def claim_or_wait(
             seen, since = holder, time.monotonic()
         elif time.monotonic() - since > stale_s:  # measured on this clock only: no skew between nodes
             log.warning(
-                "trial %s: its twin %s claimed the same result and has not been heard from for %.0f s; training it here",
+                "trial %s: its twin %s claimed the same result and has not been heard from for %.0f s; "
+                "training it here",
                 owner,
                 holder.get("owner"),
                 stale_s,
@@ -206,7 +207,10 @@ def with_event_defaults(history: list[dict[str, Any]], cfg: TrainSettings) -> li
 
 
 def switch_marked(history: list[dict[str, Any]], switch_epoch: int, warmup: int) -> list[dict[str, Any]]:
-    """The trunk's records as the trial's own: the record of its switch epoch carries the switch (and a w = 0 freeze)."""
+    """The trunk's records as the trial's own.
+
+    The record of its switch epoch carries the switch (and a w = 0 freeze).
+    """
     out = [dict(h) for h in history]
     for record in out:
         if int(record[M.EPOCH]) == switch_epoch:

@@ -72,7 +72,10 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
 
 
 def progress_logging() -> None:
-    """Our progress lines (the `prelora_ray` logger at INFO, bare messages) in a Ray process; Ray's own INFO chatter stays off."""
+    """Our progress lines (the `prelora_ray` logger at INFO, bare messages) in a Ray process.
+
+    Ray's own INFO chatter stays off.
+    """
     log = logging.getLogger("prelora_ray")
     if not log.handlers:
         handler = logging.StreamHandler()

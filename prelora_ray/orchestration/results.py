@@ -118,7 +118,8 @@ def export_best(
     row = pick_row(record.table, record.objectives, pick)
     cfg = run_train_config(uri, row["run_id"], f"run {row['run_id']} config.yaml")
     header = (
-        f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) of sweep {record.name}\n"
+        f"# prelora-ray best --pick {pick}: trial {row['run_name']} (MLflow run {row['run_id']}) "
+        f"of sweep {record.name}\n"
         f"# strategy {cfg.strategy}, final_val_acc {row[M.FINAL_VAL_ACC]:.4f}, "
         f"mean_epoch_time_s {row[M.MEAN_EPOCH_TIME_S]:.4f}, switch epoch {row[M.SWITCH_EPOCH]}\n"
     )

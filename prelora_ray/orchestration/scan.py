@@ -268,7 +268,10 @@ PICK_RULE = "earliest-within=<points>"
 
 
 def pick_switch_epoch(table: pd.DataFrame, pick: str) -> int:
-    """`earliest-within=X`: the earliest scanned switch whose final val_acc is within X percentage points of the trunk's."""
+    """`earliest-within=X`: the earliest scanned switch close enough to the trunk.
+
+    Close enough: its final val_acc is within X percentage points of the trunk's.
+    """
     if not pick.startswith("earliest-within="):
         raise ValueError(f"--pick {pick!r} is invalid with --scan: {PICK_RULE}")
     try:
@@ -281,7 +284,8 @@ def pick_switch_epoch(table: pd.DataFrame, pick: str) -> int:
     ok = table[(table["switch_epoch"] >= 0) & (table[M.FINAL_VAL_ACC] >= trunk_acc - points / 100 - 1e-12)]
     if ok.empty:
         raise ValueError(
-            f"--pick {pick!r}: no scanned switch epoch is within {points} points of the trunk's accuracy {trunk_acc:.4f}"
+            f"--pick {pick!r}: no scanned switch epoch is within {points} points of the trunk's accuracy "
+            f"{trunk_acc:.4f}"
         )
     return int(ok["switch_epoch"].min())
 
@@ -303,7 +307,8 @@ def export_scan_config(
         )
         out_cfg, how = (
             setting.config(cfg),
-            f"grid setting {setting.name} (tau={setting.tau:g}, zeta={setting.zeta:g}, k={setting.k}, m={setting.m}) lands there",
+            f"grid setting {setting.name} (tau={setting.tau:g}, zeta={setting.zeta:g}, k={setting.k}, m={setting.m}) "
+            "lands there",
         )
     else:
         out_cfg, how = (
@@ -312,7 +317,8 @@ def export_scan_config(
         )
     row = table[table["switch_epoch"] == epoch]
     measured = (
-        f"final_val_acc {float(row[M.FINAL_VAL_ACC].iloc[0]):.4f}, mean_epoch_time_s {float(row[M.MEAN_EPOCH_TIME_S].iloc[0]):.4f}"
+        f"final_val_acc {float(row[M.FINAL_VAL_ACC].iloc[0]):.4f}, "
+        f"mean_epoch_time_s {float(row[M.MEAN_EPOCH_TIME_S].iloc[0]):.4f}"
         if len(row)
         else "not a scanned point"
     )

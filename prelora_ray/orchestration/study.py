@@ -140,7 +140,8 @@ def mark_lost_trials(sweep: Sweep, known: set[str], *, at_end: bool = True) -> l
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     if lost:
         log.warning(
-            "sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): marked KILLED",
+            "sweep %s: %s lost (started as the sweep was stopped; Ray Tune ran new trials in their place): "
+            "marked KILLED",
             sweep.name,
             ", ".join(sorted(lost.values())),
         )

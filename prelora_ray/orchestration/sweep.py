@@ -65,7 +65,10 @@ class Sweep:
         return f"sqlite:///{Path.cwd().resolve() / 'optuna.db'}"
 
     def study_storage(self) -> Any:
-        """The Optuna storage of the sweep's study, connected (a one-line error naming the setting when it cannot be)."""
+        """The Optuna storage of the sweep's study, connected.
+
+        A one-line error naming the setting when it cannot be.
+        """
         from prelora_ray.orchestration.optuna_search import display_url, open_storage
 
         try:
@@ -73,7 +76,9 @@ class Sweep:
         except Exception as exc:  # a driver module missing, a server down, a folder not writable
             key = "--optuna-storage" if self.optuna_storage else "optuna_storage"
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            raise ValueError(f"{key}={display_url(self.optuna_url)!r}: cannot open the Optuna storage ({detail})") from None
+            raise ValueError(
+                f"{key}={display_url(self.optuna_url)!r}: cannot open the Optuna storage ({detail})"
+            ) from None
 
     def run_config(self, cfg: TrainSettings, run_name: str) -> TrainSettings:
         """A trial's config pointed at this sweep's experiment, store and storage."""

@@ -44,7 +44,10 @@ def load_checkpoint_dir(path: str | Path, *, rank: int = 0) -> dict[str, Any]:
 
 @contextmanager
 def saved_files(files: dict[str, dict[str, Any]]) -> Iterator[str]:
-    """A temporary checkpoint folder holding each state under its file name (Ray copies it into the run's storage on report)."""
+    """A temporary checkpoint folder holding each state under its file name.
+
+    Ray copies it into the run's storage on report.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         for name, state in files.items():
             torch.save(state, Path(tmp) / name)
@@ -80,7 +83,7 @@ class RayRuntime:
         flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(self.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(self.world_size)
-        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's object everywhere."""
@@ -141,7 +144,10 @@ def _load_checkpoint(ckpt: Any, *, rank: int = 0) -> dict[str, Any] | None:
 
 
 def _previous_ray_checkpoint(bad: Any, error: CheckpointError, *, rank: int = 0) -> dict[str, Any]:
-    """The newest readable Ray checkpoint beside `bad`, read through the checkpoint's own filesystem (local or a bucket)."""
+    """The newest readable Ray checkpoint beside `bad`.
+
+    Read through the checkpoint's own filesystem (local or a bucket).
+    """
     import posixpath
 
     import pyarrow.fs as pafs
@@ -174,7 +180,10 @@ def load_previous_checkpoint(bad: Location, error: CheckpointError, *, rank: int
 
 
 def _first_readable(candidates: list[tuple[str, Any]], error: CheckpointError, *, rank: int) -> dict[str, Any]:
-    """The state of the first candidate (name, a context manager giving its local folder) that reads, or raise `error`."""
+    """The state of the first candidate that reads, or raise `error`.
+
+    A candidate is (name, a context manager giving its local folder).
+    """
     for name, fetch in candidates:
         try:
             with fetch() as folder:
@@ -191,7 +200,8 @@ FAULT_EPOCH_ENV = "PRELORA_FAULT_EPOCH"
 FAULT_MARKER_ENV = "PRELORA_FAULT_MARKER"
 FAULT_MODE_ENV = "PRELORA_FAULT_MODE"
 FAULT_BATCH_ENV = "PRELORA_FAULT_BATCH"
-FAULT_RUN_ENV = "PRELORA_FAULT_RUN"  # only runs whose name contains this (e.g. _baseline: the trunk); "!text": only those without it
+# only runs whose name contains this (e.g. _baseline: the trunk); "!text": only those without it
+FAULT_RUN_ENV = "PRELORA_FAULT_RUN"
 
 
 def fault_from_env() -> dict[str, str]:
@@ -432,7 +442,8 @@ def run_in_trial(config: dict[str, Any], *, checkpoint_dir: str | Path | None = 
     cfg = TrainSettings.from_dict(config["settings"])
     if cfg.cluster.num_workers != 1:
         raise ValueError(
-            f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: use trial_executor ray_train"
+            f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: "
+            "use trial_executor ray_train"
         )
     fault = _run_fault(config, cfg)
     if checkpoint_dir is not None:
