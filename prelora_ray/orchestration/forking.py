@@ -21,6 +21,7 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
 from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_dir
+from prelora_ray.orchestration.worker_spec import ForkFrom
 
 log = logging.getLogger("prelora_ray")
 PROGRESS_EVERY_S = 30.0
@@ -186,9 +187,9 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         if plan.switch is not None:
             copied = switch_marked(copied, plan.switch.epoch, cfg.prelora.warmup)
         _copy_trunk_epochs(run, with_event_defaults(copied, cfg))
-        start = {"fork": {"folder": folder.uri, "checkpoint": plan.checkpoint, "epoch": plan.fork_epoch}}
+        start = ForkFrom(folder=folder.uri, checkpoint=plan.checkpoint, epoch=plan.fork_epoch)
         with claim_heartbeat(registry, key, run_name):
-            summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, loop_extra=start)
+            summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, start=start)
     except BaseException as exc:
         registry.fail(key, run_name, f"{type(exc).__name__}: {exc}")
         raise

@@ -16,6 +16,7 @@ from prelora_ray import metrics as M
 from prelora_ray import storage, tracking
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, preflight, prepare_run
+from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords
 from prelora_ray.search_space import SearchSpace, check_optuna_storage
 from prelora_ray.storage import Location, location
 
@@ -143,7 +144,7 @@ def run_one(
     extra_tags: dict[str, str],
     tune_callback: bool,
     *,
-    loop_extra: dict[str, Any] | None = None,
+    start: TrunkRecords | ForkFrom | None = None,
     on_prepared: Any = None,
 ) -> dict[str, Any]:
     """Prepare a run of the sweep (its MLflow run under the parent, tagged with its role) and train it."""
@@ -154,21 +155,17 @@ def run_one(
     )
     if on_prepared is not None:
         on_prepared(run)
-    return fit_sweep_run(sweep, run, in_trial=role == "trial", tune_callback=tune_callback, loop_extra=loop_extra)
+    return fit_sweep_run(sweep, run, in_trial=role == "trial", tune_callback=tune_callback, start=start)
 
 
 def fit_sweep_run(
-    sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, loop_extra: dict[str, Any] | None = None
+    sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, start: TrunkRecords | ForkFrom | None = None
 ) -> dict[str, Any]:
     """Train a sweep's run: under `trial_executor: tune` in this process (a trial's Tune process, or the baseline's
     Ray task: `baseline_task`), else with a TorchTrainer (reporting to Tune with `tune_callback`)."""
     if sweep.space.trial_executor == "tune":
-        return fit_in_trial(
-            run, in_task=not in_trial, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose
-        )
-    return fit_run(
-        run, tune_callback=tune_callback, loop_extra=loop_extra, verbose=sweep.verbose, epoch_lines=sweep.verbose
-    )
+        return fit_in_trial(run, in_task=not in_trial, start=start, verbose=sweep.verbose, epoch_lines=sweep.verbose)
+    return fit_run(run, tune_callback=tune_callback, start=start, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 
 def final_report(summary: dict[str, Any]) -> dict[str, Any]:

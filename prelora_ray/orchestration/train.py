@@ -21,6 +21,7 @@ from prelora_ray import storage
 from prelora_ray.config import TrainSettings
 from prelora_ray.data import check_data, default_image_size
 from prelora_ray.models import check_model_shape
+from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords, WorkerSpec
 
 log = logging.getLogger("prelora_ray")
 
@@ -110,28 +111,29 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
-def loop_config(
-    run: PreparedRun, *, loop_extra: dict[str, Any] | None = None, verbose: bool = False, epoch_lines: bool = True
-) -> dict[str, Any]:
-    """What a run's worker gets: its settings, MLflow run, export folder, faults to inject, console."""
+def worker_spec(
+    run: PreparedRun, *, start: TrunkRecords | ForkFrom | None = None, verbose: bool = False, epoch_lines: bool = True
+) -> WorkerSpec:
+    """What a run's worker gets: its settings, MLflow run, export folder, faults to inject, console, where it starts."""
     from prelora_ray.orchestration.worker import fault_from_env
 
-    return {
-        "settings": run.cfg.to_dict(),
-        "mlflow_uri": run.tracking_uri,
-        "mlflow_run_id": run.mlflow_run_id,
-        "export_dir": (storage.location(run.cfg.output_dir) / run.name / "merged").uri,
-        "fault": fault_from_env(),
-        "console": {"verbose": verbose, "progress": epoch_lines},
-        **(loop_extra or {}),  # fork-from-trunk sweeps: {"trunk": ...} or {"fork": ...}
-    }
+    return WorkerSpec(
+        settings=run.cfg.to_dict(),
+        mlflow_uri=run.tracking_uri,
+        mlflow_run_id=run.mlflow_run_id,
+        export_dir=(storage.location(run.cfg.output_dir) / run.name / "merged").uri,
+        fault=fault_from_env(),
+        verbose=verbose,
+        progress=epoch_lines,
+        start=start,
+    )
 
 
 def fit_run(
     run: PreparedRun,
     *,
     tune_callback: bool = False,
-    loop_extra: dict[str, Any] | None = None,
+    start: TrunkRecords | ForkFrom | None = None,
     verbose: bool = False,
     epoch_lines: bool = True,
 ) -> dict[str, Any]:
@@ -157,7 +159,7 @@ def fit_run(
         callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines),
+        train_loop_config={"spec": worker_spec(run, start=start, verbose=verbose, epoch_lines=epoch_lines)},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -185,7 +187,7 @@ def fit_in_trial(
     run: PreparedRun,
     *,
     in_task: bool = False,
-    loop_extra: dict[str, Any] | None = None,
+    start: TrunkRecords | ForkFrom | None = None,
     verbose: bool = False,
     epoch_lines: bool = True,
 ) -> dict[str, Any]:
@@ -201,7 +203,7 @@ def fit_in_trial(
     folder = storage.location(run.cfg.cluster.storage_path) / run.name if in_task else None
     try:
         summary = run_in_trial(
-            loop_config(run, loop_extra=loop_extra, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder
+            worker_spec(run, start=start, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder
         )
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")

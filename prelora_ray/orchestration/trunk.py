@@ -14,6 +14,7 @@ from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.sweep import Sweep, baseline_task, run_one
 from prelora_ray.orchestration.train import PreparedRun
+from prelora_ray.orchestration.worker_spec import TrunkRecords
 from prelora_ray.storage import Location
 
 log = logging.getLogger("prelora_ray")
@@ -57,7 +58,7 @@ def run_trunk(sweep: Sweep) -> dict[str, Any]:
             "baseline",
             {"fork.trunk": "true"},
             False,
-            loop_extra={"trunk": {"folder": folder.uri, "every": sweep.space.fork_every}},
+            start=TrunkRecords(folder=folder.uri, every=sweep.space.fork_every),
             on_prepared=started,
         )
     except BaseException as exc:

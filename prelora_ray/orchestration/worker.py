@@ -20,6 +20,7 @@ from torch import nn
 from prelora_ray.checkpoint import CheckpointError, load_state_file
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords, WorkerSpec
 from prelora_ray.storage import Location, location
 from prelora_ray.trainer import TrainingLoop
 
@@ -270,57 +271,56 @@ def return_freed_memory_to_os(threshold_bytes: int = 128 * 1024) -> bool:
         return False
 
 
-def fork_arguments(config: dict[str, Any]) -> dict[str, Any]:
-    """The trunk's writer (the sweep's baseline, `trunk` in the loop config) or a fork's start (`fork`)."""
+def start_arguments(start: TrunkRecords | ForkFrom | None) -> dict[str, Any]:
+    """The loop's arguments for where the run starts: the trunk's writer (a sweep's trunk) or a fork's start."""
     from prelora_ray import fork
 
-    if config.get("trunk"):
-        return {"trunk": fork.TrunkWriter(config["trunk"]["folder"], int(config["trunk"]["every"]))}
-    if config.get("fork"):
-        spec = config["fork"]
+    if isinstance(start, TrunkRecords):
+        return {"trunk": fork.TrunkWriter(start.folder, start.every)}
+    if isinstance(start, ForkFrom):
         from prelora_ray.trainer import ForkStart
 
-        history = fork.read_history(location(spec["folder"]))
-        return {
-            "fork": ForkStart(
-                state=load_state_file(location(spec["checkpoint"])),
-                snapshots=fork.snapshots(history[: int(spec["epoch"])]),
-            )
-        }
+        history = fork.read_history(location(start.folder))
+        state = load_state_file(location(start.checkpoint))
+        return {"fork": ForkStart(state=state, snapshots=fork.snapshots(history[: start.epoch]))}
     return {}
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """`train_loop_per_worker` of the TorchTrainer: build the loop, run it, export the merged model."""
-    cfg = TrainSettings.from_dict(config["settings"])
-    return run_loop(config, cfg, RayRuntime(_run_fault(config, cfg)))
+    """`train_loop_per_worker` of the TorchTrainer (its config: {"spec": WorkerSpec}): build the loop, run it, export."""
+    spec: WorkerSpec = config["spec"]
+    cfg = TrainSettings.from_dict(spec.settings)
+    return run_loop(spec, cfg, RayRuntime(run_fault(spec, cfg)))
 
 
-def _run_fault(config: dict[str, Any], cfg: TrainSettings) -> dict[str, str]:
-    fault = dict(config.get("fault") or {})
+def run_fault(spec: WorkerSpec, cfg: TrainSettings) -> dict[str, str]:
+    """The driver's fault, if it selects this run (PRELORA_FAULT_RUN)."""
+    fault = dict(spec.fault)
     wanted = fault.get(FAULT_RUN_ENV)
     if wanted and (wanted[1:] in (cfg.name or "") if wanted.startswith("!") else wanted not in (cfg.name or "")):
         fault = {}
     return fault
 
 
-def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[str, Any]:
+def run_loop(spec: WorkerSpec, cfg: TrainSettings, runtime: Any) -> dict[str, Any]:
     """One worker's whole run (a Ray Train worker, or a trial's own process: TuneRuntime): loop, export, summary."""
-    apply_console(**(config.get("console") or {}))  # our epoch lines, Ray Train's dumps: the driver decides
+    apply_console(
+        verbose=spec.verbose, progress=spec.progress
+    )  # our epoch lines, Ray Train's dumps: the driver decides
     threads = cfg.cluster.torch_threads or max(1, math.ceil(cfg.cluster.cpus_per_worker))
     torch.set_num_threads(threads)
     if runtime.device.type == "cpu" and cfg.cluster.release_memory:
         return_freed_memory_to_os()
     sink = None
-    if config.get("mlflow_run_id") and runtime.rank == 0:
+    if spec.mlflow_run_id and runtime.rank == 0:
         from prelora_ray import metrics as M
         from prelora_ray.tracking import MlflowSink, last_step
 
         # a restarted or re-run worker re-trains the epochs after its last checkpoint; what an earlier
         # attempt already logged stays, once (deterministic runs log the same values again anyway)
-        logged = last_step(config["mlflow_uri"], config["mlflow_run_id"], M.VAL_ACC)
-        sink = MlflowSink(config["mlflow_uri"], config["mlflow_run_id"], logged_through=logged)
-    loop = TrainingLoop(cfg, runtime, sink, **fork_arguments(config))
+        logged = last_step(spec.mlflow_uri, spec.mlflow_run_id, M.VAL_ACC)
+        sink = MlflowSink(spec.mlflow_uri, spec.mlflow_run_id, logged_through=logged)
+    loop = TrainingLoop(cfg, runtime, sink, **start_arguments(spec.start))
     if runtime.fault.get(FAULT_BATCH_ENV) is not None:
         loop.train_loader = FaultyLoader(loop, runtime.fault, runtime.rank)
     summary = loop.run()
@@ -329,8 +329,8 @@ def run_loop(config: dict[str, Any], cfg: TrainSettings, runtime: Any) -> dict[s
     summary["worker_rank"] = runtime.rank
     if sink is not None:
         summary["unsent_metrics"] = len(sink.flush())
-    if runtime.rank == 0 and config.get("export_dir"):
-        summary["merged_model_path"] = export_merged(loop, location(config["export_dir"]))
+    if runtime.rank == 0 and spec.export_dir:
+        summary["merged_model_path"] = export_merged(loop, location(spec.export_dir))
     if runtime.world_size > 1:
         # every worker's view of the switch, so the driver can check they agree
         summary["all_workers"] = runtime.all_gather_object(
@@ -436,16 +436,16 @@ class FolderRuntime(TuneRuntime):
             return load_previous_checkpoint(found[-1], exc)
 
 
-def run_in_trial(config: dict[str, Any], *, checkpoint_dir: str | Path | None = None) -> dict[str, Any]:
+def run_in_trial(spec: WorkerSpec, *, checkpoint_dir: str | Path | Location | None = None) -> dict[str, Any]:
     """`trial_executor: tune`: the same loop as a Ray Train worker, in the calling process: a Tune trial's (reports
     and checkpoints to Ray Tune) or, with `checkpoint_dir`, a plain Ray task's (checkpoints in that folder)."""
-    cfg = TrainSettings.from_dict(config["settings"])
+    cfg = TrainSettings.from_dict(spec.settings)
     if cfg.cluster.num_workers != 1:
         raise ValueError(
             f"trial_executor tune runs one worker per trial, got cluster.num_workers={cfg.cluster.num_workers}: "
             "use trial_executor ray_train"
         )
-    fault = _run_fault(config, cfg)
+    fault = run_fault(spec, cfg)
     if checkpoint_dir is not None:
-        return run_loop(config, cfg, FolderRuntime(checkpoint_dir, cfg.cluster.checkpoints_to_keep, fault))
-    return run_loop(config, cfg, TuneRuntime(fault))
+        return run_loop(spec, cfg, FolderRuntime(checkpoint_dir, cfg.cluster.checkpoints_to_keep, fault))
+    return run_loop(spec, cfg, TuneRuntime(fault))
