@@ -10,10 +10,8 @@ tests/test_docs.py checks that the committed page equals `render()`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +32,14 @@ def _code(text: str) -> str:
 
 
 def _sections() -> dict[str, tuple[str, str]]:
-    """Section name -> (the nested field's doc, the settings class's docstring, first paragraph)."""
-    hints = typing.get_type_hints(TrainSettings)
-    found: dict[str, tuple[str, str]] = {}
-    for f in dataclasses.fields(TrainSettings):
-        hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint):
-            doc = (hint.__doc__ or "").strip().split("\n\n")[0]
-            found[f.name] = (f.metadata.get("doc", ""), " ".join(doc.split()))
-    return found
+    """Section name -> (the section's doc, its settings class's docstring, first paragraph), strategies' sections
+    included (they come from the strategy registry: prelora_ray/strategies/)."""
+    from prelora_ray.config import sections
+
+    return {
+        name: (doc, " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()))
+        for name, (cls, doc) in sections().items()
+    }
 
 
 def _header() -> str:

@@ -1,8 +1,14 @@
 """Typed, validated configuration: one keyword-only dataclass per component.
 
 Every field has a one-line docstring (the `doc` metadata, shown by `prelora-ray train --help-config`
-and in the README). Values are checked in `__post_init__`, so a bad value fails before Ray starts
+and in docs/config.md). Values are checked in `__post_init__`, so a bad value fails before Ray starts
 or any data loads. `TrainSettings.from_dict` rejects unknown keys with the nearest valid name.
+
+The run's own sections are here (model, data, optim, cluster, tracking); each strategy brings its own
+section, declared in its file (prelora_ray/strategies/<name>.py) and found through the strategy registry:
+a `TrainSettings` holds one per registered strategy (`cfg.prelora`, `cfg.relora`, ...), and the
+`strategy` key's valid values and help come from the registry too. No torch is imported here: the
+strategies' declarations are light (their torch code loads inside their hooks).
 """
 
 from __future__ import annotations
@@ -12,38 +18,50 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from prelora_ray.algorithms import is_power_of_two
+from prelora_ray.fields import check as _check
+from prelora_ray.fields import setting as _f
+from prelora_ray.models import MODULE_FAMILIES  # noqa: F401 (where the orchestration and the tests import it)
+from prelora_ray.strategies.registry import get as strategy_class
+from prelora_ray.strategies.registry import names as strategy_names
+from prelora_ray.strategies.registry import strategy_sections
 
-MODULE_FAMILIES = ("query", "key", "value", "attn_out", "mlp_in", "mlp_out")
-"""Module families that can get adapters (see algorithms.md for the transformers module names)."""
-
-EXTRA_TRAINABLE = ("head", "norms", "embeddings", "biases")
-"""Non-LoRA parameter groups that may stay trainable after the freeze (the paper: none)."""
+if TYPE_CHECKING:
+    from prelora_ray.strategies.base import Strategy
 
 MODEL_PRESETS = ("vit-digits", "vit-digits-wide", "vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
-STRATEGIES = ("prelora", "full", "relora_prelora", "lte")
-"""Training strategies: the names of `prelora_ray.strategies.REGISTRY` (each with its own section, if any)."""
+SECTIONS_FIELD = "strategy_sections"
+"""The TrainSettings field holding the strategies' sections (never a config key: each section is a top-level key)."""
 
 
-def _f(default: Any, doc: str, **kwargs: Any) -> Any:
-    """A dataclass field with its docstring attached as metadata."""
-    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
-        return field(default_factory=lambda: default, metadata={"doc": doc}, **kwargs)
-    return field(default=default, metadata={"doc": doc}, **kwargs)
+def __getattr__(name: str) -> Any:
+    """`STRATEGIES` (the registered names now) and, for the modules that import them from here, each strategy's
+    section class by its name (`PreLoRASettings`, ...) and `switch_epoch_range`."""
+    if name == "STRATEGIES":
+        return strategy_names()
+    if name == "switch_epoch_range":  # scan.py's; prelora's own since the strategies declare their sections
+        from prelora_ray.strategies.prelora import switch_epoch_range
+
+        return switch_epoch_range
+    for owner in strategy_sections().values():
+        if owner.section_class.__name__ == name:
+            return owner.section_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def strategy_help() -> str:
+    """The `strategy` key's doc: every registered strategy with its one line, the default first."""
+    parts = [f"{name} ({strategy_class(name).description})" for name in strategy_names()]
+    return (", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else "".join(parts)) + "."
 
 
 def _nested(factory: type, doc: str) -> Any:
+    """A section field: a fresh default instance per config, with its one-line doc."""
     return field(default_factory=factory, metadata={"doc": doc})
-
-
-def _check(cond: bool, key: str, value: Any, valid: str) -> None:
-    if not cond:
-        raise ValueError(f"{key}={value!r} is invalid: {valid}")
 
 
 @dataclass(kw_only=True)
@@ -167,167 +185,6 @@ class OptimSettings:
 
 
 @dataclass(kw_only=True)
-class PreLoRASettings:
-    """The switch: Algorithm 1's thresholds and windows, Algorithm 2's rank bounds, the warmup w."""
-
-    tau: float = _f(1.0, "τ: max |% change| of each family's mean weight norm between consecutive windows.")
-    zeta: float = _f(5.0, "ζ: max |% change| of the training loss between consecutive windows.")
-    k: int = _f(3, "Number of windows the convergence test compares (k >= 2).")
-    m: int = _f(2, "Window size, in window units (the paper: 3 epochs; 2 suits the 40-epoch digits default).")
-    window_unit: str = _f("epoch", "Unit of m: epoch (the paper) or step (optimizer steps, for long epochs).")
-    window_stat: str = _f("mean", "A window's value: mean of its m snapshots, or last (the window's end).")
-    warmup: int = _f(3, "w: epochs base and LoRA train together after the test passes (the paper: 10 of 300).")
-    r_min: int = _f(2, "Smallest LoRA rank (power of two; the paper: 8 on ViT-L).")
-    r_max: int = _f(16, "Largest LoRA rank (power of two, >= r_min; the paper: 64 on ViT-L).")
-    modules: tuple[str, ...] = _f(
-        MODULE_FAMILIES, "Module families that get adapters: query, key, value, attn_out, mlp_in, mlp_out."
-    )
-    alpha_scale: float = _f(2.0, "lora_alpha = alpha_scale * rank for each layer (the paper: 2).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input (0: no copy of the activations is made).")
-    tie_rank: str = _f(
-        "min", "Rank of a family whose layers all changed equally: min (r_min, the paper's v=0), middle or max."
-    )
-    zero_rank_below: float | None = _f(
-        None,
-        "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.",
-    )
-    trainable_after_freeze: tuple[str, ...] = _f(
-        (), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none)."
-    )
-    min_switch_epoch: int = _f(0, "Earliest epoch (0-based) at whose end the switch may happen.")
-    switch_at_epoch: int | None = _f(
-        None,
-        "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).",
-    )
-
-    def __post_init__(self) -> None:
-        self.modules = tuple(self.modules)
-        self.trainable_after_freeze = tuple(self.trainable_after_freeze)
-        _check(self.tau > 0, "prelora.tau", self.tau, "a percentage > 0")
-        _check(self.zeta > 0, "prelora.zeta", self.zeta, "a percentage > 0")
-        _check(isinstance(self.k, int) and self.k >= 2, "prelora.k", self.k, "an integer >= 2")
-        _check(isinstance(self.m, int) and self.m >= 1, "prelora.m", self.m, "an integer >= 1")
-        _check(self.window_unit in ("epoch", "step"), "prelora.window_unit", self.window_unit, "epoch or step")
-        _check(self.window_stat in ("mean", "last"), "prelora.window_stat", self.window_stat, "mean or last")
-        _check(isinstance(self.warmup, int) and self.warmup >= 0, "prelora.warmup", self.warmup, "an integer >= 0")
-        _check(is_power_of_two(self.r_min), "prelora.r_min", self.r_min, "a power of two (1, 2, 4, 8, ...)")
-        _check(is_power_of_two(self.r_max), "prelora.r_max", self.r_max, "a power of two (1, 2, 4, 8, ...)")
-        _check(self.r_min <= self.r_max, "prelora.r_min", self.r_min, f"<= prelora.r_max ({self.r_max})")
-        _check(
-            len(self.modules) > 0,
-            "prelora.modules",
-            list(self.modules),
-            f"a non-empty list of {', '.join(MODULE_FAMILIES)}",
-        )
-        bad = [m for m in self.modules if m not in MODULE_FAMILIES]
-        _check(not bad, "prelora.modules", bad, f"module families from {', '.join(MODULE_FAMILIES)}")
-        _check(len(set(self.modules)) == len(self.modules), "prelora.modules", list(self.modules), "no family twice")
-        _check(self.alpha_scale > 0, "prelora.alpha_scale", self.alpha_scale, "a number > 0")
-        _check(0 <= self.lora_dropout < 1, "prelora.lora_dropout", self.lora_dropout, "a probability in [0, 1)")
-        _check(self.tie_rank in ("min", "middle", "max"), "prelora.tie_rank", self.tie_rank, "min, middle or max")
-        _check(
-            self.zero_rank_below is None or self.zero_rank_below >= 0,
-            "prelora.zero_rank_below",
-            self.zero_rank_below,
-            "a percentage >= 0 or null",
-        )
-        bad = [g for g in self.trainable_after_freeze if g not in EXTRA_TRAINABLE]
-        _check(not bad, "prelora.trainable_after_freeze", bad, f"groups from {', '.join(EXTRA_TRAINABLE)}")
-        _check(self.min_switch_epoch >= 0, "prelora.min_switch_epoch", self.min_switch_epoch, "an integer >= 0")
-
-
-@dataclass(kw_only=True)
-class ReLoRASettings:
-    """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer switch."""
-
-    start_epoch: int = _f(
-        5, 'First epoch (0-based) of the RELORA phase; FULL before it (the paper: "several" full epochs).'
-    )
-    rank: int = _f(16, "Uniform LoRA rank of every target layer in RELORA (the paper: 256 on ViT-L).")
-    merge_every: int = _f(
-        100,
-        "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.",
-    )
-    prune: float = _f(
-        0.9,
-        "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).",
-    )
-    rewarm_steps: int = _f(
-        50, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100)."
-    )
-    alpha_scale: float = _f(
-        2.0, "LoRA scale s = lora_alpha / rank of the uniform adapters (prelora.alpha_scale is the per-layer phase's)."
-    )
-
-    def __post_init__(self) -> None:
-        _check(
-            isinstance(self.start_epoch, int) and self.start_epoch >= 0,
-            "relora.start_epoch",
-            self.start_epoch,
-            "an integer >= 0",
-        )
-        _check(isinstance(self.rank, int) and self.rank >= 1, "relora.rank", self.rank, "an integer >= 1")
-        _check(
-            isinstance(self.merge_every, int) and self.merge_every >= 1,
-            "relora.merge_every",
-            self.merge_every,
-            "an integer >= 1 (optimizer steps)",
-        )
-        _check(0 <= self.prune < 1, "relora.prune", self.prune, "a fraction in [0, 1)")
-        _check(
-            isinstance(self.rewarm_steps, int) and 0 <= self.rewarm_steps < self.merge_every,
-            "relora.rewarm_steps",
-            self.rewarm_steps,
-            f"an integer in [0, relora.merge_every) = [0, {self.merge_every})",
-        )
-        _check(self.alpha_scale > 0, "relora.alpha_scale", self.alpha_scale, "a number > 0")
-
-
-@dataclass(kw_only=True)
-class LTESettings:
-    """`strategy: lte` (LoRA-the-Explorer): parallel LoRA heads, merged into the frozen base every T steps."""
-
-    heads_per_worker: int = _f(
-        1,
-        "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).",
-    )
-    rank: int = _f(8, "Rank r of every head on the target families (prelora.modules).")
-    alpha: float = _f(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
-    merge_every: int = _f(
-        6,
-        "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).",
-    )
-    start_epoch: int = _f(0, "Full-training epochs before LTE starts (0: LTE from scratch, as the paper).")
-    train_others: str = _f(
-        "averaged",
-        "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).",
-    )
-
-    def __post_init__(self) -> None:
-        _check(
-            isinstance(self.heads_per_worker, int) and self.heads_per_worker >= 1,
-            "lte.heads_per_worker",
-            self.heads_per_worker,
-            "an integer >= 1",
-        )
-        _check(isinstance(self.rank, int) and self.rank >= 1, "lte.rank", self.rank, "an integer >= 1")
-        _check(self.alpha > 0, "lte.alpha", self.alpha, "a number > 0")
-        _check(
-            isinstance(self.merge_every, int) and self.merge_every >= 1,
-            "lte.merge_every",
-            self.merge_every,
-            "an integer >= 1 (optimizer steps)",
-        )
-        _check(
-            isinstance(self.start_epoch, int) and self.start_epoch >= 0,
-            "lte.start_epoch",
-            self.start_epoch,
-            "an integer >= 0",
-        )
-        _check(self.train_others in ("averaged", "frozen"), "lte.train_others", self.train_others, "averaged or frozen")
-
-
-@dataclass(kw_only=True)
 class ClusterSettings:
     """Where and on what the Ray Train workers run."""
 
@@ -386,12 +243,13 @@ class TrackingSettings:
 
 @dataclass(kw_only=True)
 class TrainSettings:
-    """One training run: `prelora-ray train` takes exactly this."""
+    """One training run: `prelora-ray train` takes exactly this.
 
-    strategy: str = _f(
-        "prelora",
-        "prelora (full -> warmup -> LoRA), full (the baseline: never switches), relora_prelora (full -> ReLoRA -> warmup -> LoRA) or lte (LoRA-the-Explorer: parallel heads merged every lte.merge_every steps).",
-    )
+    Besides the fields below, one section per registered strategy (its own dataclass, from its file):
+    `cfg.prelora`, `cfg.relora`, `cfg.lte`, ... read like fields, and are top-level keys in YAML and `--set`.
+    """
+
+    strategy: str = _f("prelora", strategy_help)
     epochs: int = _f(40, "Training epochs.")
     seed: int = _f(0, "Seed of weights, data order and augmentation.")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: exact resume on CPU, slower on GPU.")
@@ -404,54 +262,33 @@ class TrainSettings:
     model: ModelSettings = _nested(ModelSettings, "The ViT.")
     data: DataSettings = _nested(DataSettings, "The data.")
     optim: OptimSettings = _nested(OptimSettings, "The optimizer and schedule.")
-    prelora: PreLoRASettings = _nested(PreLoRASettings, "The PreLoRA switch.")
-    relora: ReLoRASettings = _nested(ReLoRASettings, "The ReLoRA phase of strategy relora_prelora.")
-    lte: LTESettings = _nested(LTESettings, "The heads and merges of strategy lte.")
+    strategy_sections: dict[str, Any] = field(
+        default_factory=dict, metadata={"doc": "Section name -> its settings: every registered strategy's section."}
+    )
     cluster: ClusterSettings = _nested(ClusterSettings, "Ray Train workers.")
     tracking: TrackingSettings = _nested(TrackingSettings, "MLflow.")
 
     def __post_init__(self) -> None:
-        _check(self.strategy in STRATEGIES, "strategy", self.strategy, " or ".join(STRATEGIES))
+        names = strategy_names()
+        _check(self.strategy in names, "strategy", self.strategy, " or ".join(names))
         _check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        at = self.prelora.switch_at_epoch
-        if at is not None:
-            lo, hi = switch_epoch_range(self)
-            _check(
-                self.prelora.window_unit == "epoch",
-                "prelora.switch_at_epoch",
-                at,
-                "only with prelora.window_unit=epoch",
-            )
-            _check(
-                lo <= at <= hi,
-                "prelora.switch_at_epoch",
-                at,
-                f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
-                f"(prelora.warmup={self.prelora.warmup}) and one LoRA epoch must fit in epochs={self.epochs}",
-            )
-        if self.strategy == "relora_prelora":
-            _check(
-                self.relora.start_epoch < self.epochs,
-                "relora.start_epoch",
-                self.relora.start_epoch,
-                f"< epochs ({self.epochs})",
-            )
-            _check(
-                at is None or at >= self.relora.start_epoch,
-                "prelora.switch_at_epoch",
-                at,
-                f">= relora.start_epoch ({self.relora.start_epoch}) with strategy relora_prelora (its switch leaves the RELORA phase)",
-            )
-        if self.strategy == "lte":
-            _check(
-                self.lte.start_epoch < self.epochs, "lte.start_epoch", self.lte.start_epoch, f"< epochs ({self.epochs})"
-            )
-            _check(
-                self.data.batch_size % self.lte.heads_per_worker == 0,
-                "data.batch_size",
-                self.data.batch_size,
-                f"a multiple of lte.heads_per_worker ({self.lte.heads_per_worker}): each head trains on an equal chunk of the batch",
-            )
+        self.strategy_sections = _complete_sections(self.strategy_sections)
+        for section in self.strategy_sections.values():  # each section against the rest (whatever the strategy)
+            check_with = getattr(section, "check_with", None)
+            if check_with is not None:
+                check_with(self)
+        strategy_class(self.strategy).check_config(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """A strategy's section by its name (`cfg.prelora`), like a field."""
+        sections = self.__dict__.get(SECTIONS_FIELD)  # absent while a pickled config is being restored
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def strategy_class(self) -> type[Strategy]:
+        """The registered class of `strategy` (its declaration and hooks)."""
+        return strategy_class(self.strategy)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -481,8 +318,15 @@ class TrainSettings:
         return cls.from_dict(data, source=source)
 
     def to_dict(self) -> dict[str, Any]:
-        """Nested plain dict (tuples as lists), the inverse of from_dict."""
-        return _plain(dataclasses.asdict(self))
+        """Nested plain dict (tuples as lists), the inverse of from_dict: each strategy's section a top-level key."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == SECTIONS_FIELD:
+                out.update({name: _plain(dataclasses.asdict(section)) for name, section in value.items()})
+            else:
+                out[f.name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+        return out
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, e.g. {'prelora.tau': 1.0, ...} (MLflow params)."""
@@ -506,14 +350,39 @@ class TrainSettings:
         return type(self).from_dict(data)
 
 
-def switch_epoch_range(cfg: TrainSettings) -> tuple[int, int]:
-    """First and last epoch a switch can happen at: once k*m epochs are recorded (Algorithm 1 and 2 need
-    k windows), and early enough for the warmup and at least one LoRA-only epoch (hi < lo: none)."""
-    p = cfg.prelora
-    return p.k * p.m - 1, cfg.epochs - 2 - p.warmup
+def _complete_sections(given: dict[str, Any]) -> dict[str, Any]:
+    """Every registered strategy's section, in registration order: the given ones, defaults for the rest."""
+    owners = strategy_sections()
+    unknown = [name for name in given if name not in owners]
+    _check(not unknown, SECTIONS_FIELD, unknown, f"sections of registered strategies: {', '.join(owners)}")
+    out = {}
+    for name, owner in owners.items():
+        section = given.get(name)
+        if section is None:
+            section = owner.section_class()
+        _check(isinstance(section, owner.section_class), name, section, f"a {owner.section_class.__name__}")
+        out[name] = section
+    return out
+
+
+def sections() -> dict[str, tuple[type, str]]:
+    """Every section of a TrainSettings, in key order: name -> (its dataclass, its one-line doc).
+
+    The run's own (model, data, optim, cluster, tracking) and each registered strategy's, in the place of the
+    `strategy_sections` field (for the config reference: docs/make_config_reference.py).
+    """
+    hints = typing.get_type_hints(TrainSettings)
+    out: dict[str, tuple[type, str]] = {}
+    for f in dataclasses.fields(TrainSettings):
+        if f.name == SECTIONS_FIELD:
+            out.update({name: (cls.section_class, cls.section_doc) for name, cls in strategy_sections().items()})
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = (hints[f.name], f.metadata.get("doc", ""))
+    return out
 
 
 def _plain(value: Any) -> Any:
+    """A value with tuples as lists and nested dicts copied: what YAML and JSON give back."""
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -522,20 +391,28 @@ def _plain(value: Any) -> Any:
 
 
 def field_docs(cls: type = TrainSettings, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field: the README's config reference."""
+    """(dotted key, type, default, doc) for every leaf field: the config reference (`--help-config`, docs/config.md).
+
+    On TrainSettings, each registered strategy's section comes where the `strategy_sections` field is.
+    """
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if cls is TrainSettings and f.name == SECTIONS_FIELD:
+            for name, owner in strategy_sections().items():
+                rows.extend(field_docs(owner.section_class, f"{prefix}{name}."))
+        elif dataclasses.is_dataclass(hint):
             rows.extend(field_docs(hint, f"{prefix}{f.name}."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{prefix}{f.name}", _type_name(hint), _plain(default), f.metadata.get("doc", "")))
+            doc = f.metadata.get("doc", "")
+            rows.append((f"{prefix}{f.name}", _type_name(hint), _plain(default), doc() if callable(doc) else doc))
     return rows
 
 
 def _type_name(hint: Any) -> str:
+    """A type hint as the reference prints it (`int | None`, `tuple[str, ...]`)."""
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
@@ -545,26 +422,38 @@ def valid_keys(cls: type = TrainSettings) -> list[str]:
 
 
 def _unknown_key_error(key: str, valid: list[str], source: str) -> ValueError:
+    """The one-line error of an unknown key, with the nearest valid one."""
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
     return ValueError(f"{source}: unknown config key {key!r}{hint}")
 
 
 def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str) -> Any:
+    """A settings object from nested dicts (a strategy's section of TrainSettings by the registry), keys checked."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {SECTIONS_FIELD}
+    owners = strategy_sections() if cls is TrainSettings else {}
     kwargs: dict[str, Any] = {}
+    given_sections: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in names:
+        if key in owners:
+            section_cls = owners[key].section_class
+            given_sections[key] = _build(
+                section_cls, value if value is not None else {}, prefix=f"{key}.", source=source
+            )
+        elif key not in names:
             full = f"{prefix}{key}"
             raise _unknown_key_error(full, valid_keys(TrainSettings) + [k[:-1] for k in _section_prefixes()], source)
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value if value is not None else {}, prefix=f"{prefix}{key}.", source=source)
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(
+                hints[key], value if value is not None else {}, prefix=f"{prefix}{key}.", source=source
+            )
         else:
-            kwargs[key] = _coerce(value, hint, f"{prefix}{key}", source)
+            kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    if cls is TrainSettings:
+        kwargs[SECTIONS_FIELD] = given_sections
     try:
         return cls(**kwargs)
     except ValueError as exc:
@@ -572,11 +461,8 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str, source: str) -> Any:
 
 
 def _section_prefixes() -> list[str]:
-    return [
-        f"{f.name}."
-        for f in dataclasses.fields(TrainSettings)
-        if dataclasses.is_dataclass(typing.get_type_hints(TrainSettings)[f.name])
-    ]
+    """`model.`, `data.`, ..., `prelora.`, ...: every section of TrainSettings as a key prefix."""
+    return [f"{name}." for name in sections()]
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:

@@ -10,9 +10,11 @@ checkpoint with c <= s + 1, trains the full epochs c..s again if any (determinis
 trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Every file goes through `prelora_ray.storage`
 (a local folder, a shared mount, S3 or GCS), so a reader never takes half a file for a whole one.
 
-Other strategies say where their trials start (`strategies.base.Strategy.trunk_fork`): relora_prelora
-at the trunk's checkpoint at relora.start_epoch, full trials take the trunk's result, and a strategy
-that shares no epochs with the trunk trains whole.
+Other strategies say where their trials start (`strategies.base.Strategy.trunk_fork`, a `TrunkFork`):
+relora_prelora at the trunk's checkpoint at relora.start_epoch, full trials take the trunk's result, and a
+strategy that shares no epochs with the trunk trains whole. This module imports no strategy (they import
+it): `plan_fork` asks the trial's config for its strategy class. Ray-free, and torch loads only to write a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -25,35 +27,21 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from prelora_ray import metrics as M
 from prelora_ray.algorithms import Snapshot, SwitchPoint, replay_switch
-from prelora_ray.config import MODULE_FAMILIES, TrainSettings
+from prelora_ray.models import MODULE_FAMILIES
 from prelora_ray.storage import MANIFEST_SUFFIX, Location, location, replace_local
+
+if TYPE_CHECKING:
+    from prelora_ray.config import TrainSettings
 
 HISTORY_FILE = "history.json"
 STATUS_FILE = "status.json"
 CHECKPOINT_DIR = "checkpoints"
 _CKPT = re.compile(r"epoch_(\d+)\.pt$")
 
-# keys that only decide *when* the switch happens and which ranks it gives: two trials that differ
-# only in these, and land on the same switch epoch and ranks, train exactly the same after it
-SWITCH_DECISION_KEYS = (
-    "prelora.tau",
-    "prelora.zeta",
-    "prelora.k",
-    "prelora.m",
-    "prelora.window_stat",
-    "prelora.min_switch_epoch",
-    "prelora.switch_at_epoch",
-    "prelora.r_min",
-    "prelora.r_max",
-    "prelora.tie_rank",
-    "prelora.zero_rank_below",
-)
 # keys that name or place a run without changing what it computes
 RUN_IDENTITY_KEYS = (
     "name",
@@ -108,6 +96,8 @@ class TrunkWriter:
 
 def save_state(target: Location, state: dict[str, Any]) -> None:
     """torch.save a state to a storage location so that no reader takes a half-written file for it."""
+    import torch
+
     if target.is_local:
         write_atomic(target.local, lambda tmp: torch.save(state, tmp))
         return
@@ -174,9 +164,24 @@ def snapshots(history: Sequence[dict[str, Any]], families: Sequence[str] = MODUL
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrunkFork:
+    """Where a trial starts in a fork-from-trunk sweep, given the trunk's records so far (`Strategy.trunk_fork`).
+
+    `mode` fork: from the trunk's checkpoint at or before `until` (the trial's epochs before it are the trunk's),
+    switching at `switch` where that is known before training (replayed on the trunk's history); trunk: its
+    result is the trunk's; scratch: it trains whole. `why`: the reason of trunk and scratch, for the log line.
+    """
+
+    mode: str
+    until: int = -1
+    switch: SwitchPoint | None = None
+    why: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ForkPlan:
     """What a trial does: fork at `fork_epoch` (switching at `switch.epoch` when known), take the trunk's result, or
-    train whole (`mode`: fork, trunk, scratch; see `strategies.base.TrunkFork`)."""
+    train whole (`mode`: fork, trunk, scratch; see `TrunkFork`)."""
 
     switch: SwitchPoint | None
     fork_epoch: int = -1  # the trunk checkpoint it starts from (epochs already trained; at most switch + 1)
@@ -222,10 +227,8 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
     before that point; one whose point is known in advance (no switch to replay) waits until the trunk
     is past it, so it takes the checkpoint written there.
     """
-    from prelora_ray.strategies import REGISTRY
-
     history = read_history(folder)
-    point = REGISTRY[cfg.strategy].trunk_fork(cfg, history)
+    point = cfg.strategy_class().trunk_fork(cfg, history)
     if point is None:
         return None
     if point.mode != "fork":
@@ -260,12 +263,15 @@ def summarize(
 def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:
     """Identifies what a forked trial computes after its switch: two trials with the same key give the same result.
 
-    With no switch known in advance (relora_prelora decides it while training) every key that changes
-    the run counts, the switch's own included."""
+    With the switch replayed in advance, the keys that only decide where it lands (its strategy's
+    `switch_decision_keys`, e.g. prelora's thresholds and windows) do not count, the switch itself does. With
+    no switch known in advance (relora_prelora decides it while training) every key that changes the run counts.
+    """
     if switch is None:
         blob: dict[str, Any] = {"config": {k: v for k, v in cfg.flat().items() if k not in RUN_IDENTITY_KEYS}}
     else:
-        flat = {k: v for k, v in cfg.flat().items() if k not in SWITCH_DECISION_KEYS and k not in RUN_IDENTITY_KEYS}
+        deciding = set(cfg.strategy_class().switch_decision_keys)
+        flat = {k: v for k, v in cfg.flat().items() if k not in deciding and k not in RUN_IDENTITY_KEYS}
         blob = {"switch_epoch": switch.epoch, "ranks": switch.ranks, "config": flat}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

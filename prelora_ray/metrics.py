@@ -1,4 +1,8 @@
-"""Metric and event names, defined once (MLflow, Ray reports and analysis/ all use these)."""
+"""Metric and event names every run shares, defined once (MLflow, Ray reports and analysis/ all use these).
+
+A strategy's own event metrics (e.g. relora_merges, lte_merges) and its phases are declared in its file
+(`Strategy.metrics`, `Strategy.phases` in prelora_ray/strategies/): this module names no strategy.
+"""
 
 # per epoch
 EPOCH = "epoch"
@@ -7,8 +11,8 @@ VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 EPOCH_TIME_S = "epoch_time_s"  # training only, validation excluded
 THROUGHPUT = "throughput_img_s"  # all workers' training images / epoch_time_s
-PHASE = "phase"  # "full" | "warmup" | "lora" | "relora" | "lte" (string, in Ray reports)
-PHASE_INDEX = "phase_index"  # fixed numbers, switch.PHASE_INDEX: 0 full, 1 warmup, 2 lora, 3 relora, 4 lte (MLflow)
+PHASE = "phase"  # the phase's name (string, in Ray reports): full, or one its strategy declares
+PHASE_INDEX = "phase_index"  # the phase's stored number, never renumbered (MLflow): strategies.phases
 TRAINABLE_PARAMS = "trainable_params"
 TRAINABLE_FRACTION = "trainable_fraction"  # trainable / parameters of the plain ViT
 PEAK_MEM_MB = "peak_mem_mb"  # CUDA max allocated in the epoch on GPU; process peak RSS on CPU
@@ -17,12 +21,10 @@ COMM_BYTES_PER_STEP = "comm_bytes_per_step"  # bytes this worker all-reduced in 
 NORM_PREFIX = "norm/"  # norm/<family>: mean weight norm of the family's layers at epoch end
 LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
 
-# events (also repeated in each report once they happened; -1 before)
+# events every strategy reports (also repeated in each report once they happened; -1 before), beside its own
 SWITCH_EPOCH = "switch_epoch"
 FREEZE_EPOCH = "freeze_epoch"
 RANKS = "ranks"  # {family: [rank per layer]}
-RELORA_MERGES = "relora_merges"  # strategy relora_prelora: merges so far (cumulative, per epoch)
-LTE_MERGES = "lte_merges"  # strategy lte: merges of the heads into the base so far (cumulative, per epoch)
 
 # run summary
 MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time per epoch"

@@ -1,12 +1,18 @@
-"""ViT presets built from transformers' ViTConfig (never downloaded), and the module families."""
+"""ViT presets built from transformers' ViTConfig (never downloaded), the module families and parameter groups.
+
+The one place that knows transformers' ViT naming. Light to import (torch and transformers load when a model is
+built): the strategies' config sections read the family and group names before anything heavy.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from prelora_ray.config import ModelSettings
+    from prelora_ray.config import ModelSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,7 +48,26 @@ FAMILY_MODULES: dict[str, str] = {
 }
 """Module family -> linear inside each encoder layer `vit.layers.<i>` (transformers 5.x names)."""
 
+MODULE_FAMILIES = tuple(FAMILY_MODULES)
+"""Module families that can get adapters (see docs/algorithms.md for the transformers module names)."""
+
 LAYER_PREFIX = "vit.layers"
+
+PARAM_GROUPS = ("head", "norms", "embeddings", "biases")
+"""Groups of a ViT's parameters by role (e.g. those `prelora.trainable_after_freeze` keeps training)."""
+
+
+def in_param_group(name: str, group: str) -> bool:
+    """Whether a parameter (by name, on the plain or the PEFT model, with or without a DDP prefix) is in `group`."""
+    if group == "head":
+        return ".classifier." in f".{name}"
+    if group == "norms":
+        return "layernorm" in name
+    if group == "embeddings":
+        return ".embeddings." in f".{name}"
+    if group == "biases":
+        return name.endswith(".bias")
+    raise ValueError(f"unknown parameter group {group!r}: one of {', '.join(PARAM_GROUPS)}")
 
 
 def check_model_shape(settings: ModelSettings, image_size: int) -> None:

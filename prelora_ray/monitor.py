@@ -1,17 +1,16 @@
 """Measurements for Algorithm 1 and 2: per-layer weight norms and the sliding windows over them.
 
-Torch only (no Ray, no PEFT import). A layer's norm is the Frobenius norm of its effective weight:
-the plain weight before the switch, W + s·B·A after it (`switch.effective_weight`: the PEFT module
-knows the adapters, this one does not).
+No Ray, no PEFT import. A layer's norm is the Frobenius norm of its effective weight: the plain weight
+before the switch, W + s·B·A after it (`adapters.model.effective_weight`: the adapters package knows the
+adapters, this one does not). The windows (`ConvergenceMonitor`) are plain numbers: this module is light
+to import (the strategies hold a monitor; torch loads when norms are taken).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from prelora_ray.algorithms import (
     assign_ranks,
@@ -20,21 +19,29 @@ from prelora_ray.algorithms import (
     partial_convergence_test,
     window_values,
 )
-from prelora_ray.switch import adapter_root, effective_weight
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
-@torch.no_grad()
 def effective_weight_norm(module: nn.Module) -> float:
-    """Frobenius norm of a linear's weight (bias excluded), with any active LoRA delta added."""
-    return float(torch.linalg.vector_norm(effective_weight(module).float()))
+    """Frobenius norm of a linear's weight (bias excluded), with any active adapter's delta added."""
+    import torch
+
+    from prelora_ray.adapters.model import effective_weight
+
+    with torch.no_grad():
+        return float(torch.linalg.vector_norm(effective_weight(module).float()))
 
 
 def layer_norms(model: nn.Module, names: Mapping[str, list[str]]) -> dict[str, list[float]]:
     """Family -> per-layer norms, for the module names of `models.family_module_names`.
 
     `model` is the unwrapped model: the plain ViT, or the PEFT model (its names resolved by
-    `switch.adapter_root`).
+    `adapters.model.adapter_root`).
     """
+    from prelora_ray.adapters.model import adapter_root
+
     root = adapter_root(model)
     return {
         family: [effective_weight_norm(root.get_submodule(n)) for n in layer_names]

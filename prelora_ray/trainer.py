@@ -2,7 +2,8 @@
 
 Reads top to bottom: for each epoch, train (strategy.after_step after each step, after_train_pass
 at the end), evaluate, strategy.after_epoch, report with a checkpoint. Ray-free: the surroundings
-come in as a `Runtime` and a `MetricsSink`.
+come in as a `Runtime` and a `MetricsSink`. It names no strategy and no phase but FULL (every run's
+first): the rest is the strategy's, through its hooks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from prelora_ray import metrics as M
+from prelora_ray.adapters.model import unwrap
+from prelora_ray.adapters.names import is_adapter_param
 from prelora_ray.config import TrainSettings
 from prelora_ray.data import DatasetBundle, build_datasets, make_train_loader, resolve_loader_workers
 from prelora_ray.fork import TrunkWriter, summarize
@@ -32,7 +35,7 @@ from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
 from prelora_ray.strategies import build as build_strategy
-from prelora_ray.switch import Phase, is_adapter_param, merge_lora, unwrap
+from prelora_ray.strategies.phases import FULL, Phase
 
 log = logging.getLogger("prelora_ray")
 
@@ -43,7 +46,7 @@ class LoopState:
 
     epoch: int = 0  # next epoch to run
     step: int = 0  # optimizer steps taken
-    phase: Phase = Phase.FULL  # set by the strategy
+    phase: Phase = FULL  # set by the strategy
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
     resumed_at: list[int] = field(default_factory=list)  # epochs at which the run resumed from a checkpoint
     forked_from: int = -1  # the trunk epoch this run started from (fork-from-trunk sweeps), -1: none
@@ -391,7 +394,7 @@ class TrainingLoop:
         same epochs with the same input as in a run of this config from scratch.
         """
         loop = fork.state["loop"]
-        if Phase(loop["phase"]) is not Phase.FULL:
+        if Phase(loop["phase"]) is not FULL:
             raise ValueError(
                 f"a fork must start from a full-training checkpoint; this one is in phase {loop['phase']!r}"
             )
@@ -402,6 +405,9 @@ class TrainingLoop:
             )
         self.load_state_dict(fork.state, strategy_state=self.strategy.fork_state(fork.snapshots, start))
         self.state.resumed_at, self.state.forked_from = [], start
+        # the trunk's records lack this strategy's own event metrics: their values before any event, as it logs them
+        before = self.strategy.event_metrics()
+        self.state.history = [{**before, **record} for record in self.state.history]
         if start > 0:
             self._decide_at_end_of(start - 1)
 
@@ -473,9 +479,9 @@ class TrainingLoop:
         return self.summary()
 
     def export_merged(self, path: str | Path) -> Path:
-        """Save the model with LoRA folded in as a plain ViT (`save_pretrained`, loadable by transformers)."""
+        """Save the model with its adapters folded in as a plain ViT (`save_pretrained`, loadable by transformers)."""
         path = Path(path)
-        merged = merge_lora(unwrap(self.wrapped))
+        merged = self.strategy.export(unwrap(self.wrapped))
         merged.save_pretrained(path)
         self.model = self.wrapped = merged
         return path

@@ -1,4 +1,4 @@
-"""The adapter primitives of `switch` on real PEFT adapters over a real vit-digits ViT: each adapter's
+"""The adapter primitives of `adapters.lora` on real PEFT adapters over a real vit-digits ViT: each adapter's
 delta, fold + re-initialise (function unchanged, B = 0, A != 0, B trainable), which parameters are
 adapters', and the post-injection checks that survive `python -O`."""
 
@@ -10,18 +10,11 @@ import textwrap
 
 import torch
 
+from prelora_ray.adapters.lora import adapter_deltas, adapter_root, fold_adapters, inject_lora, reinit_adapters
+from prelora_ray.adapters.names import ADAPTER, is_adapter_param
 from prelora_ray.config import PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.monitor import layer_norms
-from prelora_ray.switch import (
-    ADAPTER,
-    adapter_deltas,
-    adapter_root,
-    fold_adapters,
-    inject_lora,
-    is_adapter_param,
-    reinit_adapters,
-)
 from tests.test_switch import images, randomize_lora_b, ranks_for, tiny_vit
 
 FAMILIES = tuple(FAMILY_MODULES)
@@ -103,13 +96,13 @@ def test_a_mis_ranked_injection_raises_even_under_python_O():
     code = textwrap.dedent("""
         import re, types
         assert False, "asserts are on: this check needs python -O"
-        from prelora_ray import switch
+        from prelora_ray.adapters import lora
         from prelora_ray.config import ModelSettings, PreLoRASettings
         from prelora_ray.models import build_model
-        switch.re = types.SimpleNamespace(escape=lambda name: "nothing-" + re.escape(name))
+        lora.re = types.SimpleNamespace(escape=lambda name: "nothing-" + re.escape(name))
         model = build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
         try:
-            switch.inject_lora(model, {"query": [2, 8, 2, 8]}, PreLoRASettings())
+            lora.inject_lora(model, {"query": [2, 8, 2, 8]}, PreLoRASettings())
         except RuntimeError as exc:
             print("RAISED", exc)
         """)

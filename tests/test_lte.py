@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from prelora_ray import metrics as M
+from prelora_ray.adapters.lora import adapter_root, inject_lora
+from prelora_ray.adapters.lte import inject_lte_heads, lte_modules, set_lte_trainable
+from prelora_ray.adapters.names import ADAPTER, is_adapter_param
 from prelora_ray.config import PreLoRASettings, TrainSettings
-from prelora_ray.lte_heads import inject_lte_heads, lte_modules, set_lte_trainable
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.runtime import LocalRuntime, StopTraining
-from prelora_ray.strategies.lte import LTE
-from prelora_ray.switch import ADAPTER, Phase, adapter_root, inject_lora, is_adapter_param
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.lte import LTE, LTE_MERGES
 from prelora_ray.trainer import TrainingLoop
 from tests.test_switch import tiny_vit
 from tests.test_trainer import BASE
@@ -251,7 +253,7 @@ def test_collectives_only_at_merges_and_the_epoch_ends(reference):
     assert [s for kind, s in runtime.calls if kind == "mean"] == [3, 6, 8, 11, 14, 16, 19, 22, 24]
     assert [s for kind, s in runtime.calls if kind == "sum"] == [8, 8, 16, 16, 24, 24]
     assert {kind for kind, _ in runtime.calls} == {"mean", "sum"}
-    assert [r[M.LTE_MERGES] for r in runtime.reports] == [3, 6, 9]
+    assert [r[LTE_MERGES] for r in runtime.reports] == [3, 6, 9]
     assert [r[M.PHASE_INDEX] for r in runtime.reports] == [Phase.LTE.index] * 3 == [4] * 3
     assert all(r[M.COMM_BYTES_PER_STEP] == 0 for r in runtime.reports)  # one worker sends nothing
     assert runtime.reports[-1][M.VAL_ACC] > 0.3
@@ -265,7 +267,7 @@ def test_resume_between_epochs_is_exact_and_the_export_is_a_plain_vit(reference,
     assert first.checkpoints[-1]["worker"]["rank"] == 0 and first.checkpoints[-1]["worker"]["model"]
     loop = TrainingLoop(cfg(), LocalRuntime(resume_from=first.checkpoints[-1]))
     loop.run()
-    for key in (M.TRAIN_LOSS, M.VAL_LOSS, M.LTE_MERGES):
+    for key in (M.TRAIN_LOSS, M.VAL_LOSS, LTE_MERGES):
         assert [h[key] for h in loop.state.history] == [h[key] for h in ref_loop.state.history], key
     state, ref_state = loop.model.state_dict(), ref_loop.model.state_dict()
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
@@ -285,7 +287,7 @@ def test_resume_between_epochs_is_exact_and_the_export_is_a_plain_vit(reference,
 def test_full_epochs_first_then_lte_with_a_frozen_rest():
     loop, runtime = counted_run(cfg("epochs=2", "lte.start_epoch=1", "lte.train_others=frozen"))
     assert [r[M.PHASE] for r in runtime.reports] == ["full", "lte"]
-    assert [r[M.LTE_MERGES] for r in runtime.reports] == [0, 3]
+    assert [r[LTE_MERGES] for r in runtime.reports] == [0, 3]
     trainable = {n for n, p in loop.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith((".lte_A", ".lte_B")) for n in trainable)
 
@@ -380,7 +382,7 @@ def test_two_workers_equal_two_heads_emulated_on_one_worker(two_workers):
     loop = TrainingLoop(settings, LocalRuntime())
     loop.train_loader = loop.sampler = TwoShards(loop, 32)
     loop.run()
-    assert [h[M.LTE_MERGES] for h in plain["history"]] == [h[M.LTE_MERGES] for h in loop.state.history] == [2, 4, 6]
+    assert [h[LTE_MERGES] for h in plain["history"]] == [h[LTE_MERGES] for h in loop.state.history] == [2, 4, 6]
     for got, want in zip(plain["history"], loop.state.history):
         assert got[M.TRAIN_LOSS] == pytest.approx(want[M.TRAIN_LOSS], rel=1e-5)
         assert got[M.VAL_ACC] == want[M.VAL_ACC]

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from prelora_ray import metrics as M
+from prelora_ray.adapters.lora import adapter_root, injected_ranks
+from prelora_ray.adapters.names import ADAPTER
 from prelora_ray.config import TrainSettings
 from prelora_ray.runtime import LocalRuntime, StopTraining
-from prelora_ray.switch import ADAPTER, Phase, adapter_root, injected_ranks
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.relora_prelora import RELORA_MERGES
 from prelora_ray.trainer import TrainingLoop
 from tests.test_trainer import BASE
 
@@ -73,7 +76,7 @@ def test_phases_merges_and_the_per_layer_switch(reference):
     loop, runtime, summary, seen = reference
     assert [r[M.PHASE] for r in runtime.reports] == ["full", "relora", "relora", "relora", "warmup", "lora"]
     assert [r[M.PHASE_INDEX] for r in runtime.reports] == [0, 3, 3, 3, 1, 2]
-    assert [r[M.RELORA_MERGES] for r in runtime.reports] == [0, 1, 3, 4, 4, 4]
+    assert [r[RELORA_MERGES] for r in runtime.reports] == [0, 1, 3, 4, 4, 4]
     assert [step for step, *_ in seen["merges"]] == [13, 18, 23, 28]
     assert summary[M.SWITCH_EPOCH] == 3 and summary[M.FREEZE_EPOCH] == 4
     assert injected_ranks(loop.model) and set(injected_ranks(loop.model).values()) <= {
@@ -125,7 +128,7 @@ def test_interrupted_run_resumes_exactly(reference, stop_after):
     summary = loop.run()
     for key in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS, M.FINAL_VAL_ACC):
         assert summary[key] == ref[key], key
-    for key in (M.TRAIN_LOSS, M.VAL_LOSS, M.PHASE, M.RELORA_MERGES, M.LR, M.TRAINABLE_PARAMS):
+    for key in (M.TRAIN_LOSS, M.VAL_LOSS, M.PHASE, RELORA_MERGES, M.LR, M.TRAINABLE_PARAMS):
         assert [h[key] for h in loop.state.history] == [h[key] for h in ref_loop.state.history], key
     state, ref_state = loop.model.state_dict(), ref_loop.model.state_dict()
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
@@ -134,7 +137,7 @@ def test_interrupted_run_resumes_exactly(reference, stop_after):
 def test_start_epoch_0_is_relora_from_the_first_step():
     loop = TrainingLoop(cfg("epochs=2", "relora.start_epoch=0", "prelora.min_switch_epoch=5"), LocalRuntime())
     loop.run()
-    assert [(h[M.PHASE], h[M.RELORA_MERGES]) for h in loop.state.history] == [
+    assert [(h[M.PHASE], h[RELORA_MERGES]) for h in loop.state.history] == [
         ("relora", 1),
         ("relora", 3),
     ]  # merges at 5, 10, 15

@@ -1,4 +1,5 @@
-"""The switch on real PEFT adapters and real transformers ViTs (built from configs, nothing downloaded):
+"""The switch's parts (`adapters.lora`, `adapters.model`, the phases) on real PEFT adapters and real transformers
+ViTs (built from configs, nothing downloaded):
 output unchanged at injection, per-layer ranks and alphas exactly as assigned (layer 1 vs 10/11),
 rank 0 means no adapter, what trains in each phase, and the merged export."""
 
@@ -9,19 +10,15 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from prelora_ray import switch
+from prelora_ray.adapters import lean as lean_module
+from prelora_ray.adapters.lora import inject_lora, injected_ranks, rank_by_module
+from prelora_ray.adapters.model import merge_adapters as merge_lora
+from prelora_ray.adapters.model import set_trainable
+from prelora_ray.adapters.names import ADAPTER
 from prelora_ray.config import ModelSettings, PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, build_model
-from prelora_ray.switch import (
-    ADAPTER,
-    PHASE_INDEX,
-    Phase,
-    inject_lora,
-    injected_ranks,
-    merge_lora,
-    rank_by_module,
-    set_trainable,
-)
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.phases import phase_index
 
 FAMILIES = tuple(FAMILY_MODULES)
 
@@ -277,6 +274,7 @@ def test_lora_phase_drops_gradients_of_frozen_weights():
 def test_phase_index_is_fixed_per_phase_not_by_enum_order():
     # stored MLflow runs hold these numbers: a new phase takes the next free one, none is renumbered
     assert {p.value: p.index for p in Phase} == {"full": 0, "warmup": 1, "lora": 2, "relora": 3, "lte": 4}
+    PHASE_INDEX = phase_index()
     assert PHASE_INDEX == {p: p.index for p in Phase} and len(set(PHASE_INDEX.values())) == len(Phase)
 
 
@@ -332,9 +330,9 @@ def test_merge_of_a_plain_model_is_the_model():
 
 
 def test_lean_forward_matches_pefts_own_forward():
-    lean_lora_forward = getattr(switch, "lean_lora_forward", None)
+    lean_lora_forward = getattr(lean_module, "lean_lora_forward", None)
     if lean_lora_forward is None:
-        pytest.skip("this version of switch.py has no lean LoRA forward")
+        pytest.skip("this version of the adapters has no lean LoRA forward")
     model = inject_lora(tiny_vit(), ranks_for(4, [2, 4, 8]), PreLoRASettings())
     randomize_lora_b(model)
     model.eval()
@@ -345,3 +343,13 @@ def test_lean_forward_matches_pefts_own_forward():
         stock = model(pixel_values=x).logits.clone()
         assert lean_lora_forward(model, True) == 4 * len(FAMILIES)
     assert torch.allclose(lean, stock, atol=1e-6)
+
+
+def test_the_old_switch_and_lte_heads_names_still_import():
+    # benchmarks/ import these from the compatibility modules (nothing in the package does: test_imports.py)
+    from prelora_ray import lte_heads, switch
+    from prelora_ray.adapters import lte
+
+    assert switch.PHASE_INDEX == phase_index() and switch.Phase is Phase and switch.merge_lora is merge_lora
+    assert switch.LeanLoraLinear is lean_module.LeanLoraLinear and switch.inject_lora is inject_lora
+    assert all(getattr(lte_heads, name) is getattr(lte, name) for name in lte.__all__)

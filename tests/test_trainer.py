@@ -13,12 +13,13 @@ import torch
 from transformers import ViTForImageClassification
 
 from prelora_ray import metrics as M
+from prelora_ray.adapters.lora import injected_ranks
 from prelora_ray.algorithms import partial_convergence_test, percent_change
 from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES
 from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, StopTraining
-from prelora_ray.switch import Phase, injected_ranks
+from prelora_ray.strategies import Phase
 from prelora_ray.trainer import TrainingLoop, train
 
 EPOCHS = 12

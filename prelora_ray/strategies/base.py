@@ -1,54 +1,67 @@
-"""The hooks a training strategy gives the loop, and the state every strategy shares.
+"""`Strategy`: what a training strategy declares about itself, and the hooks the loop calls.
 
-A strategy owns its phase changes and what they need (which parameters train, when adapters go in,
-its own progress for checkpoints); the loop (`trainer.TrainingLoop`) only calls the hooks, in this
-order each epoch: `after_step` after every optimizer step, `after_train_pass` at the end of the
-training pass (before validation), `after_epoch` after validation. No Ray, no MLflow.
+A strategy is one class in one file (prelora_ray/strategies/<name>.py, or a user's module; see
+docs/adding_a_strategy.md). Its class-level declaration is read without building anything (config,
+sweeps, the console): name, help line, config section and its cross-checks, phases with their stored
+numbers, event metrics, summary line, and where its trials start in a fork-mode sweep. Its instance
+hooks run inside the loop (`trainer.TrainingLoop`), in this order each epoch: `after_step` after every
+optimizer step, `after_train_pass` at the end of the training pass (before validation), `after_epoch`
+after validation. No Ray, no MLflow.
+
+This module and the strategies' files import nothing heavy at module level (config.py imports them
+before torch): the torch-side helpers (`prelora_ray.adapters`) are imported inside the hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prelora_ray import metrics as M
-from prelora_ray.algorithms import SwitchPoint
-from prelora_ray.config import TrainSettings
+from prelora_ray.fork import TrunkFork
 from prelora_ray.optim import lr_factor
-from prelora_ray.switch import Phase
+from prelora_ray.strategies.phases import FULL, Phase
+from prelora_ray.strategies.registry import strategy_sections
 
 if TYPE_CHECKING:
-    from prelora_ray.trainer import TrainingLoop
+    from torch import nn
 
+    from prelora_ray.config import TrainSettings
+    from prelora_ray.trainer import TrainingLoop
 
 # keys that act only once LoRA is in (or on a rebuilt optimizer): a run without LoRA never reads them
 POST_SWITCH_OPTIM_KEYS = ("optim.lora_lr", "optim.carry_optimizer_state")
 FORK_MODES = ("scratch", "trunk", "fork")
 
-
-@dataclass(frozen=True, kw_only=True)
-class TrunkFork:
-    """Where a trial starts in a fork-from-trunk sweep, given the trunk's records so far (`Strategy.trunk_fork`)."""
-
-    mode: str  # fork: from the trunk's checkpoint at or before `until`; trunk: its result is the trunk's; scratch: trains whole
-    until: int = (
-        -1
-    )  # fork: the trial's epochs before `until` are the trunk's (it may start from any trunk checkpoint c <= until)
-    switch: SwitchPoint | None = (
-        None  # fork: the switch replayed on the trunk's history, where it is known before training
-    )
-    why: str = ""  # trunk and scratch: the reason, for the trial's log line
+__all__ = ["FORK_MODES", "POST_SWITCH_OPTIM_KEYS", "Strategy", "TrunkFork"]
 
 
 class Strategy:
-    """Full training with no phase change: the defaults every hook falls back to."""
+    """Full training with no phase change: the defaults every declaration and hook falls back to."""
 
+    # -- the declaration (class-level: read before any run is built) ---------------------------------
     name: ClassVar[str]
+    """The value of the `strategy` key."""
+    description: ClassVar[str] = ""
+    """One line for the `strategy` key's help: its phases, e.g. "full -> warmup -> LoRA"."""
     section: ClassVar[str | None] = None
-    """The strategy's own section of `TrainSettings` (None: it has no settings)."""
+    """Its own config section (`prelora`, `relora`, ...), or None: no settings."""
+    section_class: ClassVar[type | None] = None
+    """The section's dataclass: keyword-only, every field made with `prelora_ray.fields.setting` (a doc each),
+    values checked in `__post_init__`; a `check_with(cfg)` method, if any, checks it against the rest of the
+    config whatever the strategy (e.g. prelora.switch_at_epoch against epochs)."""
+    section_doc: ClassVar[str] = ""
+    """One line on the section (the config reference)."""
     uses: ClassVar[tuple[str, ...]] = ()
-    """Every section of `TrainSettings` the strategy reads (its own and others', e.g. relora_prelora reads prelora.*)."""
+    """Every section of `TrainSettings` it reads (its own and others', e.g. relora_prelora reads prelora.*)."""
+    phases: ClassVar[tuple[Phase, ...]] = (FULL,)
+    """The phases its runs go through, FULL first (`Phase.declare` in its own file: stored numbers never change)."""
+    metrics: ClassVar[Mapping[str, float]] = {}
+    """Its own per-epoch event metrics and their values before any event (e.g. relora_merges: 0); every strategy
+    also reports switch_epoch and freeze_epoch (-1: never)."""
+    switch_decision_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys that only decide where its switch lands, when `trunk_fork` replays the switch on the trunk's history:
+    two trials differing only in these, with the same replayed switch, compute the same after it (`fork.reuse_key`)."""
     fork_keys_text: ClassVar[str] = "any key (its trials train whole)"
     """The keys `fork_safe` allows, in words (for the error naming a key it refuses)."""
     fork_mode: ClassVar[str] = "scratch"
@@ -56,7 +69,16 @@ class Strategy:
     trials' result is the trunk's) or `scratch` (its trials train whole, beside the forked ones). A new strategy that
     does not say otherwise trains whole, which is always correct."""
 
-    # -- fork-from-trunk sweeps (class-level: the sweep asks before any run is built) -------------------
+    @classmethod
+    def check_config(cls, cfg: TrainSettings) -> None:
+        """Cross-checks of a config that selects this strategy against the rest of it (ValueError naming the key)."""
+
+    @classmethod
+    def summary_line(cls, summary: dict[str, Any]) -> str:
+        """What `prelora-ray train` prints about the run's strategy, from its summary (with its `history`)."""
+        return f"strategy {cls.name}"
+
+    # -- fork-from-trunk sweeps ---------------------------------------------------------------------
     @classmethod
     def fork_safe(cls, key: str) -> bool:
         """Whether a fork-mode sweep may sample `key` for this strategy's trials: it leaves their part before the
@@ -84,6 +106,7 @@ class Strategy:
         """Where a trial of `cfg` starts, given the trunk's per-epoch records so far; None: wait for more of them."""
         return TrunkFork(mode="scratch", why=f"strategy {cls.name} does not start from a full-training trunk")
 
+    # -- the hooks ----------------------------------------------------------------------------------
     def __init__(self, cfg: TrainSettings) -> None:
         self.cfg = cfg
 
@@ -97,16 +120,18 @@ class Strategy:
         return True
 
     def loss_scale(self, phase: Phase) -> float:
-        """Factor on the worker's mean loss before backward (LTE: each of H heads gets its own chunk's mean gradient)."""
+        """Factor on the worker's mean loss before backward (LTE: each of H heads gets its own chunk's gradient)."""
         return 1.0
 
     @property
     def drop_last(self) -> bool:
-        """Whether the train loader drops each worker's last, short batch (LTE with several heads: it cannot be cut evenly)."""
+        """Whether the train loader drops each worker's last, short batch (LTE with several heads: it cannot be cut)."""
         return False
 
     def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
-        """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load."""
+        """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load.
+
+        The default: every parameter trains."""
         for param in loop.model.parameters():
             param.requires_grad_(True)
 
@@ -122,14 +147,21 @@ class Strategy:
         """After each optimizer step (`loss`: the step's all-worker mean when `step_losses`, else None)."""
 
     def after_train_pass(self, loop: TrainingLoop, loss: float | None) -> None:
-        """After the epoch's last step, before validation (`loss`: the epoch's all-worker mean; None: recorded already)."""
+        """After the epoch's last step, before validation (`loss`: the epoch's all-worker mean; None: recorded)."""
 
     def after_epoch(self, loop: TrainingLoop) -> None:
         """After validation, before the epoch's report and checkpoint."""
 
+    def export(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain ViT (every adapter folded into its base weight), for `save_pretrained`."""
+        from prelora_ray.adapters.model import merge_adapters
+
+        return merge_adapters(model)
+
+    # -- reports and checkpoints ----------------------------------------------------------------------
     def event_metrics(self) -> dict[str, Any]:
-        """Per-epoch event metrics; every strategy reports these two (-1: never) so all runs share one set."""
-        return {M.SWITCH_EPOCH: -1, M.FREEZE_EPOCH: -1}
+        """Per-epoch event metrics: switch and freeze epochs (every strategy: -1, never), then `metrics`' values now."""
+        return {M.SWITCH_EPOCH: -1, M.FREEZE_EPOCH: -1, **self.metrics}
 
     def summary(self) -> dict[str, Any]:
         """Keyword arguments of `fork.summarize` beyond the history (switch and freeze epochs, ranks)."""
@@ -166,10 +198,3 @@ class Strategy:
     def fork_state(self, snapshots: list[tuple[dict[str, list[float]], float]], start: int) -> dict[str, Any]:
         """The state a run forked from a full-training trunk checkpoint at `start` begins with."""
         return {}
-
-
-def strategy_sections() -> set[str]:
-    """The `TrainSettings` sections that belong to some registered strategy (prelora, relora, ...)."""
-    from prelora_ray.strategies import REGISTRY
-
-    return {section for cls in REGISTRY.values() for section in (*cls.uses, *((cls.section,) if cls.section else ()))}

@@ -4,12 +4,19 @@ Algorithm 1 runs at window boundaries of the FULL phase (epochs, or optimizer st
 `prelora.window_unit: step`); when it passes, Algorithm 2's per-layer ranks are injected and base and
 adapters train together for `prelora.warmup` epochs, then the base freezes. With
 `prelora.switch_at_epoch` the switch is at the end of that epoch and Algorithm 1 is not asked (ranks
-still from Algorithm 2 over the windows ending there). Settings: `prelora.*`.
+still from Algorithm 2 over the windows ending there). See docs/algorithms.md, "Algorithm 1" and
+"Algorithm 2".
+
+Everything about the strategy is here: its section `prelora` (read by relora_prelora and lte too: the
+target families), its phases WARMUP (1) and LORA (2) and what trains in each, its summary line, where
+its trials fork, and the hooks. The torch side (`prelora_ray.adapters`) is imported inside the hooks:
+config.py imports this file before torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,15 +24,122 @@ from typing import TYPE_CHECKING, Any
 
 from prelora_ray import fork
 from prelora_ray import metrics as M
-from prelora_ray.config import TrainSettings
+from prelora_ray.adapters.names import is_adapter_param
+from prelora_ray.algorithms import is_power_of_two
+from prelora_ray.fields import check, setting
+from prelora_ray.models import MODULE_FAMILIES, PARAM_GROUPS, in_param_group
 from prelora_ray.monitor import ConvergenceMonitor
 from prelora_ray.strategies.base import POST_SWITCH_OPTIM_KEYS, Strategy, TrunkFork
-from prelora_ray.switch import Phase, inject_lora, set_trainable, unwrap
+from prelora_ray.strategies.phases import FULL, Phase, train_all
 
 if TYPE_CHECKING:
+    from prelora_ray.config import TrainSettings
     from prelora_ray.trainer import TrainingLoop
 
 log = logging.getLogger("prelora_ray")
+
+
+@dataclass(kw_only=True)
+class PreLoRASettings:
+    """The switch: Algorithm 1's thresholds and windows, Algorithm 2's rank bounds, the warmup w."""
+
+    tau: float = setting(1.0, "τ: max |% change| of each family's mean weight norm between consecutive windows.")
+    zeta: float = setting(5.0, "ζ: max |% change| of the training loss between consecutive windows.")
+    k: int = setting(3, "Number of windows the convergence test compares (k >= 2).")
+    m: int = setting(2, "Window size, in window units (the paper: 3 epochs; 2 suits the 40-epoch digits default).")
+    window_unit: str = setting("epoch", "Unit of m: epoch (the paper) or step (optimizer steps, for long epochs).")
+    window_stat: str = setting("mean", "A window's value: mean of its m snapshots, or last (the window's end).")
+    warmup: int = setting(3, "w: epochs base and LoRA train together after the test passes (the paper: 10 of 300).")
+    r_min: int = setting(2, "Smallest LoRA rank (power of two; the paper: 8 on ViT-L).")
+    r_max: int = setting(16, "Largest LoRA rank (power of two, >= r_min; the paper: 64 on ViT-L).")
+    modules: tuple[str, ...] = setting(
+        MODULE_FAMILIES, "Module families that get adapters: query, key, value, attn_out, mlp_in, mlp_out."
+    )
+    alpha_scale: float = setting(2.0, "lora_alpha = alpha_scale * rank for each layer (the paper: 2).")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA input (0: no copy of the activations is made).")
+    tie_rank: str = setting(
+        "min", "Rank of a family whose layers all changed equally: min (r_min, the paper's v=0), middle or max."
+    )
+    zero_rank_below: float | None = setting(
+        None,
+        "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.",
+    )
+    trainable_after_freeze: tuple[str, ...] = setting(
+        (), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none)."
+    )
+    min_switch_epoch: int = setting(0, "Earliest epoch (0-based) at whose end the switch may happen.")
+    switch_at_epoch: int | None = setting(
+        None,
+        "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).",
+    )
+
+    def __post_init__(self) -> None:
+        self.modules = tuple(self.modules)
+        self.trainable_after_freeze = tuple(self.trainable_after_freeze)
+        check(self.tau > 0, "prelora.tau", self.tau, "a percentage > 0")
+        check(self.zeta > 0, "prelora.zeta", self.zeta, "a percentage > 0")
+        check(isinstance(self.k, int) and self.k >= 2, "prelora.k", self.k, "an integer >= 2")
+        check(isinstance(self.m, int) and self.m >= 1, "prelora.m", self.m, "an integer >= 1")
+        check(self.window_unit in ("epoch", "step"), "prelora.window_unit", self.window_unit, "epoch or step")
+        check(self.window_stat in ("mean", "last"), "prelora.window_stat", self.window_stat, "mean or last")
+        check(isinstance(self.warmup, int) and self.warmup >= 0, "prelora.warmup", self.warmup, "an integer >= 0")
+        check(is_power_of_two(self.r_min), "prelora.r_min", self.r_min, "a power of two (1, 2, 4, 8, ...)")
+        check(is_power_of_two(self.r_max), "prelora.r_max", self.r_max, "a power of two (1, 2, 4, 8, ...)")
+        check(self.r_min <= self.r_max, "prelora.r_min", self.r_min, f"<= prelora.r_max ({self.r_max})")
+        check(
+            len(self.modules) > 0,
+            "prelora.modules",
+            list(self.modules),
+            f"a non-empty list of {', '.join(MODULE_FAMILIES)}",
+        )
+        bad = [m for m in self.modules if m not in MODULE_FAMILIES]
+        check(not bad, "prelora.modules", bad, f"module families from {', '.join(MODULE_FAMILIES)}")
+        check(len(set(self.modules)) == len(self.modules), "prelora.modules", list(self.modules), "no family twice")
+        check(self.alpha_scale > 0, "prelora.alpha_scale", self.alpha_scale, "a number > 0")
+        check(0 <= self.lora_dropout < 1, "prelora.lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        check(self.tie_rank in ("min", "middle", "max"), "prelora.tie_rank", self.tie_rank, "min, middle or max")
+        check(
+            self.zero_rank_below is None or self.zero_rank_below >= 0,
+            "prelora.zero_rank_below",
+            self.zero_rank_below,
+            "a percentage >= 0 or null",
+        )
+        bad = [g for g in self.trainable_after_freeze if g not in PARAM_GROUPS]
+        check(not bad, "prelora.trainable_after_freeze", bad, f"groups from {', '.join(PARAM_GROUPS)}")
+        check(self.min_switch_epoch >= 0, "prelora.min_switch_epoch", self.min_switch_epoch, "an integer >= 0")
+
+    def check_with(self, cfg: TrainSettings) -> None:
+        """`switch_at_epoch` against the run's length (whatever the strategy: a config never holds one out of range)."""
+        at = self.switch_at_epoch
+        if at is None:
+            return
+        lo, hi = switch_epoch_range(cfg)
+        check(self.window_unit == "epoch", "prelora.switch_at_epoch", at, "only with prelora.window_unit=epoch")
+        check(
+            lo <= at <= hi,
+            "prelora.switch_at_epoch",
+            at,
+            f"an epoch in [{lo}, {hi}]: Algorithm 2 needs k*m = {lo + 1} recorded epochs, and the warmup "
+            f"(prelora.warmup={self.warmup}) and one LoRA epoch must fit in epochs={cfg.epochs}",
+        )
+
+
+def switch_epoch_range(cfg: TrainSettings) -> tuple[int, int]:
+    """First and last epoch a switch can happen at: once k*m epochs are recorded (Algorithm 1 and 2 need
+    k windows), and early enough for the warmup and at least one LoRA-only epoch (hi < lo: none)."""
+    p = cfg.prelora
+    return p.k * p.m - 1, cfg.epochs - 2 - p.warmup
+
+
+def _lora_trains(name: str, settings: PreLoRASettings) -> bool:
+    """LORA: the adapters, and the base parameters of the groups `trainable_after_freeze` keeps (the paper: none)."""
+    return is_adapter_param(name) or any(in_param_group(name, g) for g in settings.trainable_after_freeze)
+
+
+WARMUP = Phase.declare("warmup", 1, trains=train_all)
+"""Base and LoRA train together for `prelora.warmup` epochs after the switch."""
+LORA = Phase.declare("lora", 2, trains=_lora_trains)
+"""The base frozen: only LoRA (and the groups `prelora.trainable_after_freeze` keeps) trains."""
 
 
 @dataclass(kw_only=True)
@@ -42,11 +156,30 @@ class PreLoRA(Strategy):
     """Full training until the partial-convergence test passes, then per-layer LoRA, warmup, freeze."""
 
     name = "prelora"
+    description = "full -> warmup -> LoRA"
     section = "prelora"
+    section_class = PreLoRASettings
+    section_doc = "The PreLoRA switch."
     uses = ("prelora",)
+    phases = (FULL, WARMUP, LORA)
     fork_mode = "fork"  # from the trunk's checkpoint at its switch epoch, replayed on the trunk's history
     fork_keys_text = "prelora.* (not window_unit), optim.lora_lr or optim.carry_optimizer_state"
+    switch_decision_keys = tuple(
+        f"prelora.{k}"
+        for k in ("tau", "zeta", "k", "m", "window_stat", "min_switch_epoch", "switch_at_epoch")
+        + ("r_min", "r_max", "tie_rank", "zero_rank_below")
+    )
     state_class: type[PreLoRAState] = PreLoRAState
+
+    @classmethod
+    def summary_line(cls, summary: dict[str, Any]) -> str:
+        """The switch and freeze epochs and the ranks, or that the test never passed."""
+        if summary.get(M.SWITCH_EPOCH, -1) >= 0:
+            return (
+                f"switch at epoch {summary[M.SWITCH_EPOCH]}, base frozen at epoch {summary[M.FREEZE_EPOCH]}; "
+                f"ranks {json.dumps(summary.get(M.RANKS))}"
+            )
+        return "no switch (full training throughout)"
 
     @classmethod
     def _acts_after_fork(cls, key: str) -> bool:
@@ -84,7 +217,10 @@ class PreLoRA(Strategy):
 
     def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
         """After the switch, re-inject LoRA with the recorded ranks (A is loaded next), then set requires_grad."""
-        if phase is not Phase.FULL:
+        from prelora_ray.adapters.lora import inject_lora
+        from prelora_ray.adapters.model import set_trainable, unwrap
+
+        if phase is not FULL:
             loop.model = inject_lora(unwrap(loop.wrapped), self.state.ranks, self.settings, seed=0)
         set_trainable(loop.model, phase, self.settings)
 
@@ -101,7 +237,7 @@ class PreLoRA(Strategy):
 
     def after_epoch(self, loop: TrainingLoop) -> None:
         """Freeze the base once the warmup's w epochs after the switch epoch are over."""
-        if loop.state.phase is Phase.WARMUP and loop.state.epoch >= self.state.switch_epoch + self.settings.warmup:
+        if loop.state.phase is WARMUP and loop.state.epoch >= self.state.switch_epoch + self.settings.warmup:
             self._freeze(loop)
 
     def _after_unit(self, loop: TrainingLoop, loss: float | None) -> None:
@@ -122,11 +258,11 @@ class PreLoRA(Strategy):
 
     def _measuring(self, phase: Phase) -> bool:
         """Whether Algorithm 1's windows record the units of `phase` (PreLoRA: FULL only)."""
-        return phase is Phase.FULL
+        return phase is FULL
 
     def _switching_phase(self, phase: Phase) -> bool:
         """Whether the per-layer switch may happen in `phase` (PreLoRA: FULL)."""
-        return phase is Phase.FULL
+        return phase is FULL
 
     def _may_switch(self, loop: TrainingLoop) -> bool:
         """Whether the test may run at this boundary (besides having k windows)."""
@@ -162,9 +298,12 @@ class PreLoRA(Strategy):
 
     def _switch(self, loop: TrainingLoop, ranks: dict[str, list[int]]) -> None:
         """Inject LoRA with the assigned ranks; base and LoRA train together (WARMUP)."""
+        from prelora_ray.adapters.lora import inject_lora
+        from prelora_ray.adapters.model import set_trainable, unwrap
+
         loop.model = inject_lora(unwrap(loop.wrapped), ranks, self.settings, seed=self._adapter_seed(loop.state.epoch))
-        set_trainable(loop.model, Phase.WARMUP, self.settings)
-        loop.state.phase = Phase.WARMUP
+        set_trainable(loop.model, WARMUP, self.settings)
+        loop.state.phase = WARMUP
         self.state.ranks, self.state.switch_epoch = ranks, loop.state.epoch
         loop.rebuild()
         if loop.runtime.rank == 0:
@@ -184,8 +323,10 @@ class PreLoRA(Strategy):
 
     def _freeze(self, loop: TrainingLoop) -> None:
         """Freeze the base: only LoRA (and the configured groups) train from here (LORA)."""
-        set_trainable(loop.model, Phase.LORA, self.settings)
-        loop.state.phase, self.state.freeze_epoch = Phase.LORA, loop.state.epoch
+        from prelora_ray.adapters.model import set_trainable
+
+        set_trainable(loop.model, LORA, self.settings)
+        loop.state.phase, self.state.freeze_epoch = LORA, loop.state.epoch
         loop.rebuild()
         if loop.runtime.rank == 0:
             log.info("epoch %d: base frozen; %s", loop.state.epoch, loop.trainable_text())
