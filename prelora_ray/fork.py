@@ -33,6 +33,7 @@ from prelora_ray import metrics as M
 from prelora_ray.algorithms import Snapshot, SwitchPoint, replay_switch
 from prelora_ray.models import MODULE_FAMILIES
 from prelora_ray.storage import MANIFEST_SUFFIX, Location, location, replace_local
+from prelora_ray.summary import RunSummary
 
 if TYPE_CHECKING:
     from prelora_ray.config import TrainSettings
@@ -246,7 +247,7 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
 
 def summarize(
     history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time."""
     times = [float(e[M.EPOCH_TIME_S]) for e in history]
     return {

@@ -36,6 +36,7 @@ from prelora_ray.monitor import layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
 from prelora_ray.strategies import build as build_strategy
 from prelora_ray.strategies.phases import FULL, Phase
+from prelora_ray.summary import RunSummary
 
 log = logging.getLogger("prelora_ray")
 
@@ -340,7 +341,7 @@ class TrainingLoop:
                 out[f"{M.LAYER_NORM_PREFIX}{family}/{layer}"] = value
         return out
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunSummary:
         """Run summary over the history (a fork's includes the trunk's epochs before the fork)."""
         s = self.state
         out = summarize(s.history, **self.strategy.summary())
@@ -426,7 +427,7 @@ class TrainingLoop:
         self.state.epoch = epoch + 1
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunSummary:
         """Train from the last checkpoint (or from scratch) to cfg.epochs; returns the summary."""
         ckpt = self.runtime.latest_checkpoint()
         if ckpt is not None:
@@ -507,7 +508,7 @@ def train(
     sink: MetricsSink | None = None,
     *,
     export_to: str | Path | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run one training job in this process (no Ray): the function a user can call from a notebook."""
     runtime = runtime or LocalRuntime()
     loop = TrainingLoop(cfg, runtime, sink)

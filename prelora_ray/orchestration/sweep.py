@@ -19,6 +19,7 @@ from prelora_ray.orchestration.train import PreparedRun, fit_in_trial, fit_run, 
 from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords
 from prelora_ray.search_space import SearchSpace, check_optuna_storage
 from prelora_ray.storage import Location, location
+from prelora_ray.summary import RunSummary
 
 log = logging.getLogger("prelora_ray")
 
@@ -146,7 +147,7 @@ def run_one(
     *,
     start: TrunkRecords | ForkFrom | None = None,
     on_prepared: Any = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Prepare a run of the sweep (its MLflow run under the parent, tagged with its role) and train it."""
     run = prepare_run(
         sweep.run_config(cfg, run_name),
@@ -160,7 +161,7 @@ def run_one(
 
 def fit_sweep_run(
     sweep: Sweep, run: PreparedRun, *, in_trial: bool, tune_callback: bool, start: TrunkRecords | ForkFrom | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train a sweep's run: under `trial_executor: tune` in this process (a trial's Tune process, or the baseline's
     Ray task: `baseline_task`), else with a TorchTrainer (reporting to Tune with `tune_callback`)."""
     if sweep.space.trial_executor == "tune":
@@ -168,7 +169,7 @@ def fit_sweep_run(
     return fit_run(run, tune_callback=tune_callback, start=start, verbose=sweep.verbose, epoch_lines=sweep.verbose)
 
 
-def final_report(summary: dict[str, Any]) -> dict[str, Any]:
+def final_report(summary: RunSummary) -> dict[str, Any]:
     """The run summary plus its last epoch's numbers: every objective a search space may name."""
     last = (summary.get("history") or [{}])[-1]
     out = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

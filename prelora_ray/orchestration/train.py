@@ -22,6 +22,7 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.data import check_data, default_image_size
 from prelora_ray.models import check_model_shape
 from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords, WorkerSpec
+from prelora_ray.summary import RunSummary
 
 log = logging.getLogger("prelora_ray")
 
@@ -136,7 +137,7 @@ def fit_run(
     start: TrunkRecords | ForkFrom | None = None,
     verbose: bool = False,
     epoch_lines: bool = True,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run the TorchTrainer to the end (resuming from the last checkpoint of a run of the same name).
 
     The workers print our line per epoch if `epoch_lines`, and Ray Train's per-report dumps and the
@@ -190,7 +191,7 @@ def fit_in_trial(
     start: TrunkRecords | ForkFrom | None = None,
     verbose: bool = False,
     epoch_lines: bool = True,
-) -> dict[str, Any]:
+) -> RunSummary:
     """`trial_executor: tune`: the run's one worker in this process, no TorchTrainer.
 
     Same loop, summary and MLflow logging as `fit_run`. In a Ray Tune trial's process, reports and
@@ -211,7 +212,7 @@ def fit_in_trial(
     return finish_run(run, summary)
 
 
-def finish_run(run: PreparedRun, summary: dict[str, Any]) -> dict[str, Any]:
+def finish_run(run: PreparedRun, summary: RunSummary) -> RunSummary:
     """Log the summary (or keep it on disk if MLflow is down) and mark the run FINISHED."""
     try:
         log_summary(run, summary)
@@ -228,7 +229,7 @@ def finish_run(run: PreparedRun, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def log_summary(run: PreparedRun, summary: dict[str, Any]) -> None:
+def log_summary(run: PreparedRun, summary: RunSummary) -> None:
     """Summary metrics, ranks.json and the run's tags (switched, resumed_at, epochs_trained, merged model)."""
     if not run.mlflow_run_id:
         return
@@ -273,7 +274,7 @@ def end_run(run: PreparedRun, status: str, error: str | None = None) -> None:
         log.warning("could not mark MLflow run %s %s: %s", run.mlflow_run_id, status, exc)
 
 
-def run_train(cfg: TrainSettings, *, num_cpus: int | None = None) -> dict[str, Any]:
+def run_train(cfg: TrainSettings, *, num_cpus: int | None = None) -> RunSummary:
     """`prelora-ray train`: prepare (no Ray), start or join Ray, fit, return the summary."""
     run = prepare_run(cfg)
     init_ray(run.cfg.cluster.address, num_cpus=num_cpus)

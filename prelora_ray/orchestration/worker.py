@@ -22,6 +22,7 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.worker_spec import ForkFrom, TrunkRecords, WorkerSpec
 from prelora_ray.storage import Location, location
+from prelora_ray.summary import RunSummary
 from prelora_ray.trainer import TrainingLoop
 
 CHECKPOINT_FILE = "state.pt"
@@ -286,7 +287,7 @@ def start_arguments(start: TrunkRecords | ForkFrom | None) -> dict[str, Any]:
     return {}
 
 
-def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+def train_worker(config: dict[str, Any]) -> RunSummary:
     """`train_loop_per_worker` of the TorchTrainer (its config: {"spec": WorkerSpec}): build the loop, run it, export."""
     spec: WorkerSpec = config["spec"]
     cfg = TrainSettings.from_dict(spec.settings)
@@ -302,7 +303,7 @@ def run_fault(spec: WorkerSpec, cfg: TrainSettings) -> dict[str, str]:
     return fault
 
 
-def run_loop(spec: WorkerSpec, cfg: TrainSettings, runtime: Any) -> dict[str, Any]:
+def run_loop(spec: WorkerSpec, cfg: TrainSettings, runtime: Any) -> RunSummary:
     """One worker's whole run (a Ray Train worker, or a trial's own process: TuneRuntime): loop, export, summary."""
     apply_console(
         verbose=spec.verbose, progress=spec.progress
@@ -436,7 +437,7 @@ class FolderRuntime(TuneRuntime):
             return load_previous_checkpoint(found[-1], exc)
 
 
-def run_in_trial(spec: WorkerSpec, *, checkpoint_dir: str | Path | Location | None = None) -> dict[str, Any]:
+def run_in_trial(spec: WorkerSpec, *, checkpoint_dir: str | Path | Location | None = None) -> RunSummary:
     """`trial_executor: tune`: the same loop as a Ray Train worker, in the calling process: a Tune trial's (reports
     and checkpoints to Ray Tune) or, with `checkpoint_dir`, a plain Ray task's (checkpoints in that folder)."""
     cfg = TrainSettings.from_dict(spec.settings)
