@@ -1,4 +1,5 @@
-"""`prelora-ray`: train (one run), tune (a sweep), scan (the switch-epoch curve), best (export a config), pareto (plots)."""
+"""`prelora-ray`: train (one run), tune (a sweep), scan (the switch-epoch curve), best (export a config), pareto
+(plots)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ RAY_NOISE = r"'PreemptionWatcher' .*max_restarts > 0|PYTHON worker processes hav
 
 
 def _console_env(verbose: bool) -> None:
-    """Console settings read once when Ray and MLflow are imported, so set before (processes Ray starts inherit them)."""
+    """Console settings read once when Ray and MLflow are imported, so set before (processes Ray starts inherit
+    them)."""
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", NEVER_DEDUP)
     if not sys.stdout.isatty():  # a log file or a pipe: no colour codes around Ray's "(trial_fn pid=...)"
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
@@ -36,7 +38,8 @@ def _console_env(verbose: bool) -> None:
 
 
 def mlflow_lines(uri: str, experiment_id: str | None, run_id: str | None = None) -> list[str]:
-    """How to see the runs: the UI command and the direct page (MLflow 3's UI otherwise opens on an empty GenAI overview)."""
+    """How to see the runs: the UI command and the direct page (MLflow 3's UI otherwise opens on an empty GenAI
+    overview)."""
     page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") if experiment_id else ""
     if uri.startswith(("http://", "https://")):  # a tracking server is its own UI
         return [f"open {uri.rstrip('/')}/{page}"]
@@ -47,7 +50,9 @@ def mlflow_lines(uri: str, experiment_id: str | None, run_id: str | None = None)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="one training run of a strategy (PreLoRA by default) on Ray Train, logged to MLflow")
+    p = sub.add_parser(
+        "train", help="one training run of a strategy (PreLoRA by default) on Ray Train, logged to MLflow"
+    )
     p.add_argument("--config", help="YAML file of config keys (see the README's reference)")
     p.add_argument(
         "--set",
@@ -69,7 +74,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything, then run."""
     if args.help_config:
-        for key, typ, default, doc in field_docs():
+        for key, _type, default, doc in field_docs():
             print(f"{key:34} {json.dumps(default):>14}  {doc}")
         return 0
     overrides = list(args.overrides)
@@ -113,8 +118,10 @@ def _run_prepared(run: Any, *, verbose: bool = False) -> dict[str, Any]:
 
 def _summary_text(s: dict[str, Any]) -> str:
     lines = [
-        f"run {s.get('run_name')}: final val_acc {s.get('final_val_acc', float('nan')):.4f} (best {s.get('best_val_acc', float('nan')):.4f}), "
-        f"mean epoch time {s.get('mean_epoch_time_s', float('nan')):.3f} s, total {s.get('total_train_time_s', float('nan')):.1f} s",
+        f"run {s.get('run_name')}: final val_acc {s.get('final_val_acc', float('nan')):.4f} "
+        f"(best {s.get('best_val_acc', float('nan')):.4f}), "
+        f"mean epoch time {s.get('mean_epoch_time_s', float('nan')):.3f} s, "
+        f"total {s.get('total_train_time_s', float('nan')):.1f} s",
     ]
     lines.append(strategies.get(s.get("strategy", "prelora")).summary_line(s))  # the strategy's own line
     if s.get("merged_model_path"):
@@ -139,7 +146,8 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--storage",
         help="where the sweep's records, checkpoints and models go: a folder every node sees, or "
-        "s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX (default: the base config's cluster.storage_path)",
+        "s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX "
+        "(default: the base config's cluster.storage_path)",
     )
     p.add_argument(
         "--optuna-storage",
@@ -189,7 +197,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print("\nPareto front (and the full-training baseline):")
     print(format_front(table))
     print(
-        f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id}), parent run {sweep.parent_run_id}"
+        f"\n{int((table['role'] == 'trial').sum()) if len(table) else 0} trials in MLflow experiment "
+        f"{sweep.experiment!r} (id {sweep.experiment_id}), parent run {sweep.parent_run_id}"
     )
     print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id)))
     return 0
@@ -224,13 +233,15 @@ def _scan_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--name",
-        help="scan name; the same name reuses its finished trunk and adds the new points to the scan's table (default: scan-<dataset>-<time>)",
+        help="scan name; the same name reuses its finished trunk and adds the new points to the scan's table "
+        "(default: scan-<dataset>-<time>)",
     )
     p.add_argument("--experiment", help="MLflow experiment (default: the config's tracking.experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
     p.add_argument(
         "--storage",
-        help="where the trunk, the points' checkpoints and models go: a folder, s3://... or gs://... (default: the config's cluster.storage_path)",
+        help="where the trunk, the points' checkpoints and models go: a folder, s3://... or gs://... "
+        "(default: the config's cluster.storage_path)",
     )
     p.add_argument("--address", help="Ray cluster to join, e.g. auto")
     p.add_argument(
@@ -270,19 +281,23 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     result = run_scan(sweep, candidates, grid, address=args.address)
     print(
-        f"\nscan {sweep.name} ({cfg.model.preset} on {cfg.data.name}, {cfg.epochs} epochs; speedup = trunk epoch time / point epoch time):"
+        f"\nscan {sweep.name} ({cfg.model.preset} on {cfg.data.name}, {cfg.epochs} epochs; "
+        "speedup = trunk epoch time / point epoch time):"
     )
     print(scan.format_table(result["trunk"], result["rows"], result["landings"]))
     if result["failed"]:
         print(
-            f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; run again with --name {sweep.name}"
+            f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; "
+            f"run again with --name {sweep.name}"
         )
     print(
-        f"\nscan.csv, grid.csv and scan.png on parent run {sweep.parent_run_id} in MLflow experiment {sweep.experiment!r} (id {sweep.experiment_id})"
+        f"\nscan.csv, grid.csv and scan.png on parent run {sweep.parent_run_id} in MLflow experiment "
+        f"{sweep.experiment!r} (id {sweep.experiment_id})"
     )
     print("\n".join(mlflow_lines(sweep.tracking_uri, sweep.experiment_id, sweep.parent_run_id)))
     print(
-        f"config at a point: prelora-ray best --experiment {sweep.experiment} --scan {sweep.name} --switch-epoch E (or --pick earliest-within=0.5)"
+        f"config at a point: prelora-ray best --experiment {sweep.experiment} --scan {sweep.name} "
+        "--switch-epoch E (or --pick earliest-within=0.5)"
     )
     return 1 if result["failed"] else 0
 

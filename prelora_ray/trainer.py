@@ -367,7 +367,8 @@ class TrainingLoop:
         return state
 
     def load_state_dict(self, ckpt: dict[str, Any], *, strategy_state: dict[str, Any] | None = None) -> None:
-        """Restore a checkpoint: the strategy reshapes the model for its phase (e.g. re-injects LoRA) before the weights load.
+        """Restore a checkpoint: the strategy reshapes the model for its phase (e.g. re-injects LoRA) before the
+        weights load.
 
         `strategy_state` replaces the checkpoint's own (a fork starts the strategy afresh from the trunk's history).
         """
@@ -402,7 +403,8 @@ class TrainingLoop:
         start = int(loop["epoch"])
         if len(fork.snapshots) < start:
             raise ValueError(
-                f"the trunk's history has {len(fork.snapshots)} epochs, the fork needs the {start} before its checkpoint"
+                f"the trunk's history has {len(fork.snapshots)} epochs, "
+                f"the fork needs the {start} before its checkpoint"
             )
         self.load_state_dict(fork.state, strategy_state=self.strategy.fork_state(fork.snapshots, start))
         self.state.resumed_at, self.state.forked_from = [], start

@@ -288,7 +288,8 @@ def start_arguments(start: TrunkRecords | ForkFrom | None) -> dict[str, Any]:
 
 
 def train_worker(config: dict[str, Any]) -> RunSummary:
-    """`train_loop_per_worker` of the TorchTrainer (its config: {"spec": WorkerSpec}): build the loop, run it, export."""
+    """`train_loop_per_worker` of the TorchTrainer (its config: {"spec": WorkerSpec}): build the loop, run it,
+    export."""
     spec: WorkerSpec = config["spec"]
     cfg = TrainSettings.from_dict(spec.settings)
     return run_loop(spec, cfg, RayRuntime(run_fault(spec, cfg)))
