@@ -1,6 +1,6 @@
 """Shared set-up of the phase benchmarks: the same model in FULL, WARMUP, LORA, LORA+frozen-prefix and RELORA.
 
-A phase is built the way the training loop builds it: LoRA injected by prelora_ray.switch with
+A phase is built the way the training loop builds it: LoRA injected by prelora_ray.adapters.lora with
 per-layer ranks (RELORA: one uniform rank, `relora_rank`), requires_grad set by `set_trainable`, an
 AdamW over the trainable parameters.
 """
@@ -15,9 +15,12 @@ from pathlib import Path
 
 import torch
 
-from prelora_ray.config import ModelSettings, PreLoRASettings
+from prelora_ray.adapters.lora import inject_lora
+from prelora_ray.adapters.model import set_trainable
+from prelora_ray.config import ModelSettings
 from prelora_ray.models import FAMILY_MODULES, PRESETS, build_model
-from prelora_ray.switch import Phase, inject_lora, set_trainable
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.prelora import PreLoRASettings
 
 RESULTS = Path(__file__).parent / "results"
 PHASES = ("full", "warmup", "lora", "lora_prefix", "relora")

@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from common import build_phase, write_json
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from prelora_ray.adapters.lte import inject_lte_heads, set_lte_trainable
 from prelora_ray.config import ModelSettings, TrainSettings
-from prelora_ray.lte_heads import inject_lte_heads, set_lte_trainable
 from prelora_ray.models import FAMILY_MODULES, build_model, family_module_names
 from prelora_ray.strategies.lte import LTE
 

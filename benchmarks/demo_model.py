@@ -34,11 +34,14 @@ from common import make_step, ranks_for, spread, write_json
 
 from prelora_ray import config as config_module
 from prelora_ray import models as models_module
-from prelora_ray.config import DataSettings, ModelSettings, PreLoRASettings, TrainSettings
+from prelora_ray.adapters.lora import inject_lora
+from prelora_ray.adapters.model import set_trainable
+from prelora_ray.config import DataSettings, ModelSettings, TrainSettings
 from prelora_ray.data import build_datasets
 from prelora_ray.models import PRESETS, ViTShape, build_model
 from prelora_ray.runtime import LocalRuntime
-from prelora_ray.switch import Phase, inject_lora, set_trainable
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.prelora import PreLoRASettings
 from prelora_ray.trainer import train
 
 CANDIDATES: dict[str, ViTShape | None] = {

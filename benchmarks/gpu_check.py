@@ -5,14 +5,14 @@
                                    [--loader-workers N] [--budget-s 450]
 
 On CUDA (bf16 autocast, fused AdamW): FULL, LORA and LORA with a frozen prefix (benchmarks/common.py's build_phase:
-ranks 8-64 through prelora_ray.switch, the first half of the layers at rank 0) of vit-base and vit-large at image
-224 and the paper's batch, 128 per GPU (search_spaces/paper_vit_large.yaml); on CUDA out of memory a model is
-retried at half the batch, and the reduction is recorded. Phases are interleaved within each repeat (the project's
-convention for timing ratios); each phase's peak is CUDA max allocated during its steps less what the other
-phases hold. Then the train DataLoader the training loop builds (prelora_ray.data.make_train_loader, data.loader_workers
-auto unless --loader-workers), alone, on synthetic tensors and on a generated folder of JPEGs through the
-imagefolder train transforms (RandomResizedCrop, flip, RandAugment): its images/s against the fastest phase's. Last,
-`prelora-ray tune` on a generated 2-trial digits space (fork mode, trial_executor tune, cluster.use_gpu on CUDA).
+ranks 8-64 through prelora_ray.adapters.lora, the first half of the layers at rank 0) of vit-base and vit-large at image
+224 and the paper's batch, 128 per GPU (search_spaces/paper_vit_large.yaml); on CUDA out of memory a model is retried at
+half the batch, and the reduction is recorded. Phases are interleaved within each repeat (the project's convention for
+timing ratios); each phase's peak is CUDA max allocated during its steps less what the other phases hold. Then the train
+DataLoader the training loop builds (prelora_ray.data.make_train_loader, data.loader_workers auto unless
+--loader-workers), alone, on synthetic tensors and on a generated folder of JPEGs through the imagefolder train
+transforms (RandomResizedCrop, flip, RandAugment): its images/s against the fastest phase's. Last, `prelora-ray tune` on
+a generated 2-trial digits space (fork mode, trial_executor tune, cluster.use_gpu on CUDA).
 
 Without CUDA, or with --tiny: vit-digits and vit-tiny at image 32, batch 8, 2 steps per phase, small loader and
 sweep, well under 2 minutes on 2 CPUs (tests/test_gpu_check.py runs it); CPU peaks are null per phase (the process

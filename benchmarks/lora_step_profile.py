@@ -1,4 +1,4 @@
-"""Where the LoRA step's time and memory go, and what each saving in `prelora_ray.switch` buys.
+"""Where the LoRA step's time and memory go, and what each saving in `prelora_ray.adapters` buys.
 
     python benchmarks/lora_step_profile.py                      # all sections, CPU, ~10 min on 2 cores
     python benchmarks/lora_step_profile.py --sections steps     # one section: steps, optimizer, memory, compile
@@ -46,9 +46,13 @@ import torch
 from common import make_step  # the same step as the other benchmarks (and the child processes import it from here)
 from torch import nn
 
-from prelora_ray.config import ModelSettings, PreLoRASettings
+from prelora_ray.adapters.lean import lean_lora_forward
+from prelora_ray.adapters.lora import inject_lora
+from prelora_ray.adapters.model import set_trainable
+from prelora_ray.config import ModelSettings
 from prelora_ray.models import FAMILY_MODULES, PRESETS, build_model
-from prelora_ray.switch import Phase, inject_lora, lean_lora_forward, set_trainable
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.prelora import PreLoRASettings
 
 RESULTS = Path(__file__).parent / "results"
 STEP_KINDS = ("full", "floor", "lora_stock", "lora_lean", "prefix_stock", "prefix_lean")

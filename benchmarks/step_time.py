@@ -19,8 +19,9 @@ import argparse
 import torch
 from common import PHASES, build_phase, make_step, spread, timed, write_json
 
+from prelora_ray.adapters.lora import fold_adapters, reinit_adapters
+from prelora_ray.adapters.names import is_adapter_param
 from prelora_ray.optim import prune_moments
-from prelora_ray.switch import fold_adapters, is_adapter_param, reinit_adapters
 
 
 def main() -> None:

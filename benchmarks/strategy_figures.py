@@ -19,9 +19,9 @@ import statistics
 from mlflow.tracking import MlflowClient
 
 from prelora_ray import metrics as M
-from prelora_ray.switch import PHASE_INDEX
+from prelora_ray.strategies.phases import phase_index
 
-PHASE_NAME = {index: phase.value for phase, index in PHASE_INDEX.items()}
+PHASE_NAME = {index: phase.value for phase, index in phase_index().items()}
 COUNTERS = ("relora_merges", "lte_merges", M.SWITCH_EPOCH, M.FREEZE_EPOCH, "comm_bytes_per_step")
 
 

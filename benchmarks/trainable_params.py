@@ -15,9 +15,12 @@ from __future__ import annotations
 import torch
 from common import write_json
 
-from prelora_ray.config import ModelSettings, PreLoRASettings
+from prelora_ray.adapters.lora import inject_lora
+from prelora_ray.adapters.model import set_trainable
+from prelora_ray.config import ModelSettings
 from prelora_ray.models import FAMILY_MODULES, build_model
-from prelora_ray.switch import Phase, inject_lora, set_trainable
+from prelora_ray.strategies import Phase
+from prelora_ray.strategies.prelora import PreLoRASettings
 
 
 def main() -> None:

@@ -38,21 +38,6 @@ SECTIONS_FIELD = "strategy_sections"
 """The TrainSettings field holding the strategies' sections (never a config key: each section is a top-level key)."""
 
 
-def __getattr__(name: str) -> Any:
-    """`STRATEGIES` (the registered names now) and, for the modules that import them from here, each strategy's
-    section class by its name (`PreLoRASettings`, ...) and `switch_epoch_range`."""
-    if name == "STRATEGIES":
-        return strategy_names()
-    if name == "switch_epoch_range":  # scan.py's; prelora's own since the strategies declare their sections
-        from prelora_ray.strategies.prelora import switch_epoch_range
-
-        return switch_epoch_range
-    for owner in strategy_sections().values():
-        if owner.section_class.__name__ == name:
-            return owner.section_class
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def strategy_help() -> str:
     """The `strategy` key's doc: every registered strategy with its one line, the default first."""
     parts = [f"{name} ({strategy_class(name).description})" for name in strategy_names()]
@@ -70,11 +55,14 @@ class ModelSettings:
 
     preset: str = _f(
         "vit-digits-wide",
-        "ViT preset: vit-digits-wide (the default: 2 layers, hidden 256, where LoRA epochs are cheaper on CPU), vit-digits (4 layers, hidden 64: the fastest), vit-tiny, vit-small, vit-base, vit-large (ViT-L/16) or vit-huge.",
+        "ViT preset: vit-digits-wide (the default: 2 layers, hidden 256, where LoRA epochs are cheaper on CPU), "
+        "vit-digits (4 layers, hidden 64: the fastest), vit-tiny, vit-small, vit-base, vit-large (ViT-L/16) or "
+        "vit-huge.",
     )
     patch_size: int | None = _f(
         None,
-        "Patch size; None takes the preset's (2 for vit-digits, 4 for vit-digits-wide, 16 for the others, 14 for vit-huge).",
+        "Patch size; None takes the preset's (2 for vit-digits, 4 for vit-digits-wide, 16 for the others, 14 for "
+        "vit-huge).",
     )
     dropout: float = _f(0.0, "Hidden-state dropout probability.")
     attention_dropout: float = _f(0.0, "Attention-probability dropout.")
@@ -98,7 +86,8 @@ class DataSettings:
 
     name: str = _f(
         "digits",
-        "Data set: digits (embedded, offline), cifar10, cifar100, imagefolder (train/ and val/ trees) or synthetic (random tensors, for tests and benchmarks).",
+        "Data set: digits (embedded, offline), cifar10, cifar100, imagefolder (train/ and val/ trees) or synthetic "
+        "(random tensors, for tests and benchmarks).",
     )
     root: str | None = _f(None, "Folder of the data set (cifar*, imagefolder); unused for digits and synthetic.")
     download: bool = _f(False, "Let torchvision download cifar10/cifar100 into root (needs internet).")
@@ -108,7 +97,8 @@ class DataSettings:
     batch_size: int = _f(64, "Batch size per worker.")
     loader_workers: int | None = _f(
         None,
-        "DataLoader worker processes per training worker; None (auto): 0 on CPU and for digits, min(8, CPUs - 1) on CUDA.",
+        "DataLoader worker processes per training worker; None (auto): 0 on CPU and for digits, min(8, CPUs - 1) on "
+        "CUDA.",
     )
     randaugment: bool = _f(True, "RandAugment in the train transform of real-image data sets (cifar, imagefolder).")
     synthetic_samples: int = _f(512, "Train images of the synthetic data set (val gets a quarter).")
@@ -137,7 +127,8 @@ class DataSettings:
             self.root is None or "://" not in str(self.root),
             "data.root",
             self.root,
-            "a local or mounted folder: images are not read from object storage; mount the bucket (s3fs, gcsfuse, NFS) and give its path",
+            "a local or mounted folder: images are not read from object storage; mount the bucket (s3fs, gcsfuse, "
+            "NFS) and give its path",
         )
 
 
@@ -158,7 +149,8 @@ class OptimSettings:
     )
     carry_optimizer_state: bool = _f(
         True,
-        "Keep AdamW moments of parameters that keep training across a phase change (False: fresh optimizer, as the paper's code).",
+        "Keep AdamW moments of parameters that keep training across a phase change (False: fresh optimizer, as the "
+        "paper's code).",
     )
 
     def __post_init__(self) -> None:
@@ -195,7 +187,8 @@ class ClusterSettings:
     max_failures: int = _f(0, "Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).")
     storage_path: str = _f(
         "./ray_results",
-        "Where checkpoints and the sweep's records go: a folder every node sees (made absolute), s3://BUCKET/PREFIX (MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX. Same path and name resumes.",
+        "Where checkpoints and the sweep's records go: a folder every node sees (made absolute), s3://BUCKET/PREFIX "
+        "(MinIO: ?endpoint_override=HOST:PORT&scheme=http) or gs://BUCKET/PREFIX. Same path and name resumes.",
     )
     checkpoints_to_keep: int = _f(2, "Checkpoints kept per run (the newest).")
     checkpoint_every: int = _f(
@@ -204,7 +197,8 @@ class ClusterSettings:
     torch_threads: int | None = _f(None, "torch.set_num_threads per worker; None: cpus_per_worker rounded up.")
     release_memory: bool = _f(
         False,
-        "CPU workers hand freed memory back to the OS (glibc mmap threshold): lower peak RSS in the LoRA phase, slower steps.",
+        "CPU workers hand freed memory back to the OS (glibc mmap threshold): lower peak RSS in the LoRA phase, "
+        "slower steps.",
     )
 
     def __post_init__(self) -> None:

@@ -7,8 +7,9 @@ window_stat) to `history.json`, and every `fork.every` epochs it writes a full t
 `checkpoints/epoch_<c>.pt` (c = epochs completed, so the state at the start of epoch c). A trial
 replays Algorithm 1 on that history to find its switch epoch s, then starts from the latest
 checkpoint with c <= s + 1, trains the full epochs c..s again if any (deterministic: they equal the
-trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Every file goes through `prelora_ray.storage`
-(a local folder, a shared mount, S3 or GCS), so a reader never takes half a file for a whole one.
+trunk's) and switches with its own ranks at the end of epoch s (at once when c = s + 1). Every file goes
+through `prelora_ray.storage` (a local folder, a shared mount, S3 or GCS), so a reader never takes half a
+file for a whole one.
 
 Other strategies say where their trials start (`strategies.base.Strategy.trunk_fork`, a `TrunkFork`):
 relora_prelora at the trunk's checkpoint at relora.start_epoch, full trials take the trunk's result, and a
@@ -292,7 +293,8 @@ class ResultRegistry:
         return self.folder / f"{key}.json"
 
     def claim(self, key: str, owner: str) -> dict[str, Any] | None:
-        """None: `owner` holds the key now (new, or its own claim from before a restart). Else the record of who does."""
+        """None: `owner` holds the key now (new, or its own claim from before a restart). Else the record of who
+        does."""
         mine = json.dumps({"owner": owner, "state": "claimed"})
         if self._path(key).create_exclusive(mine.encode()):
             return None
@@ -308,7 +310,8 @@ class ResultRegistry:
         self._path(key).write_json({"owner": owner, "state": "claimed", "beat": beat})
 
     def take_over(self, key: str, owner: str) -> None:
-        """Claim a key whose owner stopped beating (its process died without a word, e.g. a trial lost to a killed sweep)."""
+        """Claim a key whose owner stopped beating (its process died without a word, e.g. a trial lost to a killed
+        sweep)."""
         self._path(key).write_json(
             {"owner": owner, "state": "claimed", "taken_from": (self.read(key) or {}).get("owner")}
         )

@@ -17,7 +17,9 @@ TRAINABLE_PARAMS = "trainable_params"
 TRAINABLE_FRACTION = "trainable_fraction"  # trainable / parameters of the plain ViT
 PEAK_MEM_MB = "peak_mem_mb"  # CUDA max allocated in the epoch on GPU; process peak RSS on CPU
 LR = "lr"
-COMM_BYTES_PER_STEP = "comm_bytes_per_step"  # bytes this worker all-reduced in the epoch (DDP gradients, merges, loss and metric sums) / optimizer steps; 0 with one worker
+# bytes this worker all-reduced in the epoch (DDP gradients, merges, loss and metric sums) / optimizer steps; 0 with
+# one worker
+COMM_BYTES_PER_STEP = "comm_bytes_per_step"
 NORM_PREFIX = "norm/"  # norm/<family>: mean weight norm of the family's layers at epoch end
 LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
 

@@ -103,7 +103,8 @@ class ConvergenceMonitor:
         """Inverse of state_dict; a checkpoint taken with other windows would change the decision silently."""
         if (state.get("k", self.k), state.get("m", self.m)) != (self.k, self.m):
             raise ValueError(
-                f"the checkpoint's windows are k={state['k']}, m={state['m']} but prelora.k={self.k}, prelora.m={self.m}: resume with the same values"
+                f"the checkpoint's windows are k={state['k']}, m={state['m']} but prelora.k={self.k}, "
+                f"prelora.m={self.m}: resume with the same values"
             )
         self.snapshots = deque(state["snapshots"], maxlen=self.k * self.m)
         self.units = state["units"]

@@ -18,7 +18,8 @@ import yaml
 
 from prelora_ray import fork
 from prelora_ray import metrics as M
-from prelora_ray.config import TrainSettings, switch_epoch_range
+from prelora_ray.config import TrainSettings
+from prelora_ray.strategies.prelora import switch_epoch_range
 
 DEFAULT_POINTS = 8
 GRID_KEYS = ("name", "tau", "zeta", "k", "m")

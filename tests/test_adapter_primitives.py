@@ -12,15 +12,16 @@ import torch
 
 from prelora_ray.adapters.lora import adapter_deltas, adapter_root, fold_adapters, inject_lora, reinit_adapters
 from prelora_ray.adapters.names import ADAPTER, is_adapter_param
-from prelora_ray.config import PreLoRASettings
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.monitor import layer_norms
+from prelora_ray.strategies.prelora import PreLoRASettings
 from tests.test_switch import images, randomize_lora_b, ranks_for, tiny_vit
 
 FAMILIES = tuple(FAMILY_MODULES)
 
 
-def _injected(rank_pattern: list[int] = [2, 8, 4]) -> torch.nn.Module:
+def _injected(rank_pattern: list[int] | None = None) -> torch.nn.Module:
+    rank_pattern = [2, 8, 4] if rank_pattern is None else rank_pattern
     return inject_lora(tiny_vit(), ranks_for(4, rank_pattern), PreLoRASettings(), seed=3)
 
 
@@ -97,8 +98,9 @@ def test_a_mis_ranked_injection_raises_even_under_python_O():
         import re, types
         assert False, "asserts are on: this check needs python -O"
         from prelora_ray.adapters import lora
-        from prelora_ray.config import ModelSettings, PreLoRASettings
+        from prelora_ray.config import ModelSettings
         from prelora_ray.models import build_model
+        from prelora_ray.strategies.prelora import PreLoRASettings
         lora.re = types.SimpleNamespace(escape=lambda name: "nothing-" + re.escape(name))
         model = build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
         try:

@@ -13,7 +13,6 @@ from prelora_ray.config import (
     DataSettings,
     ModelSettings,
     OptimSettings,
-    PreLoRASettings,
     TrackingSettings,
     TrainSettings,
     field_docs,
@@ -21,6 +20,7 @@ from prelora_ray.config import (
     valid_keys,
 )
 from prelora_ray.data import check_data
+from prelora_ray.strategies.prelora import PreLoRASettings
 
 
 def write_yaml(tmp_path, data, name: str = "config.yaml"):

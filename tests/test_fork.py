@@ -99,7 +99,7 @@ def live_switches(one_thread):
 
 
 def _history(norms: list[float], losses: list[float]) -> list[tuple[dict, float]]:
-    return [({"query": [n, n]}, loss) for n, loss in zip(norms, losses)]
+    return [({"query": [n, n]}, loss) for n, loss in zip(norms, losses, strict=True)]
 
 
 @pytest.mark.parametrize(
@@ -329,7 +329,8 @@ def test_registry_first_claim_trains_later_ones_wait_then_reuse(tmp_path):
 
 def test_a_twin_waits_for_a_beating_claim_and_takes_over_a_silent_one(tmp_path, caplog):
     """A trial whose twin claimed the same result waits while the twin's claim beats, and reuses its result; a claim
-    that stops changing (its owner died without a word: a trial lost to a killed sweep) is taken over, not waited on forever."""
+    that stops changing (its owner died without a word: a trial lost to a killed sweep) is taken over, not waited on
+    forever."""
     import threading
     import time
 

@@ -161,10 +161,3 @@ def test_the_config_and_the_strategy_registry_load_no_torch():
     loaded = _loaded_after(statement)
     heavy = {"torch", "peft", "transformers", "ray", "mlflow", "numpy", "pandas"}
     assert not heavy & loaded, f"imported {sorted(heavy & loaded)}"
-
-
-def test_nothing_in_the_package_imports_the_compatibility_modules():
-    # switch.py and lte_heads.py only keep old names for benchmarks/: the package itself uses the new homes
-    graph = import_graph(PACKAGE)
-    users = {m for m, targets in graph.items() for t in targets if t in ("prelora_ray.switch", "prelora_ray.lte_heads")}
-    assert not users, users

@@ -35,7 +35,10 @@ def _optional_imports(tree: ast.AST) -> set[int]:
 
 
 def test_importing_the_sweep_imports_no_analysis_module() -> None:
-    code = "import sys, prelora_ray.orchestration.tune; print(sorted(m for m in sys.modules if m == 'analysis' or m.startswith('analysis.')))"
+    code = (
+        "import sys, prelora_ray.orchestration.tune; "
+        "print(sorted(m for m in sys.modules if m == 'analysis' or m.startswith('analysis.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

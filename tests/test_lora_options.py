@@ -17,10 +17,11 @@ from prelora_ray.adapters.lora import inject_lora, injected_ranks
 from prelora_ray.adapters.model import merge_adapters as merge_lora
 from prelora_ray.adapters.model import set_trainable
 from prelora_ray.algorithms import assign_ranks
-from prelora_ray.config import ModelSettings, PreLoRASettings, TrainSettings
+from prelora_ray.config import ModelSettings, TrainSettings
 from prelora_ray.models import FAMILY_MODULES, build_model
 from prelora_ray.runtime import LocalRuntime
 from prelora_ray.strategies import Phase
+from prelora_ray.strategies.prelora import PreLoRASettings
 from prelora_ray.trainer import TrainingLoop
 from tests.conftest import FAST_SWITCH
 

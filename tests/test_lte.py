@@ -20,11 +20,12 @@ from prelora_ray import metrics as M
 from prelora_ray.adapters.lora import adapter_root, inject_lora
 from prelora_ray.adapters.lte import inject_lte_heads, lte_modules, set_lte_trainable
 from prelora_ray.adapters.names import ADAPTER, is_adapter_param
-from prelora_ray.config import PreLoRASettings, TrainSettings
+from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.strategies import Phase
 from prelora_ray.strategies.lte import LTE, LTE_MERGES
+from prelora_ray.strategies.prelora import PreLoRASettings
 from prelora_ray.trainer import TrainingLoop
 from tests.test_switch import tiny_vit
 from tests.test_trainer import BASE
@@ -83,7 +84,7 @@ def test_one_head_is_plain_lora_at_every_step_for_any_merge_every(merge_every):
     for step in range(1, 15):
         x, y = batch(6, step)
         outs = []
-        for model, opt in zip((lte, lora), opts):
+        for model, opt in zip((lte, lora), opts, strict=True):
             logits = model(pixel_values=x).logits
             outs.append(logits.detach())
             opt.zero_grad()
@@ -114,7 +115,7 @@ def test_h_heads_merge_into_w0_plus_mean_head_product_and_keep_a_b_and_optimizer
         kept = [p.detach().clone() for p in heads_params(model)]
         moments = copy.deepcopy(opt.state_dict())
         merge(model, heads)
-        assert all(torch.equal(a, b) for a, b in zip(kept, heads_params(model)))
+        assert all(torch.equal(a, b) for a, b in zip(kept, heads_params(model), strict=True))
         after = opt.state_dict()
         assert all(
             torch.equal(after["state"][i][k], moments["state"][i][k])
@@ -350,7 +351,8 @@ def two_workers(ray_local, tmp_path_factory):
 
 
 class TwoShards:
-    """One worker's loader giving, as each batch, worker 0's batch followed by worker 1's (their DistributedSampler shards)."""
+    """One worker's loader giving, as each batch, worker 0's batch followed by worker 1's (their DistributedSampler
+    shards)."""
 
     def __init__(self, loop: TrainingLoop, batch_size: int) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
@@ -369,7 +371,7 @@ class TwoShards:
         return len(self.loaders[0])
 
     def __iter__(self):
-        for (x0, y0), (x1, y1) in zip(*self.loaders):
+        for (x0, y0), (x1, y1) in zip(*self.loaders, strict=True):
             yield torch.cat([x0, x1]), torch.cat([y0, y1])
 
 
@@ -383,7 +385,7 @@ def test_two_workers_equal_two_heads_emulated_on_one_worker(two_workers):
     loop.train_loader = loop.sampler = TwoShards(loop, 32)
     loop.run()
     assert [h[LTE_MERGES] for h in plain["history"]] == [h[LTE_MERGES] for h in loop.state.history] == [2, 4, 6]
-    for got, want in zip(plain["history"], loop.state.history):
+    for got, want in zip(plain["history"], loop.state.history, strict=True):
         assert got[M.TRAIN_LOSS] == pytest.approx(want[M.TRAIN_LOSS], rel=1e-5)
         assert got[M.VAL_ACC] == want[M.VAL_ACC]
     from transformers import ViTForImageClassification
@@ -410,7 +412,8 @@ def test_every_worker_keeps_its_own_heads_in_the_checkpoint_and_comm_is_merges_p
     assert any(
         not torch.equal(last[0]["model"][k], last[1]["model"][k]) for k in last[0]["model"] if k.endswith("lte_A")
     )
-    # per epoch: 2 merges of one fp32 delta per headed linear, plus the train-loss (2) and validation (3) float64 sums, over 4 steps
+    # per epoch: 2 merges of one fp32 delta per headed linear, plus the train-loss (2) and validation (3) float64 sums,
+    # over 4 steps
     shapes = [(64, 64)] * 4 + [(128, 64), (64, 128)]
     merge_bytes = 4 * sum(o * i for o, i in shapes) * 4  # 4 layers
     assert [h[M.COMM_BYTES_PER_STEP] for h in plain["history"]] == [(2 * merge_bytes + 5 * 8) / 4] * 3

@@ -221,9 +221,11 @@ def test_effective_weight_norm_is_frobenius_of_the_weight_without_bias():
 
 
 def test_layer_norms_include_the_lora_delta():
-    from prelora_ray.config import ModelSettings, PreLoRASettings
+    from prelora_ray.adapters.lora import inject_lora
+    from prelora_ray.adapters.model import merge_adapters
+    from prelora_ray.config import ModelSettings
     from prelora_ray.models import build_model, family_module_names
-    from prelora_ray.switch import inject_lora, merge_lora
+    from prelora_ray.strategies.prelora import PreLoRASettings
 
     torch.manual_seed(0)
     model = build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1)
@@ -237,7 +239,7 @@ def test_layer_norms_include_the_lora_delta():
                 p.normal_(0, 0.3)
     with_delta = layer_norms(peft_model, names)
     assert with_delta != before
-    merged = layer_norms(merge_lora(peft_model), names)  # W + s·B·A folded in
+    merged = layer_norms(merge_adapters(peft_model), names)  # W + s·B·A folded in
     for family in names:
         assert with_delta[family] == pytest.approx(merged[family], rel=1e-5)
 

@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from prelora_ray import config
-from prelora_ray.config import STRATEGIES, TrainSettings, strategy_help, valid_keys
+from prelora_ray.config import TrainSettings, strategy_help, strategy_names, valid_keys
 from prelora_ray.fields import setting
 from prelora_ray.strategies import FULL, REGISTRY, Phase, build, register_strategy, unregister_strategy
 from prelora_ray.strategies.base import Strategy
@@ -18,7 +18,7 @@ from prelora_ray.trainer import LoopState, _split_legacy
 
 
 def test_registry_names_are_the_configs_strategies_and_each_section_exists():
-    assert sorted(REGISTRY) == sorted(STRATEGIES)
+    assert sorted(REGISTRY) == sorted(strategy_names())
     cfg = TrainSettings()
     for name, cls in REGISTRY.items():
         assert cls.name == name and issubclass(cls, Strategy)
@@ -122,10 +122,10 @@ def test_a_registered_strategy_is_a_config_value_with_its_section_until_it_leave
         cfg = TrainSettings.load(None, ["strategy=toy", "toy.x=3"])
         assert cfg.toy.x == 3 and cfg.strategy_class() is toy and "toy (a toy)" in strategy_help()
         assert cfg.to_dict()["toy"] == {"x": 3} and TrainSettings.from_dict(cfg.to_dict()) == cfg
-        assert config.STRATEGIES[-1] == "toy" and config.sections()["toy"] == (_Documented, "The toy's.")
+        assert config.strategy_names()[-1] == "toy" and config.sections()["toy"] == (_Documented, "The toy's.")
     finally:
         unregister_strategy("toy")
-    assert "toy" not in config.STRATEGIES and "toy.x" not in valid_keys()
+    assert "toy" not in config.strategy_names() and "toy.x" not in valid_keys()
     with pytest.raises(ValueError, match="unknown config key 'toy.x'"):
         TrainSettings.load(None, ["toy.x=3"])
 

@@ -15,10 +15,11 @@ from prelora_ray.adapters.lora import inject_lora, injected_ranks, rank_by_modul
 from prelora_ray.adapters.model import merge_adapters as merge_lora
 from prelora_ray.adapters.model import set_trainable
 from prelora_ray.adapters.names import ADAPTER
-from prelora_ray.config import ModelSettings, PreLoRASettings
+from prelora_ray.config import ModelSettings
 from prelora_ray.models import FAMILY_MODULES, build_model
 from prelora_ray.strategies import Phase
 from prelora_ray.strategies.phases import phase_index
+from prelora_ray.strategies.prelora import PreLoRASettings
 
 FAMILIES = tuple(FAMILY_MODULES)
 
@@ -343,13 +344,3 @@ def test_lean_forward_matches_pefts_own_forward():
         stock = model(pixel_values=x).logits.clone()
         assert lean_lora_forward(model, True) == 4 * len(FAMILIES)
     assert torch.allclose(lean, stock, atol=1e-6)
-
-
-def test_the_old_switch_and_lte_heads_names_still_import():
-    # benchmarks/ import these from the compatibility modules (nothing in the package does: test_imports.py)
-    from prelora_ray import lte_heads, switch
-    from prelora_ray.adapters import lte
-
-    assert switch.PHASE_INDEX == phase_index() and switch.Phase is Phase and switch.merge_lora is merge_lora
-    assert switch.LeanLoraLinear is lean_module.LeanLoraLinear and switch.inject_lora is inject_lora
-    assert all(getattr(lte_heads, name) is getattr(lte, name) for name in lte.__all__)

@@ -233,9 +233,9 @@ def plugin_env(folder: Path) -> dict[str, str]:
 
 def test_the_entry_point_registers_it_in_a_fresh_process(tmp_path):
     code = (
-        "from prelora_ray.strategies import REGISTRY; from prelora_ray.config import TrainSettings, STRATEGIES; "
+        "from prelora_ray.strategies import REGISTRY; from prelora_ray.config import TrainSettings, strategy_names; "
         "cfg = TrainSettings.load(None, ['strategy=head_only', 'head_only.start_epoch=3']); "
-        "print(list(REGISTRY), cfg.head_only.start_epoch, STRATEGIES)"
+        "print(list(REGISTRY), cfg.head_only.start_epoch, strategy_names())"
     )
     env = plugin_env(tmp_path / "plugins")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)

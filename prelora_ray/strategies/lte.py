@@ -51,18 +51,22 @@ class LTESettings:
 
     heads_per_worker: int = setting(
         1,
-        "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x cluster.num_workers).",
+        "LoRA heads each worker trains, each on its own equal chunk of the worker's batch (heads in all: this x "
+        "cluster.num_workers).",
     )
     rank: int = setting(8, "Rank r of every head on the target families (prelora.modules).")
     alpha: float = setting(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
     merge_every: int = setting(
         6,
-        "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 steps).",
+        "T: optimizer steps between merges (W += the mean head delta over all heads, one all-reduce); every epoch "
+        "also ends with one, before validation (6 divides the 12 steps of a 2-worker digits epoch: one merge per 6 "
+        "steps).",
     )
     start_epoch: int = setting(0, "Full-training epochs before LTE starts (0: LTE from scratch, as the paper).")
     train_others: str = setting(
         "averaged",
-        "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each merge) or frozen (the reference's ViT example).",
+        "Parameters without heads (norms, embeddings, biases, classifier): averaged (train locally, averaged at each "
+        "merge) or frozen (the reference's ViT example).",
     )
 
     def __post_init__(self) -> None:
@@ -126,7 +130,8 @@ class LTE(Strategy):
             cfg.data.batch_size % cfg.lte.heads_per_worker == 0,
             "data.batch_size",
             cfg.data.batch_size,
-            f"a multiple of lte.heads_per_worker ({cfg.lte.heads_per_worker}): each head trains on an equal chunk of the batch",
+            f"a multiple of lte.heads_per_worker ({cfg.lte.heads_per_worker}): each head trains on an equal chunk of "
+            "the batch",
         )
 
     @classmethod
@@ -158,7 +163,8 @@ class LTE(Strategy):
 
     # -- which parameters train ----------------------------------------------------------------------
     def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
-        """LTE: inject the heads (their A and B are loaded next on a resume); a fresh start at `start_epoch` 0 is LTE at once."""
+        """LTE: inject the heads (their A and B are loaded next on a resume); a fresh start at `start_epoch` 0 is
+        LTE at once."""
         if phase is LTE_PHASE:
             self._inject(loop)
         elif loop.state.epoch == 0 and self.settings.start_epoch == 0:

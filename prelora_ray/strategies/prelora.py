@@ -62,7 +62,8 @@ class PreLoRASettings:
     )
     zero_rank_below: float | None = setting(
         None,
-        "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family keeps at least its most-changed layer). None: off.",
+        "Beyond the paper: layers whose abs(ΔW) (percent) is below this get rank 0, no adapter, frozen (a family "
+        "keeps at least its most-changed layer). None: off.",
     )
     trainable_after_freeze: tuple[str, ...] = setting(
         (), "Non-LoRA groups still trained after the freeze: head, norms, embeddings, biases (the paper: none)."
@@ -70,7 +71,8 @@ class PreLoRASettings:
     min_switch_epoch: int = setting(0, "Earliest epoch (0-based) at whose end the switch may happen.")
     switch_at_epoch: int | None = setting(
         None,
-        "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k windows ending there. None: off (Algorithm 1 decides).",
+        "Switch at the end of this epoch (0-based) whatever Algorithm 1 says; ranks still from Algorithm 2 over the k "
+        "windows ending there. None: off (Algorithm 1 decides).",
     )
 
     def __post_init__(self) -> None:
@@ -195,8 +197,8 @@ class PreLoRA(Strategy):
 
     @classmethod
     def trunk_fork(cls, cfg: TrainSettings, history: Sequence[dict[str, Any]]) -> TrunkFork | None:
-        """Algorithm 1 and 2 replayed on the trunk's history: fork at the switch epoch s (a checkpoint c <= s + 1), or the
-        trunk's result when the test never passes on the whole trunk."""
+        """Algorithm 1 and 2 replayed on the trunk's history: fork at the switch epoch s (a checkpoint c <= s + 1),
+        or the trunk's result when the test never passes on the whole trunk."""
         switch = fork.replay_for(cfg, history)
         if switch is None:
             if len(history) >= cfg.epochs:

@@ -44,7 +44,8 @@ RELORA_MERGES = "relora_merges"
 
 @dataclass(kw_only=True)
 class ReLoRASettings:
-    """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer switch."""
+    """`strategy: relora_prelora` (PreLoRA v2, section 4.2.4): the ReLoRA phase between FULL and the per-layer
+    switch."""
 
     start_epoch: int = setting(
         5, 'First epoch (0-based) of the RELORA phase; FULL before it (the paper: "several" full epochs).'
@@ -52,11 +53,13 @@ class ReLoRASettings:
     rank: int = setting(16, "Uniform LoRA rank of every target layer in RELORA (the paper: 256 on ViT-L).")
     merge_every: int = setting(
         100,
-        "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the LR.",
+        "Optimizer steps between merges: fold s·B·A into the base, re-initialise, prune the LoRA moments, restart the "
+        "LR.",
     )
     prune: float = setting(
         0.9,
-        "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first (ReLoRA: 0.9).",
+        "Fraction of each LoRA tensor's AdamW moments (m and v each) zeroed at a merge, smallest magnitudes first "
+        "(ReLoRA: 0.9).",
     )
     rewarm_steps: int = setting(
         50, "Steps over which the LR rises linearly from 0 back to the global cosine after each merge (ReLoRA: 50-100)."
@@ -213,7 +216,8 @@ class ReLoRAPreLoRA(PreLoRA):
         super().after_epoch(loop)
 
     def lr_factor(self, loop: TrainingLoop, step: int) -> float:
-        """In RELORA the jagged cosine (0 at each merge, back on the cosine `rewarm_steps` later); else the loop's schedule."""
+        """In RELORA the jagged cosine (0 at each merge, back on the cosine `rewarm_steps` later); else the loop's
+        schedule."""
         if loop.state.phase is not RELORA:
             return super().lr_factor(loop, step)
         o = self.cfg.optim
@@ -244,7 +248,8 @@ class ReLoRAPreLoRA(PreLoRA):
         self.state.merge_checksums.append(weights_checksum(loop.model))
 
     def sync_checks(self) -> list[str]:
-        """The weights' checksum after each merge (workers must agree: DDP keeps them in sync, the merge is deterministic)."""
+        """The weights' checksum after each merge (workers must agree: DDP keeps them in sync, the merge is
+        deterministic)."""
         return list(self.state.merge_checksums)
 
     # -- Algorithm 1 runs during RELORA; the switch first merges the uniform adapters away ------------
