@@ -8,16 +8,6 @@ from pathlib import Path
 
 import pytest
 
-# a switch within a few epochs on digits: thresholds wide open, short windows, on the 4-layer vit-digits
-FAST_SWITCH = [
-    "prelora.k=2",
-    "prelora.m=1",
-    "prelora.tau=50",
-    "prelora.zeta=50",
-    "prelora.warmup=1",
-    "model.preset=vit-digits",
-]
-
 
 @pytest.fixture(scope="session")
 def ray_local():

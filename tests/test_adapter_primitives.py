@@ -15,7 +15,7 @@ from prelora_ray.adapters.names import ADAPTER, is_adapter_param
 from prelora_ray.models import FAMILY_MODULES, family_module_names
 from prelora_ray.monitor import layer_norms
 from prelora_ray.strategies.prelora import PreLoRASettings
-from tests.test_switch import images, randomize_lora_b, ranks_for, tiny_vit
+from tests.builders import images, randomize_lora_b, ranks_for, tiny_vit
 
 FAMILIES = tuple(FAMILY_MODULES)
 

@@ -19,6 +19,7 @@ from prelora_ray.checkpoint import load_state_file
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.trainer import ForkStart, TrainingLoop
+from tests.builders import StopAtSwitch
 
 EPOCHS = 12
 BASE = [
@@ -70,15 +71,6 @@ def trunk(tmp_path_factory, one_thread):
     loop = TrainingLoop(cfg, LocalRuntime(), trunk=fork.TrunkWriter(folder, every=1))
     loop.run()
     return folder, loop
-
-
-class StopAtSwitch(LocalRuntime):
-    """Stops a live run right after the epoch whose report carries the switch."""
-
-    def report(self, metrics, state):
-        super().report(metrics, state)
-        if metrics.get(M.SWITCH_EPOCH, -1) >= 0:
-            raise StopTraining("switched")
 
 
 @pytest.fixture(scope="module")

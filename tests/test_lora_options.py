@@ -23,7 +23,7 @@ from prelora_ray.runtime import LocalRuntime
 from prelora_ray.strategies import Phase
 from prelora_ray.strategies.prelora import PreLoRASettings
 from prelora_ray.trainer import TrainingLoop
-from tests.conftest import FAST_SWITCH
+from tests.builders import FAST_SWITCH
 
 FAMILIES = tuple(FAMILY_MODULES)
 

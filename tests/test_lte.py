@@ -27,8 +27,8 @@ from prelora_ray.strategies import Phase
 from prelora_ray.strategies.lte import LTE, LTE_MERGES
 from prelora_ray.strategies.prelora import PreLoRASettings
 from prelora_ray.trainer import TrainingLoop
-from tests.test_switch import tiny_vit
-from tests.test_trainer import BASE
+from tests.builders import LOOP_BASE as BASE
+from tests.builders import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,36 +7,20 @@ import json
 import mlflow
 import pytest
 
-from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.train import run_train
-from tests.conftest import FAST_SWITCH
+from tests.builders import ray_run_config
 
 pytestmark = pytest.mark.slow
-
-
-def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
-    return TrainSettings.load(
-        None,
-        [
-            "epochs=6",
-            "deterministic=true",
-            *FAST_SWITCH,
-            f"cluster.storage_path={tmp_path / 'ray'}",
-            f"output_dir={tmp_path / 'out'}",
-            f"tracking.uri={sqlite_uri}",
-            "tracking.experiment=test",
-            *extra,
-        ],
-    )
 
 
 def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_after_each_relora_merge(
     ray_local, tmp_path, sqlite_uri
 ):
     """relora_prelora, whose per-layer switch is prelora's: one 2-worker run checks both strategies' sync points."""
-    cfg = _cfg(
+    cfg = ray_run_config(
         tmp_path,
         sqlite_uri,
+        "test",
         "cluster.num_workers=2",
         "cluster.cpus_per_worker=1",
         "name=two-workers",
@@ -69,7 +53,7 @@ def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_afte
 
 
 def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path, sqlite_uri):
-    cfg = _cfg(tmp_path, sqlite_uri, "name=logged")
+    cfg = ray_run_config(tmp_path, sqlite_uri, "test", "name=logged")
     summary = run_train(cfg)
     client = mlflow.tracking.MlflowClient(sqlite_uri)
     run = client.get_run(summary["mlflow_run_id"])
@@ -98,7 +82,7 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
     from tests.servers import bucket_keys, local_s3_folders, s3_uri
 
     endpoint, bucket = s3_bucket
-    reference = run_train(_cfg(tmp_path, sqlite_uri, "name=reference"))
+    reference = run_train(ray_run_config(tmp_path, sqlite_uri, "test", "name=reference"))
     assert 0 <= reference["switch_epoch"] < 3
     monkeypatch.setenv("PRELORA_FAULT_EPOCH", "3")
     monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fault-fired"))
@@ -106,9 +90,10 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
     first.mkdir()
     second.mkdir()
     monkeypatch.chdir(first)
-    cfg = _cfg(
+    cfg = ray_run_config(
         tmp_path,
         sqlite_uri,
+        "test",
         "name=interrupted",
         f"cluster.storage_path={s3_uri(endpoint, bucket, 'runs')}",
         f"output_dir={s3_uri(endpoint, bucket, 'models')}",
@@ -138,6 +123,6 @@ def test_killed_worker_run_on_s3_resumes_from_another_directory_exactly(
 def test_worker_failure_restarts_from_last_checkpoint_with_max_failures(ray_local, tmp_path, sqlite_uri, monkeypatch):
     monkeypatch.setenv("PRELORA_FAULT_EPOCH", "2")
     monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fault-fired"))
-    summary = run_train(_cfg(tmp_path, sqlite_uri, "name=restarted", "cluster.max_failures=1"))
+    summary = run_train(ray_run_config(tmp_path, sqlite_uri, "test", "name=restarted", "cluster.max_failures=1"))
     assert (tmp_path / "fault-fired").exists()
     assert [e["epoch"] for e in summary["history"]] == list(range(6))  # no epoch lost or repeated

@@ -14,35 +14,18 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.train import run_train
 from prelora_ray.orchestration.worker import CheckpointError, load_checkpoint_dir
 from prelora_ray.tracking import MlflowSink, ensure_experiment, start_run
-from tests.conftest import FAST_SWITCH
+from tests.builders import ray_run_config
 
 pytestmark = pytest.mark.slow
-
-
-def _cfg(tmp_path, sqlite_uri, *extra: str) -> TrainSettings:
-    return TrainSettings.load(
-        None,
-        [
-            "epochs=6",
-            "deterministic=true",
-            *FAST_SWITCH,
-            f"cluster.storage_path={tmp_path / 'ray'}",
-            f"output_dir={tmp_path / 'out'}",
-            f"tracking.uri={sqlite_uri}",
-            "tracking.experiment=rel",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
-    return run_train(_cfg(tmp, f"sqlite:///{tmp / 'mlflow.db'}", "name=reference"))
+    return run_train(ray_run_config(tmp, f"sqlite:///{tmp / 'mlflow.db'}", "rel", "name=reference"))
 
 
 @pytest.mark.parametrize("epoch", [0, 3], ids=["before-switch", "after-switch"])
@@ -51,7 +34,7 @@ def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(uninterrupted, tmp
     monkeypatch.setenv("PRELORA_FAULT_EPOCH", str(epoch))
     monkeypatch.setenv("PRELORA_FAULT_BATCH", "5")  # os._exit(1) before batch 5 of that epoch
     monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fired"))
-    summary = run_train(_cfg(tmp_path, sqlite_uri, "name=faulty", "cluster.max_failures=1"))
+    summary = run_train(ray_run_config(tmp_path, sqlite_uri, "rel", "name=faulty", "cluster.max_failures=1"))
     assert (tmp_path / "fired").exists()
     # restarted from the last checkpoint (the end of the previous epoch), not from scratch
     assert summary["resumed_at"] == [epoch] if epoch > 0 else summary["resumed_at"] in ([], [0])
@@ -116,7 +99,7 @@ def test_node_removed_during_a_sweep_its_trial_resumes_elsewhere_and_the_sweep_f
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(ray_local, tmp_path, sqlite_uri):
-    cfg = _cfg(tmp_path, sqlite_uri, "name=ck", "epochs=3", "cluster.checkpoints_to_keep=3")
+    cfg = ray_run_config(tmp_path, sqlite_uri, "rel", "name=ck", "epochs=3", "cluster.checkpoints_to_keep=3")
     first = run_train(cfg)
     folders = sorted(p for p in (tmp_path / "ray" / "ck").glob("checkpoint_*") if p.is_dir())
     assert len(folders) == 3

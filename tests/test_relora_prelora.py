@@ -16,7 +16,7 @@ from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.strategies import Phase
 from prelora_ray.strategies.relora_prelora import RELORA_MERGES
 from prelora_ray.trainer import TrainingLoop
-from tests.test_trainer import BASE
+from tests.builders import LOOP_BASE as BASE
 
 EPOCHS = 6
 # RELORA from epoch 1 (step 8), merges at steps 13, 18, 23, 28; the test may pass from epoch 3 on

@@ -294,7 +294,7 @@ def test_a_scan_point_equals_a_from_scratch_run_with_switch_at_epoch(small_scan)
 def test_the_grid_replay_gives_the_switch_epoch_of_a_live_threshold_run(small_scan):
     from prelora_ray.runtime import LocalRuntime, StopTraining
     from prelora_ray.trainer import TrainingLoop
-    from tests.test_fork import StopAtSwitch
+    from tests.builders import StopAtSwitch
 
     root, _, client, parent, _, _, grid = small_scan
     landed = grid.set_index("setting").loc["open", "switch_epoch"]

@@ -29,6 +29,7 @@ from prelora_ray.config import TrainSettings, field_docs, valid_keys
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.strategies import FULL, REGISTRY, build, get
 from prelora_ray.trainer import ForkStart, TrainingLoop
+from tests.builders import check_export
 
 EPOCHS = 5
 BASE = [
@@ -162,23 +163,6 @@ def check_fork(name: str, overrides: list[str] | tuple[str, ...], folder: Path, 
     summary = forked.run()
     assert forked.state.forked_from == start and summary["epochs_trained"] == EPOCHS - start
     _assert_same_run(reference, forked, what=f"{name} forked at epoch {start}")
-
-
-def check_export(name: str, loop: TrainingLoop, tmp_path: Path) -> None:
-    """`export_merged` of a finished run: a plain ViT that transformers loads, with the run's eval outputs."""
-    from transformers import ViTForImageClassification
-
-    shape = (6, loop.data.num_channels, loop.data.image_size, loop.data.image_size)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    loop.wrapped.eval()
-    with torch.no_grad():
-        trained = loop.wrapped(pixel_values=x).logits.clone()
-    path = loop.export_merged(tmp_path / f"{name}-merged")
-    loaded = ViTForImageClassification.from_pretrained(path).eval()
-    assert type(loaded) is ViTForImageClassification
-    assert not any("lora_" in n or "lte_" in n or "base_layer" in n for n, _ in loaded.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(loaded(pixel_values=x).logits, trained, atol=1e-5)
 
 
 # -- the shipped strategies (and any other registered when this module is collected) ------------------

@@ -15,19 +15,11 @@ from prelora_ray.adapters.lora import inject_lora, injected_ranks, rank_by_modul
 from prelora_ray.adapters.model import merge_adapters as merge_lora
 from prelora_ray.adapters.model import set_trainable
 from prelora_ray.adapters.names import ADAPTER
-from prelora_ray.config import ModelSettings
-from prelora_ray.models import FAMILY_MODULES, build_model
+from prelora_ray.models import FAMILY_MODULES
 from prelora_ray.strategies import Phase
 from prelora_ray.strategies.phases import phase_index
 from prelora_ray.strategies.prelora import PreLoRASettings
-
-FAMILIES = tuple(FAMILY_MODULES)
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    """vit-digits: 4 layers, hidden 64, 8x8 single-channel input."""
-    torch.manual_seed(seed)
-    return build_model(ModelSettings(preset="vit-digits"), num_classes=10, image_size=8, num_channels=1).eval()
+from tests.builders import FAMILIES, images, randomize_lora_b, ranks_for, tiny_vit
 
 
 def vit12(seed: int = 0) -> ViTForImageClassification:
@@ -44,23 +36,6 @@ def vit12(seed: int = 0) -> ViTForImageClassification:
         num_labels=10,
     )
     return ViTForImageClassification(cfg).eval()
-
-
-def images(n: int = 6, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def ranks_for(layers: int, pattern: list[int], families=FAMILIES) -> dict[str, list[int]]:
-    """A different per-layer pattern per family (shifted), so a mix-up between families shows."""
-    return {f: [pattern[(i + j) % len(pattern)] for i in range(layers)] for j, f in enumerate(families)}
-
-
-def randomize_lora_b(model: nn.Module, std: float = 0.2) -> None:
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def lora_module(peft_model: nn.Module, layer: int, family: str) -> nn.Module:

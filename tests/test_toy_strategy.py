@@ -172,7 +172,7 @@ def test_it_exports_a_plain_vit_that_transformers_loads(head_only, tmp_path):
     from prelora_ray.config import TrainSettings
     from prelora_ray.runtime import LocalRuntime
     from prelora_ray.trainer import TrainingLoop
-    from tests.test_strategy_contract import check_export
+    from tests.builders import check_export
 
     loop = TrainingLoop(TrainSettings.load(None, [*DIGITS, "strategy=head_only"]), LocalRuntime())
     loop.run()

@@ -21,24 +21,11 @@ from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.strategies import Phase
 from prelora_ray.trainer import TrainingLoop, train
+from tests.builders import LOOP_BASE, LOOP_EPOCHS
 
-EPOCHS = 12
+EPOCHS = LOOP_EPOCHS
 STEPS_PER_EPOCH = 8  # 256 samples / batch 32
-BASE = [
-    f"epochs={EPOCHS}",
-    "deterministic=true",
-    "model.preset=vit-digits",
-    "tracking.enabled=false",
-    "data.name=synthetic",
-    "data.image_size=8",
-    "data.synthetic_samples=256",
-    "data.batch_size=32",
-    "prelora.k=2",
-    "prelora.m=1",
-    "prelora.tau=50",
-    "prelora.zeta=50",
-    "prelora.warmup=2",
-]
+BASE = LOOP_BASE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest)
