@@ -61,3 +61,21 @@ def test_the_static_check_sees_a_plain_import() -> None:
     assert _imports_analysis(ast.parse("from analysis.pareto import knee_point").body[0])
     assert _imports_analysis(ast.parse("import analysis.runs").body[0])
     assert not _imports_analysis(ast.parse("from prelora_ray.front import knee_point").body[0])
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in conftest.py or a helper module (builders, sweeps, servers), never in a test module."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in getattr(node, "names", [])]
+            )
+            if isinstance(node, ast.Import | ast.ImportFrom) and any(n.startswith("tests.test_") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, (
+        f"import shared helpers from tests/builders.py, sweeps.py, servers.py or conftest.py: {offenders}"
+    )
