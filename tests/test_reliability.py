@@ -32,7 +32,9 @@ def uninterrupted(ray_local, tmp_path_factory):
 def test_worker_killed_mid_epoch_resumes_from_last_checkpoint(uninterrupted, tmp_path, sqlite_uri, monkeypatch, epoch):
     assert uninterrupted["switch_epoch"] == 1  # so epoch 0 is before the switch and epoch 3 after it
     monkeypatch.setenv("PRELORA_FAULT_EPOCH", str(epoch))
-    monkeypatch.setenv("PRELORA_FAULT_BATCH", "5")  # os._exit(1) before batch 5 of that epoch
+    # os._exit(1) before batch 15 of that epoch's 23: mid-epoch, and late enough that Ray Train's controller (it
+    # polls every 0.2 s) has registered the previous epoch's checkpoint on a loaded machine (before batch 5, once not)
+    monkeypatch.setenv("PRELORA_FAULT_BATCH", "15")
     monkeypatch.setenv("PRELORA_FAULT_MARKER", str(tmp_path / "fired"))
     summary = run_train(ray_run_config(tmp_path, sqlite_uri, "rel", "name=faulty", "cluster.max_failures=1"))
     assert (tmp_path / "fired").exists()

@@ -171,7 +171,11 @@ def test_killed_sweep_driver_mid_trunk_and_mid_fork_resumes_without_training_any
     )  # each finished trial once, none twice
     for t in complete:  # the sampler sees each finished trial's objectives, as logged
         run = finished[t.user_attrs[TUNE_TRIAL_ATTR]]
-        assert t.values == [run.data.metrics["final_val_acc"], run.data.metrics["mean_epoch_time_s"]]
+        assert t.values[0] == run.data.metrics["final_val_acc"]
+        # a trial that finished after Tune's last snapshot is resumed at its end and logs its summary again: its
+        # mean epoch time is measured anew, and the study keeps the value it was told first
+        logged = [m.value for m in client.get_metric_history(run.info.run_id, "mean_epoch_time_s")]
+        assert t.values[1] in logged, (t.values, logged)
     assert all(
         t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in complete
     )  # lost ones: none left RUNNING
