@@ -225,3 +225,53 @@ def test_the_train_cli_prints_its_epochs_and_summary_and_with_verbose_rays_repor
 
     verbose = _cli(tmp_path, *_train_args(tmp_path), "--set", "epochs=2", "--verbose")
     assert "epoch   1 | full" in verbose and "Reporting training result 2" in verbose
+
+
+_SIGTERM_IN_A_FINALIZER = """
+import os, signal, sys
+from prelora_ray.orchestration import ray_hooks
+
+def raise_exit(signum, frame):  # what Ray's worker does on SIGTERM
+    raise SystemExit(1)
+
+signal.signal(signal.SIGTERM, raise_exit)
+if sys.argv[1] == "hook":
+    ray_hooks.exit_quietly_when_terminated()
+
+class Finalized:
+    def __del__(self):
+        if sys.argv[2] == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**6):  # the handler runs here, inside the finalizer
+                pass
+        else:
+            raise ValueError("a finalizer's own bug")
+
+obj = Finalized()
+print("before", flush=True)
+del obj
+print("after", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_a_sigterm_inside_a_finalizer_ends_the_process_without_a_traceback(hooked):
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_IN_A_FINALIZER, "hook" if hooked else "plain", "sigterm"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if hooked:  # the SIGTERM is obeyed, quietly
+        assert (out.returncode, out.stdout.split(), out.stderr) == (1, ["before"], "")
+    else:  # what Python does alone: the traceback, and the process goes on
+        assert "Exception ignored" in out.stderr and "SystemExit" in out.stderr
+        assert out.stdout.split() == ["before", "after"]
+
+
+def test_other_exceptions_in_a_finalizer_are_still_printed_with_the_hook():
+    out = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_IN_A_FINALIZER, "hook", "bug"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["before", "after"]
+    assert "Exception ignored" in out.stderr and "a finalizer's own bug" in out.stderr

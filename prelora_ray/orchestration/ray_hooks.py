@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 # Ray Train's detached PlacementGroupCleaner asks the state API (served by the dashboard) whether the
 # controller still lives; a local Ray started without the dashboard (ray[default] is not installed)
@@ -52,6 +53,7 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
     bars of MLflow (artifact downloads) and transformers (model shards). Warnings and errors always show.
     """
     progress_logging()
+    exit_quietly_when_terminated()
     logging.getLogger("prelora_ray").setLevel(logging.INFO if verbose or progress else logging.WARNING)
     logging.getLogger(ray_report_logger()).setLevel(logging.NOTSET if verbose else logging.WARNING)
     # a trial that trains in its own process (trial_executor: tune): "Checkpoint successfully created at ..." per epoch
@@ -69,6 +71,30 @@ def apply_console(verbose: bool = False, progress: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _exit_hook(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, SystemExit):
+        code = unraisable.exc_value.code
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+    sys.__unraisablehook__(unraisable)
+
+
+def exit_quietly_when_terminated() -> None:
+    """A SIGTERM that lands while the garbage collector runs a finalizer exits the process, without a traceback.
+
+    Ray ends a job's worker processes (a trial's process once the sweep is over, a Train worker) with SIGTERM, and its
+    handler raises SystemExit. When the signal arrives inside a finalizer (a WeakSet callback, a `__del__`) Python
+    cannot raise it there: it prints "Exception ignored in ... SystemExit: 1" (9 lines at the end of a finished sweep's
+    console) and the process goes on until Ray kills it. This hook ends the process as the SIGTERM asked (streams
+    flushed, the SystemExit's code); every other unraisable exception is printed as before.
+    """
+    sys.unraisablehook = _exit_hook
 
 
 def progress_logging() -> None:
