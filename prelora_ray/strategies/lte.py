@@ -71,7 +71,7 @@ class LTESettings:
         "it); each worker cuts its batch into its heads' equal chunks (the reference's num_heads; its ViT-S "
         "example: 32).",
     )
-    rank: int = setting(8, "Rank r of every head (the reference: r = 32, alpha = 4096 on ViT-S).")
+    rank: int = setting(8, "Rank r of every head (the reference's ViT-S example: 32).")
     alpha: float = setting(32.0, "Head scale s = alpha / rank (the reference: r = 32, alpha = 4096 on ViT-S).")
     merge_every: int = setting(
         6,
