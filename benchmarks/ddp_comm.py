@@ -92,7 +92,7 @@ def lte_run(args: argparse.Namespace, x, y, *, merge_every: int) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelSettings(preset=args.preset), num_classes=100, image_size=args.image_size, num_channels=3)
     names = [n for layer_names in family_module_names(model, tuple(FAMILY_MODULES)).values() for n in layer_names]
-    inject_lte_heads(model, names, heads=1, rank=args.lte_rank, scale=2.0, seed=0, first_head=dist.get_rank())
+    inject_lte_heads(model, names, rank=args.lte_rank, scale=2.0, seed=0, global_heads=[dist.get_rank()])
     set_lte_trainable(model, train_others=False)
     counted = {"bytes": 0, "merges": 0}
 

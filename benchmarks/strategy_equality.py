@@ -61,7 +61,7 @@ RUNS = {
         "prelora.min_switch_epoch=3",
     ],
     "lte": ["strategy=lte", "lte.merge_every=7"],
-    "lte_2heads_late": ["strategy=lte", "lte.heads_per_worker=2", "lte.start_epoch=2", "lte.train_others=frozen"],
+    "lte_2heads_late": ["strategy=lte", "lte.num_heads=2", "lte.start_epoch=2", "lte.train_others=frozen"],
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from prelora_ray.config import DataSettings
 
@@ -187,6 +187,33 @@ def resolve_loader_workers(settings: DataSettings, device: torch.device | str, c
     return max(1, min(8, (cpus if cpus is not None else available_cpus()) - 1))
 
 
+class ChunkedBatches(Sampler[list[int]]):
+    """Batches of `batch_size` indices of `sampler`, each laid out chunk by chunk for `chunks` equal chunks.
+
+    Chunk l of a batch (its rows l·b/c ... (l+1)·b/c − 1) holds the indices at positions l, l + c, l + 2c, ...
+    of the sampler's batch; a last short batch is dropped. With W workers sharing one seeded
+    DistributedSampler (worker r draws positions r, r + W, ... of one permutation), chunk l of worker r's
+    step-k batch is then the permutation's positions G·k + (r + W·l) + H·i (G the batch over all workers,
+    H = W·c the chunks over all workers): global chunk r + W·l sees the same samples whatever W is.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, chunks: int) -> None:
+        if batch_size % chunks:
+            raise ValueError(f"a batch of {batch_size} cannot be cut into {chunks} equal chunks")
+        self.sampler, self.batch_size, self.chunks = sampler, batch_size, chunks
+
+    def __iter__(self):
+        batch: list[int] = []
+        for index in self.sampler:
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                yield [i for chunk in range(self.chunks) for i in batch[chunk :: self.chunks]]
+                batch = []
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
 def make_train_loader(
     dataset: Dataset,
     settings: DataSettings,
@@ -195,10 +222,13 @@ def make_train_loader(
     world_size: int = 1,
     rank: int = 0,
     seed: int = 0,
-    drop_last: bool = False,
+    chunks: int = 1,
 ) -> tuple[DataLoader, DistributedSampler]:
     """The training loop's train loader and its sampler: this worker's shard through a seeded DistributedSampler,
     `resolve_loader_workers` processes, pinned memory on CUDA (asynchronous copies to the GPU).
+
+    `chunks` > 1 (LTE's heads on the worker): each batch is laid out for that many equal chunks and a last short
+    batch is dropped (`ChunkedBatches`).
 
     Workers are not persistent, on purpose: each epoch's iterator draws its workers' seed from the global RNG,
     which checkpoints save and restore, so a resumed or forked run augments exactly as an uninterrupted one;
@@ -206,12 +236,12 @@ def make_train_loader(
     is measured by benchmarks/gpu_check.py (`first_batch_s`).
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        sampler=sampler,
-        num_workers=resolve_loader_workers(settings, device),
-        pin_memory=torch.device(device).type == "cuda",
-        drop_last=drop_last,
-    )
+    common = {
+        "num_workers": resolve_loader_workers(settings, device),
+        "pin_memory": torch.device(device).type == "cuda",
+    }
+    if chunks > 1:
+        loader = DataLoader(dataset, batch_sampler=ChunkedBatches(sampler, settings.batch_size, chunks), **common)
+    else:
+        loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, **common)
     return loader, sampler

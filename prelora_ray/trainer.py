@@ -161,7 +161,7 @@ class TrainingLoop:
             world_size=self.runtime.world_size,
             rank=self.runtime.rank,
             seed=self.cfg.seed,
-            drop_last=self.strategy.drop_last,
+            chunks=self.strategy.batch_chunks(self.runtime.world_size),
         )
 
     def _val_loader(self) -> DataLoader:
@@ -264,9 +264,7 @@ class TrainingLoop:
             (loss if scale == 1.0 else loss * scale).backward()
             self.comm_bytes += self._ddp_bytes_per_step
             if self.cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip
-                )
+                self.strategy.clip_gradients(self, self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.state.step += 1
             self._epoch_steps += 1

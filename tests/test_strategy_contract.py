@@ -50,7 +50,7 @@ QUICK = {
         *("relora.start_epoch=1", "relora.rank=4", "relora.merge_every=5", "relora.rewarm_steps=1"),
         "prelora.switch_at_epoch=2",
     ],
-    "lte": ["lte.start_epoch=1", "lte.merge_every=3", "lte.heads_per_worker=2"],
+    "lte": ["lte.start_epoch=1", "lte.merge_every=3", "lte.num_heads=2"],
 }
 TIMING = ("epoch_time_s", "throughput_img_s", "peak_mem_mb", "wall_time")
 

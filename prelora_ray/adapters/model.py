@@ -49,8 +49,8 @@ def set_trainable(model: nn.Module, phase: Phase, settings: Any) -> None:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Every adapter folded into its base weight: a plain ViT with no adapter overhead (the export).
 
-    LTE heads are removed, leaving W (their last merge is in it: `strategies.lte` merges at every epoch's
-    end); PEFT's LoRA is merged and unloaded.
+    LTE heads are removed, leaving W (their last merge is in it: `strategies.lte` ends every run with a
+    merge); PEFT's LoRA is merged and unloaded.
     """
     return lora.merge_and_unload(remove_lte_heads(model))
 

@@ -123,10 +123,18 @@ class Strategy:
         """Factor on the worker's mean loss before backward (LTE: each of H heads gets its own chunk's gradient)."""
         return 1.0
 
-    @property
-    def drop_last(self) -> bool:
-        """Whether the train loader drops each worker's last, short batch (LTE with several heads: it cannot be cut)."""
-        return False
+    def batch_chunks(self, world_size: int) -> int:
+        """Equal chunks each worker's batch is cut into (LTE: one per head of the worker); 1: none.
+
+        With more than one, the train loader drops a last short batch and orders each batch chunk by chunk
+        (`data.ChunkedBatches`)."""
+        return 1
+
+    def clip_gradients(self, loop: TrainingLoop, max_norm: float) -> None:
+        """Clip the gradients after backward (`optim.grad_clip` set): by default the norm of all of them together."""
+        import torch
+
+        torch.nn.utils.clip_grad_norm_([p for g in loop.optimizer.param_groups for p in g["params"]], max_norm)
 
     def prepare(self, loop: TrainingLoop, phase: Phase) -> None:
         """Shape the model and set requires_grad for `phase`: at a fresh start, or before a checkpoint's weights load.
