@@ -21,12 +21,26 @@ The rules, stated once (docs/sweeps.md, "Reading a front: what is noise", quotes
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+
+def pack_hits(hits: npt.ArrayLike) -> str:
+    """Per-image correctness (bool, the validation set's order) as a short text: "<n>:<base64 of the packed bits>"."""
+    bits = np.asarray(hits, dtype=bool)
+    return f"{bits.size}:{base64.b64encode(np.packbits(bits).tobytes()).decode()}"
+
+
+def unpack_hits(text: str) -> np.ndarray:
+    """`pack_hits`' inverse: the bool array."""
+    size, _, payload = text.partition(":")
+    return np.unpackbits(np.frombuffer(base64.b64decode(payload), dtype=np.uint8), count=int(size)).astype(bool)
+
 
 VERDICTS = ("better", "worse", "indistinguishable")
 INTERVAL_METHODS = {"wilson": "wilson", "exact": "exact", "clopper-pearson": "exact"}

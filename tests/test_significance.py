@@ -14,6 +14,8 @@ from prelora_ray.significance import (
     compare_speedup,
     dominated,
     mcnemar,
+    pack_hits,
+    unpack_hits,
 )
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -131,3 +133,11 @@ def test_a_bad_alpha_is_one_line_naming_the_key(bad):
 
 def test_good_alphas_pass():
     assert check_alpha(0.5) == 0.5 and check_alpha("0.05") == 0.05
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 360])
+def test_packed_hits_round_trip(size):
+    hits = np.random.default_rng(size).random(size) < 0.7
+    text = pack_hits(hits)
+    assert text.startswith(f"{size}:") and len(text) <= len(str(size)) + 1 + 4 * (size // 24 + 1)
+    assert (unpack_hits(text) == hits).all() and unpack_hits(text).size == size
