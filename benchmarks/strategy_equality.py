@@ -122,7 +122,12 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": name, "epochs": len(b["history"])}
         for key in PER_EPOCH:
             row[key] = [h[key] for h in a["history"]] == [h[key] for h in b["history"]]
-        row["history"] = a["history"] == b["history"]
+        # the keys both versions record (a newer version may add some, e.g. val_n, val_correct and val_hits)
+        common = set(a["history"][0]) & set(b["history"][0]) if a["history"] and b["history"] else set()
+        row["history"] = len(a["history"]) == len(b["history"]) and all(
+            {k: x[k] for k in common} == {k: y[k] for k in common}
+            for x, y in zip(a["history"], b["history"], strict=False)
+        )
         row["switch/freeze/ranks"] = (a["switch_epoch"], a["freeze_epoch"], a["ranks"]) == (
             b["switch_epoch"],
             b["freeze_epoch"],

@@ -251,7 +251,7 @@ def summarize(
 ) -> RunSummary:
     """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time."""
     times = [float(e[M.EPOCH_TIME_S]) for e in history]
-    return {
+    out: RunSummary = {
         M.MEAN_EPOCH_TIME_S: sum(times) / len(times) if times else float("nan"),
         M.FINAL_VAL_ACC: float(history[-1][M.VAL_ACC]) if history else float("nan"),
         M.BEST_VAL_ACC: max(float(e[M.VAL_ACC]) for e in history) if history else float("nan"),
@@ -260,6 +260,9 @@ def summarize(
         M.FREEZE_EPOCH: freeze_epoch,
         M.RANKS: ranks or {},
     }
+    if history and M.VAL_HITS in history[-1]:  # records written before per-image correctness have none
+        out.update({k: history[-1][k] for k in (M.VAL_N, M.VAL_CORRECT, M.VAL_HITS)})
+    return out
 
 
 def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:

@@ -24,6 +24,9 @@ class RunSummary(TypedDict, total=False):
     resumed_at: list[int]  # epochs at which the run went on from a checkpoint
     forked_from: int  # the trunk checkpoint a fork started from (-1: not a fork)
     epochs_trained: int  # epochs this run trained itself (a fork's after its fork point)
+    val_n: int  # validation images scored at the last epoch (absent in records older than per-image correctness)
+    val_correct: int  # of them, right
+    val_hits: str  # each one right or wrong, packed (significance.pack_hits; the run's val_correct.npy)
     # from the worker (orchestration/worker.py)
     history: list[dict[str, Any]]  # one record per epoch: the metrics logged to MLflow
     decisions: list[dict[str, Any]]  # each worker's switch decisions (the driver checks they agree)

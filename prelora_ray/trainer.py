@@ -34,6 +34,7 @@ from prelora_ray.fork import TrunkWriter, summarize
 from prelora_ray.models import build_model, family_module_names
 from prelora_ray.monitor import layer_norms
 from prelora_ray.runtime import LocalRuntime, MetricsSink, NullSink, Runtime
+from prelora_ray.significance import pack_hits
 from prelora_ray.strategies import build as build_strategy
 from prelora_ray.strategies.phases import FULL, Phase
 from prelora_ray.summary import RunSummary
@@ -150,6 +151,7 @@ class TrainingLoop:
         self.autocast = self.device.type == "cuda" and cfg.amp
         self.comm_bytes = 0  # bytes all-reduced by this worker in the current epoch (M.COMM_BYTES_PER_STEP)
         self._epoch_steps = 0
+        self.val_hits: np.ndarray = np.zeros(0, dtype=bool)  # the last evaluation's, per image
         self._ddp_bytes_per_step = 0  # DDP's gradient all-reduce: the trainable parameters' bytes
 
     # -- data ------------------------------------------------------------------------------------
@@ -296,24 +298,47 @@ class TrainingLoop:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1 accuracy and loss over the whole validation set (all workers' shards)."""
+    def evaluate(self) -> dict[str, Any]:
+        """Top-1 accuracy and loss over the whole validation set (all workers' shards).
+
+        Also keeps which images were right (`val_hits`: the whole set's, in its order, on every worker), so a
+        front can compare two runs image by image (prelora_ray/significance.py).
+        """
         self.wrapped.eval()
         sums = torch.zeros(3, dtype=torch.float64)
+        hits = []
         for images, labels in self.val_loader:
             images, labels = images.to(self.device), labels.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.wrapped(pixel_values=images).logits.float()
+            right = logits.argmax(-1) == labels
+            hits.append(right.cpu())
             sums += torch.tensor(
                 [
                     float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
-                    float((logits.argmax(-1) == labels).sum()),
+                    float(right.sum()),
                     labels.numel(),
                 ],
                 dtype=torch.float64,
             )
         sums = self.all_reduce_sum(sums)
-        return {M.VAL_LOSS: float(sums[0] / sums[2]), M.VAL_ACC: float(sums[1] / sums[2])}
+        self.val_hits = self._whole_set(torch.cat(hits).numpy() if hits else np.zeros(0, dtype=bool))
+        return {
+            M.VAL_LOSS: float(sums[0] / sums[2]),
+            M.VAL_ACC: float(sums[1] / sums[2]),
+            M.VAL_N: int(sums[2]),
+            M.VAL_CORRECT: int(sums[1]),
+        }
+
+    def _whole_set(self, shard_hits: np.ndarray) -> np.ndarray:
+        """Every worker's hits put back in the validation set's order (worker r scored images r, r + W, ...)."""
+        world = self.runtime.world_size
+        if world == 1:
+            return shard_hits
+        out = np.zeros(len(self.data.val), dtype=bool)
+        for rank, part in enumerate(self.runtime.all_gather_object(shard_hits)):
+            out[rank::world] = part
+        return out
 
     def _trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -450,6 +475,7 @@ class TrainingLoop:
             val = self.evaluate()
             self.strategy.after_epoch(self)  # ... and after it (freeze)
             metrics = self._epoch_metrics(epoch, phase, trainable, train, val)
+            metrics[M.VAL_HITS] = pack_hits(self.val_hits)  # text: in the history and the report, not in MLflow's
             self.state.history.append(
                 {
                     **{k: v for k, v in metrics.items() if not k.startswith(M.LAYER_NORM_PREFIX)},
@@ -460,7 +486,9 @@ class TrainingLoop:
             snapshot = functools.cache(self.state_dict)  # built at most once per epoch (trunk file and report)
             if self.trunk is not None:  # before the report: the trunk's files are never behind its checkpoints
                 self.trunk.after_epoch(epoch, metrics, snapshot)
-            self.sink.log_metrics({k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH)}, step=epoch)
+            self.sink.log_metrics(
+                {k: float(v) for k, v in metrics.items() if k not in (M.PHASE, M.EPOCH, M.VAL_HITS)}, step=epoch
+            )
             if self.runtime.rank == 0:
                 log.info(
                     "epoch %3d | %-6s | loss %.4f | val_loss %.4f | val_acc %.4f | %.2fs | trainable %.2f%%",

@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 import yaml
 
@@ -153,3 +155,11 @@ def assert_equals_from_scratch(root, client, origin) -> None:
     assert [v for _, v in history(client, origin.info.run_id, M.VAL_LOSS)] == [
         h[M.VAL_LOSS] for h in loop.state.history
     ]
+
+
+def val_correct(client, run) -> np.ndarray:
+    """A run's val_correct.npy (each validation image right or wrong at its last epoch)."""
+    with tempfile.TemporaryDirectory() as folder:
+        hits = np.load(client.download_artifacts(run.info.run_id, M.VAL_CORRECT_ARTIFACT, folder))
+    assert hits.size == run.data.metrics[M.VAL_N]
+    return hits

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from prelora_ray import metrics as M
-from tests.sweeps import assert_equals_from_scratch, fault_env, history, run_tune, sweep_runs
+from tests.sweeps import assert_equals_from_scratch, fault_env, history, run_tune, sweep_runs, val_correct
 
 pytestmark = pytest.mark.slow
 EPOCHS = 6
@@ -70,6 +70,7 @@ def test_never_trials_take_the_trunks_result_and_train_nothing(fork_sweep):
         assert history(client, c.info.run_id) == history(client, trunk.info.run_id)
         assert c.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
         assert c.data.metrics[M.SWITCH_EPOCH] == -1
+        assert (val_correct(client, c) == val_correct(client, trunk)).all()  # the trunk's images, right and wrong
 
 
 def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_sweep):
@@ -91,6 +92,8 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
         assert c.data.tags[M.FORK_REUSED_TAG] == origin.info.run_id and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
         assert history(client, c.info.run_id) == curve
         assert c.data.metrics[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
+        assert (val_correct(client, c) == val_correct(client, origin)).all()
+    assert val_correct(client, origin).sum() == origin.data.metrics[M.VAL_CORRECT]
     # the parent's cost accounting: the trunk plus the one trained fork, against every run from scratch
     assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + EPOCHS - fork_epoch
     assert parent.data.metrics[M.EPOCHS_NAIVE_TOTAL] == EPOCHS * 6

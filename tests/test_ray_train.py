@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import mlflow
+import numpy as np
 import pytest
+import torch
 
 from prelora_ray.orchestration.train import run_train
 from tests.builders import ray_run_config
@@ -50,6 +52,22 @@ def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_afte
     # the history covers every epoch and the phases went full -> warmup -> lora
     phases = [e["phase"] for e in summary["history"]]
     assert phases[0] == "full" and phases[1] == "relora" and "warmup" in phases and phases[-1] == "lora"
+    # each worker scored every other image; put back in the data set's order they are the exported model's hits
+    # (up to a near-tie flipped by the merge's float rounding: a wrong order would miss about a fifth of them)
+    from transformers import ViTForImageClassification
+
+    from prelora_ray.data import build_datasets
+    from prelora_ray.significance import unpack_hits
+
+    val = build_datasets(cfg.data).val
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.stack([val[i][1] for i in range(len(val))])
+    model = ViTForImageClassification.from_pretrained(summary["merged_model_path"]).eval()
+    with torch.no_grad():
+        hits = (model(pixel_values=x).logits.argmax(-1) == y).numpy()
+    logged = unpack_hits(summary["val_hits"])
+    assert logged.size == summary["val_n"] == len(val) and int(logged.sum()) == summary["val_correct"]
+    assert int((logged != hits).sum()) <= 2
 
 
 def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path, sqlite_uri):
@@ -64,7 +82,10 @@ def test_run_logged_to_mlflow_with_metrics_params_and_ranks(ray_local, tmp_path,
     assert sorted(m.step for m in val_acc) == list(range(6))
     assert run.data.metrics["switch_epoch"] == summary["switch_epoch"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "ranks.json"} <= artifacts
+    assert {"config.yaml", "ranks.json", "val_correct.npy"} <= artifacts
+    hits = np.load(client.download_artifacts(run.info.run_id, "val_correct.npy", str(tmp_path)))
+    assert hits.dtype == bool and hits.size == run.data.metrics["val_n"] == 360
+    assert hits.sum() == run.data.metrics["val_correct"] == round(run.data.metrics["final_val_acc"] * 360)
     # the merged export is a plain ViT that transformers loads on its own
     from transformers import ViTForImageClassification
 

@@ -19,6 +19,7 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.models import FAMILY_MODULES
 from prelora_ray.optim import lr_factor
 from prelora_ray.runtime import LocalRuntime, StopTraining
+from prelora_ray.significance import unpack_hits
 from prelora_ray.strategies import Phase
 from prelora_ray.trainer import TrainingLoop, train
 from tests.builders import LOOP_BASE, LOOP_EPOCHS
@@ -315,6 +316,24 @@ def test_export_merged_from_the_loop_itself(tmp_path, reference):
     loaded = ViTForImageClassification.from_pretrained(path).eval()
     with torch.no_grad():
         assert torch.allclose(loaded(pixel_values=x).logits, expected, atol=1e-5)
+
+
+def test_each_validation_images_correctness_is_recorded_in_the_data_sets_order(reference):
+    loop, runtime, summary = reference
+    loop.wrapped.eval()
+    val = loop.data.val
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.stack([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        hits = (loop.wrapped(pixel_values=x).logits.argmax(-1) == y).numpy()
+    assert summary[M.VAL_N] == len(val) and summary[M.VAL_CORRECT] == int(hits.sum())
+    assert (unpack_hits(summary[M.VAL_HITS]) == hits).all()
+    assert summary[M.FINAL_VAL_ACC] == pytest.approx(summary[M.VAL_CORRECT] / summary[M.VAL_N])
+    for record, report in zip(loop.state.history, runtime.reports, strict=True):  # every epoch's, reported too
+        epoch_hits = unpack_hits(record[M.VAL_HITS])
+        assert epoch_hits.size == record[M.VAL_N] == report[M.VAL_N] == len(val)
+        assert int(epoch_hits.sum()) == record[M.VAL_CORRECT] == report[M.VAL_CORRECT]
+        assert record[M.VAL_ACC] == pytest.approx(record[M.VAL_CORRECT] / len(val))
 
 
 # -- small pieces -----------------------------------------------------------------------------------

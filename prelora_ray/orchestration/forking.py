@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -233,6 +234,17 @@ def _never(
     return summary
 
 
+def copy_val_correct(run: PreparedRun, source_run_id: str) -> None:
+    """The twin's val_correct.npy in the trial's run (a twin logged before per-image correctness has none)."""
+    with tempfile.TemporaryDirectory(prefix="prelora-") as folder:
+        try:
+            path = tracking.download_artifact(run.tracking_uri, source_run_id, M.VAL_CORRECT_ARTIFACT, folder)
+        except Exception:  # none to copy: the twin predates per-image correctness, or MLflow is unreachable
+            log.warning("%s: run %s has no %s to copy", run.name, source_run_id, M.VAL_CORRECT_ARTIFACT)
+            return
+        tracking.log_file(run.tracking_uri, run.mlflow_run_id, path)
+
+
 def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str, Any]:
     """Same switch epoch, ranks and post-switch config as a finished trial: its result, nothing trained."""
     log.info(
@@ -248,5 +260,6 @@ def _reuse(run: PreparedRun, run_name: str, holder: dict[str, Any]) -> dict[str,
         tracking.log_text(run.tracking_uri, run.mlflow_run_id, text, "ranks.json")
     except Exception:  # the twin's artifact is missing: the metrics still say it all
         log.warning("%s: could not copy ranks.json from run %s", run_name, holder["run_id"])
+    copy_val_correct(run, holder["run_id"])
     end_run(run, "FINISHED")
     return {**holder["report"], "epochs_trained": 0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,19 @@ def finish_run(run: PreparedRun, summary: RunSummary) -> RunSummary:
     return summary
 
 
+def log_val_correct(uri: str, run_id: str, packed: str) -> None:
+    """The final epoch's per-image correctness as the run's val_correct.npy (a bool array, the data set's order)."""
+    import numpy as np
+
+    from prelora_ray import tracking
+    from prelora_ray.significance import unpack_hits
+
+    with tempfile.TemporaryDirectory(prefix="prelora-") as folder:
+        path = Path(folder) / M.VAL_CORRECT_ARTIFACT
+        np.save(path, unpack_hits(packed))
+        tracking.log_file(uri, run_id, path)
+
+
 def log_summary(run: PreparedRun, summary: RunSummary) -> None:
     """Summary metrics, ranks.json and the run's tags (switched, resumed_at, epochs_trained, merged model)."""
     if not run.mlflow_run_id:
@@ -252,6 +266,8 @@ def log_summary(run: PreparedRun, summary: RunSummary) -> None:
         json.dumps({k: summary.get(k) for k in (M.SWITCH_EPOCH, M.FREEZE_EPOCH, M.RANKS)}, indent=2),
         "ranks.json",
     )
+    if summary.get(M.VAL_HITS):
+        log_val_correct(run.tracking_uri, run.mlflow_run_id, summary[M.VAL_HITS])
     tags = {"switched": str(summary.get(M.SWITCH_EPOCH, -1) >= 0).lower()}
     if "epochs_trained" in summary:
         tags[M.EPOCHS_TRAINED_TAG] = str(summary["epochs_trained"])

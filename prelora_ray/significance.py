@@ -1,0 +1,148 @@
+"""Noise on a front: accuracy intervals, paired tests and dominance that respects them (pure: numpy and scipy).
+
+A validation set of n images measures an accuracy with a binomial error: on digits (n = 360) one image is
+0.28 points and the 95% interval of a 0.97 accuracy is about +-1.8 points wide. Two classifiers scored on
+the same images are compared paired, with the exact McNemar test (Dietterich, 1998): only the images that
+exactly one of them gets right count, and under "no difference" each of those is a fair coin.
+
+The rules, stated once (docs/sweeps.md, "Reading a front: what is noise", quotes them):
+
+* `accuracy_interval`: the 95% Wilson score interval (or Clopper-Pearson, `method="exact"`) of
+  correct / n, from `scipy.stats.binomtest`.
+* `mcnemar`: b = images only A gets right, c = images only B gets right; p = the two-sided exact binomial
+  test of b successes in b + c trials at 1/2, and p = 1 when b + c = 0.
+* `compare_accuracy`: `better` / `worse` when p < alpha and b > c / b < c, else `indistinguishable`.
+* `compare_speedup`: `better` / `worse` when the two intervals do not overlap (A's low end above B's high
+  end, or the reverse), else `indistinguishable`.
+* `dominated`: row X is dominated when some row Y is `better` than X in at least one objective and not
+  `worse` in the other. Everything else is `plausible`: a row is never dropped for a difference within
+  noise. Rows with no measurement (NaN) in an objective are compared on the point estimates there.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+def pack_hits(hits: npt.ArrayLike) -> str:
+    """Per-image correctness (bool, the validation set's order) as a short text: "<n>:<base64 of the packed bits>"."""
+    bits = np.asarray(hits, dtype=bool)
+    return f"{bits.size}:{base64.b64encode(np.packbits(bits).tobytes()).decode()}"
+
+
+def unpack_hits(text: str) -> np.ndarray:
+    """`pack_hits`' inverse: the bool array."""
+    size, _, payload = text.partition(":")
+    return np.unpackbits(np.frombuffer(base64.b64decode(payload), dtype=np.uint8), count=int(size)).astype(bool)
+
+
+VERDICTS = ("better", "worse", "indistinguishable")
+INTERVAL_METHODS = {"wilson": "wilson", "exact": "exact", "clopper-pearson": "exact"}
+
+
+def check_alpha(alpha: float, key: str = "alpha") -> float:
+    """`alpha` as a float in (0, 0.5], or a one-line ValueError naming `key`."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{key}: {alpha!r} is not a number; give a significance level in (0, 0.5], e.g. 0.05"
+        ) from None
+    if not (0.0 < value <= 0.5) or math.isnan(value):
+        raise ValueError(f"{key}: {alpha!r} is outside (0, 0.5]; give a significance level such as 0.05")
+    return value
+
+
+def accuracy_interval(correct: int, n: int, level: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """The `level` confidence interval of the accuracy correct / n (Wilson score, or Clopper-Pearson "exact")."""
+    from scipy.stats import binomtest
+
+    if method not in INTERVAL_METHODS:
+        raise ValueError(f"interval method {method!r} is unknown; valid: {', '.join(INTERVAL_METHODS)}")
+    correct, n = int(correct), int(n)
+    if n <= 0 or not 0 <= correct <= n:
+        raise ValueError(f"accuracy interval: need 0 <= correct <= n and n > 0, got correct={correct}, n={n}")
+    ci = binomtest(correct, n).proportion_ci(confidence_level=level, method=INTERVAL_METHODS[method])
+    return float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """The paired comparison of A and B on the same images: b = only A right, c = only B right, p two-sided."""
+
+    b: int
+    c: int
+    p: float
+
+
+def mcnemar(a_correct: npt.ArrayLike, b_correct: npt.ArrayLike) -> McNemar:
+    """Exact McNemar test of two classifiers' per-image correctness (bool arrays in the same image order)."""
+    from scipy.stats import binomtest
+
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"McNemar: need two 1-D arrays of the same length, got shapes {a.shape} and {b.shape}")
+    only_a = int(np.count_nonzero(a & ~b))
+    only_b = int(np.count_nonzero(~a & b))
+    if only_a + only_b == 0:
+        return McNemar(0, 0, 1.0)
+    return McNemar(only_a, only_b, float(binomtest(only_a, only_a + only_b, 0.5).pvalue))
+
+
+def compare_accuracy(a_correct: npt.ArrayLike, b_correct: npt.ArrayLike, alpha: float = 0.05) -> str:
+    """A against B in accuracy: `better`, `worse` or `indistinguishable` (exact McNemar at `alpha`)."""
+    test = mcnemar(a_correct, b_correct)
+    if test.p >= alpha or test.b == test.c:
+        return "indistinguishable"
+    return "better" if test.b > test.c else "worse"
+
+
+def compare_speedup(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
+    """A against B in speed-up, each (value, lo, hi): `better` / `worse` only when the intervals are disjoint.
+
+    Missing intervals (NaN ends) fall back to the point values: a plain comparison, as without noise.
+    """
+    a_val, a_lo, a_hi = (float(x) for x in a)
+    b_val, b_lo, b_hi = (float(x) for x in b)
+    if any(math.isnan(x) for x in (a_lo, a_hi, b_lo, b_hi)):
+        if math.isnan(a_val) or math.isnan(b_val) or a_val == b_val:
+            return "indistinguishable"
+        return "better" if a_val > b_val else "worse"
+    if a_lo > b_hi:
+        return "better"
+    if a_hi < b_lo:
+        return "worse"
+    return "indistinguishable"
+
+
+def dominated(
+    correct: Sequence[npt.ArrayLike],
+    speedups: Sequence[tuple[float, float, float]],
+    alpha: float = 0.05,
+) -> list[bool]:
+    """For each row (its per-image correctness and its (speedup, lo, hi)): dominated with confidence?
+
+    Row X is dominated when another row Y is `better` than X in one objective and not `worse` in the other
+    (module docstring). Rows may be dominated by rows that are themselves dominated, as in a plain front.
+    """
+    if len(correct) != len(speedups):
+        raise ValueError(f"dominance: {len(correct)} accuracy rows but {len(speedups)} speed-up rows")
+    rows = len(correct)
+    out = [False] * rows
+    for x in range(rows):
+        for y in range(rows):
+            if x == y:
+                continue
+            acc = compare_accuracy(correct[y], correct[x], alpha)
+            speed = compare_speedup(speedups[y], speedups[x])
+            if "worse" not in (acc, speed) and "better" in (acc, speed):
+                out[x] = True
+                break
+    return out
