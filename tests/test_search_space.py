@@ -96,6 +96,31 @@ def test_every_combination_of_the_paper_relora_space_restarts_after_the_lr_warmu
         assert cfg.relora.warmup_steps <= cfg.relora.merge_every, (start, every)
 
 
+def test_two_parameters_that_are_each_valid_but_not_together_are_refused_on_load(tmp_path):
+    """relora.warmup_steps <= relora.merge_every: 50 and 10 are each valid with the base, not in one trial."""
+    data = {
+        "name": "t",
+        "base": {
+            "epochs": 3,
+            "strategy": "relora_prelora",
+            "relora": {"start_epoch": 0, "warmup_steps": 0, "rewarm_steps": 5},
+        },
+        "parameters": {
+            "relora.warmup_steps": {"type": "int", "low": 0, "high": 50},
+            "relora.merge_every": {"type": "categorical", "values": [10, 100]},
+        },
+    }
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError) as err:
+        load_search_space(path)
+    message = str(err.value)
+    # (the file's keys in YAML's sorted order: merge_every first)
+    assert f"{path}: parameters.relora.merge_every: value 10 with relora.warmup_steps=50 is not valid here" in message
+    assert "relora.warmup_steps=50 is invalid" in message and "\n" not in message
+    data["parameters"]["relora.merge_every"]["values"] = [50, 100]
+    assert load_search_space(_write(tmp_path, data)).base.relora.warmup_steps == 0
+
+
 def _mutate(path_keys, value):
     data = yaml.safe_load(yaml.safe_dump(GOOD))
     node = data
