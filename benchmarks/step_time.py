@@ -87,14 +87,14 @@ def main() -> None:
 def merge_of(model, opt, device: str):
     """One ReLoRA merge as strategy relora_prelora does it.
 
-    Fold, re-initialise (B = 0, A redrawn), prune the moments to 10%.
+    Fold, re-initialise (B = 0, A redrawn), prune 90% of the moments by magnitude (the default `relora.reset`).
     """
     adapters = [p for n, p in model.named_parameters() if is_adapter_param(n)]
 
     def merge() -> None:
         fold_adapters(model)
         reinit_adapters(model, seed=0)
-        prune_moments(opt, adapters, keep=0.1)
+        prune_moments(opt, adapters, mode="magnitude", ratio=0.9)
         if device == "cuda":
             torch.cuda.synchronize()
 

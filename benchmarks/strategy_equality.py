@@ -56,7 +56,7 @@ RUNS = {
         "strategy=relora_prelora",
         "relora.start_epoch=2",
         "relora.rank=4",
-        "relora.merge_every=10",
+        "relora.merge_every=50",  # >= relora.warmup_steps (50 by default since issue 25), valid on both sides
         "relora.rewarm_steps=2",
         "prelora.min_switch_epoch=3",
     ],

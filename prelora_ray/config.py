@@ -140,9 +140,15 @@ class OptimSettings:
     lora_lr: float | None = _f(None, "Learning rate of LoRA parameters; None uses lr (same schedule).")
     weight_decay: float = _f(0.05, "AdamW weight decay of matrices (biases and norms get none).")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas.")
-    lr_warmup_epochs: float = _f(2.0, "Epochs of linear learning-rate warmup from 0 (not the PreLoRA warmup w).")
+    lr_warmup_epochs: float = _f(
+        2.0,
+        "Epochs of linear learning-rate warmup, (step + 1) / W (not the PreLoRA warmup w; relora_prelora: FULL's, "
+        "RELORA has relora.warmup_steps).",
+    )
     schedule: str = _f("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
-    min_lr_ratio: float = _f(0.0, "Final learning rate as a fraction of lr (cosine and linear).")
+    min_lr_ratio: float = _f(
+        0.0, "Final learning rate as a fraction of lr (cosine and linear; relora_prelora from RELORA on: relora.*'s)."
+    )
     grad_clip: float | None = _f(1.0, "Max global gradient norm; None disables clipping.")
     label_smoothing: float = _f(
         0.1, "Label smoothing of the cross-entropy loss (keeps the loss off zero, so ζ can be met)."

@@ -290,6 +290,44 @@ def _check_relations(path: str, params: dict[str, Parameter], base: TrainSetting
             )
 
 
+def _samples(p: Parameter) -> list[Any]:
+    """The values a parameter's checks try: every categorical value, else both bounds."""
+    return list(p.values) if p.kind == "categorical" else [p.low, p.high]
+
+
+def _check_pairs(path: str, params: dict[str, Parameter], base: TrainSettings) -> None:
+    """Every two parameters sampled together give a valid config at each pair of their extremes (in each setting of
+    the strategy and the conditions they are sampled in). A relation between two keys (relora.warmup_steps <=
+    relora.merge_every, ...) holds over a range if it holds at the corners; the r_min/r_max pair is repaired instead
+    (SearchSpace.trial_config)."""
+    strategy = params.get("strategy")
+    keys = [k for k in params if k != "strategy"]
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            if {a, b} == {"prelora.r_min", "prelora.r_max"}:
+                continue
+            pa, pb = params[a], params[b]
+            tried: set[str] = set()
+            for context in _contexts(pa.when + pb.when, strategy):
+                for va in _samples(pa):
+                    for vb in _samples(pb):
+                        chosen = {**context, a: va, b: vb}
+                        key = repr(sorted(chosen.items(), key=lambda kv: kv[0]))
+                        if key in tried or not (pa.applies(chosen) and pb.applies(chosen)):
+                            continue
+                        tried.add(key)
+                        try:
+                            base.replace(**chosen)
+                        except ValueError as exc:
+                            rest = {k: v for k, v in context.items() if k not in (a, b)}
+                            where = f" with {', '.join(f'{k}={v}' for k, v in rest.items())}" if rest else ""
+                            raise _err(
+                                path,
+                                f"parameters.{a}",
+                                f"value {va!r} with {b}={vb!r} is not valid here{where} ({exc})",
+                            ) from None
+
+
 def space_strategies(base: TrainSettings, params: dict[str, Parameter]) -> tuple[str, ...]:
     """The strategies a space's trials can have.
 
@@ -415,6 +453,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
             else _parameter(path, str(k), v, base, params, strategy)
         )
     _check_relations(path, params, base)
+    _check_pairs(path, params, base)
     raw_obj = data.get("objectives", list(DEFAULT_OBJECTIVES))
     if not isinstance(raw_obj, list) or not raw_obj:
         raise _err(

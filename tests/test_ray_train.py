@@ -28,9 +28,11 @@ def test_two_workers_reach_identical_switch_and_ranks_and_identical_weights_afte
         "name=two-workers",
         "strategy=relora_prelora",
         "epochs=7",
+        "optim.lr_warmup_epochs=1",
         "relora.start_epoch=1",
-        "relora.merge_every=5",
-        "relora.rewarm_steps=2",
+        "relora.merge_every=10",
+        "relora.warmup_steps=2",
+        "relora.rewarm_steps=4",
         "relora.rank=4",
     )
     summary = run_train(cfg)

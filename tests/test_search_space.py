@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,51 @@ def test_paper_space_has_the_papers_ranges():
 
 
 def test_paper_relora_space_has_the_papers_setting():
-    """PreLoRA v2 4.2.4: rank 256 on ViT-L, Exp1 (tau 1, zeta 5, k = m = 3), ranks 8-64, w = 10."""
+    """PreLoRA v2 4.2.4: rank 256 on ViT-L, Exp1 (tau 1, zeta 5, k = m = 3), ranks 8-64, w = 10; ReLoRA's own values
+    for the rest (Guitaricet/relora: scale 32/r, dropout 0.1, magnitude pruning 0.9, min LR ratio 0.1)."""
     space = load_search_space(SPACES / "paper_relora_vit_large.yaml")
     b = space.base
     assert b.strategy == "relora_prelora" and b.model.preset == "vit-large" and b.relora.rank == 256 and b.epochs == 300
     assert (b.prelora.tau, b.prelora.zeta, b.prelora.k, b.prelora.m, b.prelora.warmup) == (1.0, 5.0, 3, 3, 10)
-    assert (b.prelora.r_min, b.prelora.r_max, b.relora.prune) == (8, 64, 0.9)
+    assert (b.prelora.r_min, b.prelora.r_max, b.relora.reset, b.relora.prune) == (8, 64, "magnitude", 0.9)
+    assert (b.relora.scale, b.relora.lora_dropout, b.relora.min_lr_ratio) == (0.125, 0.1, 0.1)
     assert {p.key for p in space.parameters} == {"relora.start_epoch", "relora.merge_every"}
+
+
+def test_every_combination_of_the_paper_relora_space_restarts_after_the_lr_warmups():
+    """ReLoRA: assert adjust_step + first_warmup_steps <= restart_every. RELORA's start (an LR restart) comes at or
+    after the full phase's warmup, and its first merge at or after its own warmup, for each of the 3 x 3 trials."""
+    space = load_search_space(SPACES / "paper_relora_vit_large.yaml")
+    p = {q.key: q for q in space.parameters}
+    for start, every in itertools.product(p["relora.start_epoch"].values, p["relora.merge_every"].values):
+        cfg = space.trial_config({"relora.start_epoch": start, "relora.merge_every": every})
+        assert cfg.relora.start_epoch >= cfg.optim.lr_warmup_epochs == 30, (start, every)
+        assert cfg.relora.warmup_steps <= cfg.relora.merge_every, (start, every)
+
+
+def test_two_parameters_that_are_each_valid_but_not_together_are_refused_on_load(tmp_path):
+    """relora.warmup_steps <= relora.merge_every: 50 and 10 are each valid with the base, not in one trial."""
+    data = {
+        "name": "t",
+        "base": {
+            "epochs": 3,
+            "strategy": "relora_prelora",
+            "relora": {"start_epoch": 0, "warmup_steps": 0, "rewarm_steps": 5},
+        },
+        "parameters": {
+            "relora.warmup_steps": {"type": "int", "low": 0, "high": 50},
+            "relora.merge_every": {"type": "categorical", "values": [10, 100]},
+        },
+    }
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError) as err:
+        load_search_space(path)
+    message = str(err.value)
+    # (the file's keys in YAML's sorted order: merge_every first)
+    assert f"{path}: parameters.relora.merge_every: value 10 with relora.warmup_steps=50 is not valid here" in message
+    assert "relora.warmup_steps=50 is invalid" in message and "\n" not in message
+    data["parameters"]["relora.merge_every"]["values"] = [50, 100]
+    assert load_search_space(_write(tmp_path, data)).base.relora.warmup_steps == 0
 
 
 def _mutate(path_keys, value):

@@ -47,8 +47,8 @@ QUICK = {
     "prelora": ["prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"],
     "relora_prelora": [
         *("prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"),
-        *("relora.start_epoch=1", "relora.rank=4", "relora.merge_every=5", "relora.rewarm_steps=1"),
-        "prelora.switch_at_epoch=2",
+        *("relora.start_epoch=2", "relora.rank=4", "relora.merge_every=5", "relora.rewarm_steps=1"),
+        *("relora.warmup_steps=2", "prelora.switch_at_epoch=2"),  # RELORA after the 2-epoch LR warmup, 1 merge
     ],
     "lte": ["lte.start_epoch=1", "lte.merge_every=3", "lte.num_heads=2"],
 }
