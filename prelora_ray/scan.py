@@ -42,6 +42,9 @@ TABLE_COLUMNS = (
     "speedup",
     M.TRAINABLE_FRACTION,
     "epochs_trained",
+    "speedup_wall",
+    M.VAL_N,
+    M.VAL_CORRECT,
 )
 
 
@@ -186,14 +189,19 @@ def grid_landings(
 def point_row(switch_epoch: int, result: dict[str, Any], trunk_time_s: float) -> dict[str, Any]:
     """One row of the scan table from a point's summary (the last report of its run)."""
     time_s = float(result.get(M.MEAN_EPOCH_TIME_S, math.nan))
+    wall = trunk_time_s / time_s if time_s > 0 else math.nan
+    measured = float(result.get("speedup", math.nan))  # the run's own calibrated speed-up, where it logged one
     return {
         "switch_epoch": switch_epoch,
         M.FINAL_VAL_ACC: float(result.get(M.FINAL_VAL_ACC, math.nan)),
         M.BEST_VAL_ACC: float(result.get(M.BEST_VAL_ACC, math.nan)),
         M.MEAN_EPOCH_TIME_S: time_s,
-        "speedup": trunk_time_s / time_s if time_s > 0 else math.nan,
+        "speedup": wall if math.isnan(measured) else measured,
         M.TRAINABLE_FRACTION: float(result.get(M.TRAINABLE_FRACTION, math.nan)),
         "epochs_trained": int(result.get("epochs_trained", -1)),
+        "speedup_wall": wall,
+        M.VAL_N: float(result.get(M.VAL_N, math.nan)),
+        M.VAL_CORRECT: float(result.get(M.VAL_CORRECT, math.nan)),
     }
 
 
