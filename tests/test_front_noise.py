@@ -188,3 +188,30 @@ def test_earliest_not_worse_reads_the_scans_verdicts_and_margins():
     for bad in ("earliest", "earliest-not-worse=-2", "earliest-within"):
         with pytest.raises(ValueError, match="--pick"):
             check_scan_pick(bad)
+
+
+def test_error_bars_come_from_the_interval_columns():
+    from analysis.plots import error_bars
+
+    rows = pd.DataFrame(
+        {M.FINAL_VAL_ACC: [0.9, 0.8], "acc_lo": [0.85, 0.7], "acc_hi": [0.93, 0.85], "speedup": [1.2, 1.0]}
+    )
+    assert np.allclose(error_bars(rows, M.FINAL_VAL_ACC), [[0.05, 0.1], [0.03, 0.05]])
+    assert error_bars(rows, "speedup") is None  # no interval logged: no bars
+    rows["speedup_lo"], rows["speedup_hi"] = [1.1, float("nan")], [1.3, float("nan")]
+    assert np.allclose(error_bars(rows, "speedup"), [[0.1, 0.0], [0.1, 0.0]])
+
+
+def test_the_scan_picture_draws_intervals_bands_and_faded_points(tmp_path):
+    from prelora_ray import scan as S
+
+    trunk = S.point_row(-1, {M.FINAL_VAL_ACC: 0.97, M.BEST_VAL_ACC: 0.97, M.MEAN_EPOCH_TIME_S: 1.0}, 1.0)
+    rows = [
+        {**S.point_row(e, {M.FINAL_VAL_ACC: a, M.BEST_VAL_ACC: a, M.MEAN_EPOCH_TIME_S: 0.8}, 1.0), **extra}
+        for e, a, extra in (
+            (2, 0.95, {"acc_lo": 0.92, "acc_hi": 0.97, "front": "dominated"}),
+            (4, 0.97, {"acc_lo": 0.94, "acc_hi": 0.98, "front": "plausible"}),
+        )
+    ]
+    path = S.plot_scan({**trunk, "acc_lo": 0.95, "acc_hi": 0.985}, rows, [], tmp_path / "scan.png")
+    assert path.stat().st_size > 10_000

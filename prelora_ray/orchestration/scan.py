@@ -215,8 +215,9 @@ def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dic
             )
             if pd.notna(run.get(f"metrics.{k}"))
         }
-        if pd.notna(run.get("metrics.speedup")):
-            result["speedup"] = run.get("metrics.speedup")
+        for key in ("speedup", "speedup_lo", "speedup_hi"):
+            if pd.notna(run.get(f"metrics.{key}")):
+                result[key] = run.get(f"metrics.{key}")
         trained = run.get(f"tags.{M.EPOCHS_TRAINED_TAG}")
         rows.append(
             S.point_row(
@@ -279,9 +280,15 @@ def _log_parent(
         frame.to_csv(buf, index=False)
         tracking.log_text(uri, parent, buf.getvalue(), name)
     with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
+        noted = table.set_index("switch_epoch")
+        extra = [c for c in NOISE_COLUMNS if c in noted]
+
+        def with_noise(row: dict[str, Any]) -> dict[str, Any]:
+            return {**row, **noted.loc[row["switch_epoch"], extra].to_dict()}
+
         png = S.plot_scan(
-            trunk,
-            rows,
+            with_noise(trunk),
+            [with_noise(r) for r in rows],
             landings,
             Path(tmp) / "scan.png",
             title=f"scan {sweep.name}: {sweep.space.base.model.preset} on {sweep.space.base.data.name}",
