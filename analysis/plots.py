@@ -55,17 +55,41 @@ def plot_fronts(
     *,
     baselines: dict[str, tuple[float, float]] | None = None,
     knees: dict[str, tuple[float, float]] | None = None,
+    bands: dict[str, tuple[float, float]] | None = None,
     title: str = "Pareto fronts",
 ) -> Path:
-    """Fronts overlaid: every trial as a faint point, the front as a step line, baseline and knee marked.
+    """Fronts overlaid: every trial as a point with its intervals, the front as a step line, baseline and knee marked.
 
-    `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`.
+    `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`. Where the table
+    has the noise columns (front.noise_columns) each trial gets error bars on both axes (`acc_lo`/`acc_hi` for an
+    accuracy, `<metric>_lo`/`_hi` otherwise) and the `dominated` ones are faded; `bands` maps a label to the
+    baseline's interval on the y axis, drawn as a band.
     """
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, table) in enumerate(fronts.items()):
         c = colors[i % len(colors)]
-        ax.scatter(table[x], table[y], color=c, alpha=0.3, s=22, label=f"{label}: all trials ({len(table)})")
+        dominated = (table["front"] == "dominated") if "front" in table else pd.Series(False, index=table.index)
+        for faded, rows in ((False, table[~dominated]), (True, table[dominated])):
+            if rows.empty:
+                continue
+            ax.errorbar(
+                rows[x],
+                rows[y],
+                xerr=error_bars(rows, x),
+                yerr=error_bars(rows, y),
+                fmt="o",
+                color=c,
+                alpha=0.15 if faded else 0.45,
+                markersize=5,
+                elinewidth=1,
+                capsize=2,
+                label=f"{label}: {'dominated' if faded else 'plausible' if 'front' in table else 'all'} trials "
+                f"({len(rows)})",
+            )
+        if bands and label in bands:
+            lo, hi = bands[label]
+            ax.axhspan(lo, hi, color=c, alpha=0.08, label=f"{label}: baseline's interval")
         front = table[table[M.PARETO_TAG].astype(bool)].sort_values(x)
         ax.plot(
             front[x],
@@ -101,6 +125,17 @@ def plot_fronts(
                 label=f"{label}: knee",
             )
     return _save_front(fig, ax, x, y, title, path)
+
+
+def error_bars(rows: pd.DataFrame, column: str) -> np.ndarray | None:
+    """Asymmetric error bars (2 x n) of `column` from its interval columns, or None where the table has none."""
+    lo, hi = ("acc_lo", "acc_hi") if column == M.FINAL_VAL_ACC else (f"{column}_lo", f"{column}_hi")
+    if lo not in rows or hi not in rows or rows[lo].isna().all():
+        return None
+    value = rows[column].astype(float).to_numpy()
+    lower = (value - rows[lo].astype(float).to_numpy()).clip(min=0)
+    upper = (rows[hi].astype(float).to_numpy() - value).clip(min=0)
+    return np.nan_to_num(np.vstack([lower, upper]))
 
 
 def plot_front_by_strategy(

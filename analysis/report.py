@@ -118,17 +118,22 @@ def make_report(
     x, y = axes_of(first.objectives)
     paths: dict[str, Path] = {}
     texts = []
-    fronts, baselines, knees = {}, {}, {}
+    fronts, baselines, knees, bands = {}, {}, {}, {}
     for rec in records:
         texts.append(f"sweep {rec.name} ({len(finished_trials(rec))} finished trials):\n{format_front(rec.table)}")
         fronts[rec.name] = finished_trials(rec)
         base, knee = baseline_row(rec), knee_row(rec)
         if base is not None:
             baselines[rec.name] = (float(base[x]), float(base[y]))
+            lo, hi = ("acc_lo", "acc_hi") if y == M.FINAL_VAL_ACC else (f"{y}_lo", f"{y}_hi")
+            if pd.notna(base.get(lo)) and pd.notna(base.get(hi)):
+                bands[rec.name] = (float(base[lo]), float(base[hi]))
         if knee is not None:
             knees[rec.name] = (float(knee[x]), float(knee[y]))
     title = "Pareto fronts: " + " vs ".join(r.name for r in records)
-    paths["fronts"] = plots.plot_fronts(fronts, x, y, out / "fronts.png", baselines=baselines, knees=knees, title=title)
+    paths["fronts"] = plots.plot_fronts(
+        fronts, x, y, out / "fronts.png", baselines=baselines, knees=knees, bands=bands, title=title
+    )
     for rec in records:  # a sweep over strategies: its front coloured by strategy
         if len(trial_strategies(rec.table)) > 1:
             name = "front_by_strategy" if len(records) == 1 else f"front_by_strategy_{rec.name}"

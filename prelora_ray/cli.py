@@ -311,7 +311,9 @@ def _best_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--switch-epoch", type=int, help="with --scan: the switch epoch (0-based)")
     p.add_argument(
-        "--pick", help="knee (default), max-acc, min-time or fastest-within=POINTS; with --scan: earliest-within=POINTS"
+        "--pick",
+        help="knee (default), max-acc, min-time, fastest-within=POINTS or fastest-not-worse[=POINTS]; "
+        "with --scan: earliest-within=POINTS or earliest-not-worse[=POINTS]",
     )
     p.add_argument("--out", default="best.yaml", help="where to write the config (default best.yaml)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite mlflow.db in the working directory)")
@@ -349,6 +351,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         f"{args.out}: trial {row['run_name']} ({args.pick}): "
         + ", ".join(f"{k.split('.')[-1]}={flat[k]}" for k in SWITCH_PARAMS)
     )
+    if row.get("pick_note"):
+        print(f"note: {row['pick_note']}")
     print(f"final run: prelora-ray train --config {args.out} --set epochs=300")
     return 0
 

@@ -20,7 +20,8 @@ Conventions shared by the array functions:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,13 @@ import numpy.typing as npt
 import pandas as pd
 
 from prelora_ray import metrics as M
+from prelora_ray.significance import (
+    accuracy_interval,
+    compare_accuracy,
+    compare_interval,
+    dominated_rows,
+    mcnemar,
+)
 
 __all__ = [
     "TRIAL_METRICS",
@@ -39,6 +47,15 @@ __all__ = [
     "speedup_at_equal_accuracy",
     "sweep_table",
 ]
+
+SPEEDUP, SPEEDUP_LO, SPEEDUP_HI, SPEEDUP_WALL = "speedup", "speedup_lo", "speedup_hi", "speedup_wall"
+ACC_LO, ACC_HI, P_VS_BASELINE, VERDICT, FRONT = "acc_lo", "acc_hi", "p_vs_baseline", "verdict", "front"
+NOISE_COLUMNS = (SPEEDUP_LO, SPEEDUP_HI, SPEEDUP_WALL, M.VAL_N, ACC_LO, ACC_HI, P_VS_BASELINE, VERDICT, FRONT)
+"""The front table's noise columns (pareto.csv, scan.csv): names other tools read, kept as they are."""
+NOISE_METRICS = (M.VAL_N, M.VAL_CORRECT, SPEEDUP, SPEEDUP_LO, SPEEDUP_HI)
+"""Run metrics the noise columns read (speedup and its interval: each run's own calibrated measure, where logged)."""
+INTERVAL_COLUMNS = {M.FINAL_VAL_ACC: (ACC_LO, ACC_HI)}
+"""An objective's interval columns where they are not `<metric>_lo` / `<metric>_hi`."""
 
 TRIAL_METRICS = (
     M.SWITCH_EPOCH,
@@ -326,15 +343,24 @@ def _num(value: Any) -> Any:
         return value
 
 
-def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]], sampled: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per run: role, status, switch parameters, objectives, speed-up over the baseline, Pareto flag.
+def sweep_table(
+    runs: pd.DataFrame,
+    objectives: list[tuple[str, str]],
+    sampled: Sequence[str] = (),
+    *,
+    hits: Mapping[str, np.ndarray] | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """One row per run: role, status, switch parameters, objectives, speed-up over the baseline, Pareto flag, and
+    the noise columns (`noise_columns`: intervals, the paired test against the baseline, verdict, front).
 
-    The front is computed over FINISHED trials only (failed trials never reach it; the baseline is
+    The Pareto flag is computed over FINISHED trials only (failed trials never reach it; the baseline is
     the reference point, not a candidate). A sweep over strategies (`strategy` among the `sampled`
     keys) also has a column per other sampled key (e.g. relora.start_epoch), set where the trial sampled it.
+    `hits`: each run's val_correct.npy by run id (runs without one get empty noise columns).
     """
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "run_name", "role", "status", M.PARETO_TAG, "speedup"])
+        return pd.DataFrame(columns=["run_id", "run_name", "role", "status", M.PARETO_TAG, "speedup", *NOISE_COLUMNS])
     rows = []
     for _, r in runs.iterrows():
         row: dict[str, Any] = {
@@ -351,20 +377,102 @@ def sweep_table(runs: pd.DataFrame, objectives: list[tuple[str, str]], sampled: 
             own = _sampled_keys(r.get("tags.sampled"))
             for key in (k for k in sampled if k != "strategy" and k not in M.SWITCH_PARAMS):
                 row[key] = _num(r.get(f"params.{key}")) if key in own else float("nan")
-        for key in TRIAL_METRICS + tuple(m for m, _ in objectives):
+        for key in TRIAL_METRICS + NOISE_METRICS + tuple(m for m, _ in objectives):
             row[key] = r.get(f"metrics.{key}")
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table[(table["role"] == "baseline") & (table["status"] == "FINISHED")]
     base_time = float(base[M.MEAN_EPOCH_TIME_S].iloc[0]) if len(base) else float("nan")
-    table["speedup"] = base_time / table[M.MEAN_EPOCH_TIME_S].astype(float)
+    table[SPEEDUP_WALL] = base_time / table[M.MEAN_EPOCH_TIME_S].astype(float)
+    # `speedup`: each run's own calibrated measure where it logged one, else (runs logged before it) the wall ratio
+    measured = table[SPEEDUP].astype(float)
+    table[SPEEDUP] = measured.where(measured.notna(), table[SPEEDUP_WALL])
     table[M.PARETO_TAG] = False
     ok = (table["role"] == "trial") & (table["status"] == "FINISHED")
     if ok.any():
         values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
         table.loc[ok, M.PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
+    table = noise_columns(table, objectives, hits or {}, alpha)
     first, mode = objectives[0]
     return table.sort_values([M.PARETO_TAG, first], ascending=[False, mode == "min"]).reset_index(drop=True)
+
+
+def noise_columns(
+    table: pd.DataFrame, objectives: list[tuple[str, str]], hits: Mapping[str, np.ndarray], alpha: float = 0.05
+) -> pd.DataFrame:
+    """The columns that tell signal from noise (prelora_ray/significance.py states each rule):
+
+    `val_n`; `acc_lo`, `acc_hi` (the 1 - alpha Wilson interval of final_val_acc); `p_vs_baseline` (exact McNemar
+    on the images, against the finished baseline; 1 for the baseline itself); `verdict` (`better`, `worse` or
+    `indistinguishable` in accuracy against the baseline at `alpha`); `front` (`plausible` or `dominated` among the
+    finished trials and the baseline: dominated only when another is better in one objective and not worse in
+    any, accuracy compared paired where both runs have their images, other objectives by their `<name>_lo/_hi`
+    intervals where logged, else by value). Runs without val_correct.npy (logged before it) get empty accuracy
+    noise columns and are compared by value.
+    """
+    table = table.copy()
+    for col in (SPEEDUP_LO, SPEEDUP_HI):
+        table[col] = table[col].astype(float) if col in table else float("nan")
+    done = table["status"] == "FINISHED"
+    run_hits = [hits.get(str(r)) for r in table["run_id"]]
+    n = table[M.VAL_N].astype(float) if M.VAL_N in table else pd.Series(float("nan"), index=table.index)
+    correct = table[M.VAL_CORRECT].astype(float) if M.VAL_CORRECT in table else n * float("nan")
+    for i, h in enumerate(run_hits):
+        if h is not None and (math.isnan(n.iloc[i]) or math.isnan(correct.iloc[i])):
+            n.iloc[i], correct.iloc[i] = h.size, int(h.sum())
+    table[M.VAL_N] = n
+    intervals = [
+        accuracy_interval(int(c), int(k), level=1 - alpha) if k > 0 and not math.isnan(c) else (math.nan, math.nan)
+        for c, k in zip(correct, n, strict=True)
+    ]
+    table[ACC_LO] = [lo for lo, _ in intervals]
+    table[ACC_HI] = [hi for _, hi in intervals]
+    base = [i for i in range(len(table)) if table["role"].iloc[i] == "baseline" and done.iloc[i]]
+    base_hits = run_hits[base[0]] if base else None
+    p_values, verdicts = [], []
+    for i, h in enumerate(run_hits):
+        if base and i == base[0] and base_hits is not None:
+            p_values.append(1.0)
+            verdicts.append("indistinguishable")
+        elif h is not None and base_hits is not None and h.size == base_hits.size and done.iloc[i]:
+            p_values.append(mcnemar(h, base_hits).p)
+            verdicts.append(compare_accuracy(h, base_hits, alpha))
+        else:
+            p_values.append(math.nan)
+            verdicts.append("")
+    table[P_VS_BASELINE] = p_values
+    table[VERDICT] = verdicts
+    table[FRONT] = ""
+    candidates = [i for i in range(len(table)) if done.iloc[i] and table["role"].iloc[i] in ("trial", "baseline")]
+    if candidates:
+        flags = dominated_rows(
+            len(candidates),
+            lambda y, x: [
+                _compare(table, run_hits, candidates[y], candidates[x], metric, mode, alpha)
+                for metric, mode in objectives
+            ],
+        )
+        for i, flag in zip(candidates, flags, strict=True):
+            table.loc[table.index[i], FRONT] = "dominated" if flag else "plausible"
+    return table
+
+
+def _compare(
+    table: pd.DataFrame, run_hits: list[np.ndarray | None], y: int, x: int, metric: str, mode: str, alpha: float
+) -> str:
+    """Row y against row x on one objective (significance.py): paired for accuracy, else intervals, else values."""
+    hy, hx = run_hits[y], run_hits[x]
+    if metric == M.FINAL_VAL_ACC and hy is not None and hx is not None and hy.size == hx.size:
+        verdict = compare_accuracy(hy, hx, alpha)
+        return verdict if mode in ("max", "maximize") else {"better": "worse", "worse": "better"}.get(verdict, verdict)
+    lo, hi = INTERVAL_COLUMNS.get(metric, (f"{metric}_lo", f"{metric}_hi"))
+
+    def point(i: int) -> tuple[float, float, float]:
+        return tuple(
+            float(table[c].iloc[i]) if c in table and pd.notna(table[c].iloc[i]) else math.nan for c in (metric, lo, hi)
+        )
+
+    return compare_interval(point(y), point(x), mode)
 
 
 def _sampled_keys(tag: Any) -> set[str]:
@@ -428,9 +536,42 @@ def format_front(table: pd.DataFrame) -> str:
         *extra,
         M.SWITCH_EPOCH,
         M.FINAL_VAL_ACC,
+        *([ACC_LO, ACC_HI, VERDICT] if _any(shown, VERDICT) else []),
         M.MEAN_EPOCH_TIME_S,
         "speedup",
+        *([SPEEDUP_LO, SPEEDUP_HI] if _any(shown, SPEEDUP_LO) else []),
     ]
     out = shown[[c for c in cols if c in shown.columns]].rename(columns=lambda c: c.replace("prelora.", ""))
     text = out.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-    return "\n".join([text, *strategy_lines(table)]) if several else text
+    lines = [text, *(strategy_lines(table) if several else []), noise_line(table)]
+    return "\n".join(line for line in lines if line)
+
+
+def _any(table: pd.DataFrame, column: str) -> bool:
+    """Whether any row has a value in `column` (runs logged before the noise columns have none)."""
+    if column not in table:
+        return False
+    values = table[column]
+    if pd.api.types.is_numeric_dtype(values):
+        return bool(values.notna().any())
+    return bool((values.fillna("").astype(str) != "").any())
+
+
+def noise_line(table: pd.DataFrame) -> str:
+    """One line on what is noise: an image's weight in accuracy, the verdicts against the baseline, the front.
+
+    Empty when the runs logged no val_correct.npy (a note says so instead).
+    """
+    trials = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    if trials.empty:
+        return ""
+    if not _any(trials, VERDICT):
+        return "noise: these runs logged no val_correct.npy (before per-image correctness): no verdicts or intervals"
+    n = int(table[M.VAL_N].dropna().max())
+    counts = trials[VERDICT].value_counts()
+    plausible = int((trials[FRONT] == "plausible").sum())
+    return (
+        f"noise: one image is {100 / n:.2f} points of accuracy (val_n {n}); against the baseline "
+        f"{counts.get('indistinguishable', 0)} trials indistinguishable, {counts.get('better', 0)} better, "
+        f"{counts.get('worse', 0)} worse; {plausible} of {len(trials)} plausible (not surely dominated)"
+    )

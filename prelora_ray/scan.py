@@ -42,6 +42,11 @@ TABLE_COLUMNS = (
     "speedup",
     M.TRAINABLE_FRACTION,
     "epochs_trained",
+    "speedup_wall",
+    "speedup_lo",
+    "speedup_hi",
+    M.VAL_N,
+    M.VAL_CORRECT,
 )
 
 
@@ -186,14 +191,22 @@ def grid_landings(
 def point_row(switch_epoch: int, result: dict[str, Any], trunk_time_s: float) -> dict[str, Any]:
     """One row of the scan table from a point's summary (the last report of its run)."""
     time_s = float(result.get(M.MEAN_EPOCH_TIME_S, math.nan))
+    wall = trunk_time_s / time_s if time_s > 0 else math.nan
+    measured = 1.0 if switch_epoch < 0 else float(result.get("speedup", math.nan))  # its own measure, where logged
     return {
         "switch_epoch": switch_epoch,
         M.FINAL_VAL_ACC: float(result.get(M.FINAL_VAL_ACC, math.nan)),
         M.BEST_VAL_ACC: float(result.get(M.BEST_VAL_ACC, math.nan)),
         M.MEAN_EPOCH_TIME_S: time_s,
-        "speedup": trunk_time_s / time_s if time_s > 0 else math.nan,
+        "speedup": wall if math.isnan(measured) else measured,
         M.TRAINABLE_FRACTION: float(result.get(M.TRAINABLE_FRACTION, math.nan)),
         "epochs_trained": int(result.get("epochs_trained", -1)),
+        "speedup_wall": wall,
+        # full training (the trunk) is 1 by definition; a point's interval is its own measure's, where logged
+        "speedup_lo": 1.0 if switch_epoch < 0 else float(result.get("speedup_lo", math.nan)),
+        "speedup_hi": 1.0 if switch_epoch < 0 else float(result.get("speedup_hi", math.nan)),
+        M.VAL_N: float(result.get(M.VAL_N, math.nan)),
+        M.VAL_CORRECT: float(result.get(M.VAL_CORRECT, math.nan)),
     }
 
 
@@ -248,7 +261,11 @@ def plot_scan(
     title: str = "",
 ) -> Path:
     """`scan.png`: final val_acc (top) and mean epoch time (bottom) against the switch epoch, the trunk as a
-    dashed reference line in both, and each grid setting marked at the epoch it lands on."""
+    dashed reference line in both, and each grid setting marked at the epoch it lands on.
+
+    Where the rows carry the noise columns (orchestration/scan.py's scan_frame): the accuracy's interval as error
+    bars and the trunk's as a band, `dominated` points faded, and the bottom panel the runs' own speed-up with its
+    interval where they measured one."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -262,10 +279,39 @@ def plot_scan(
         (acc_ax, M.FINAL_VAL_ACC, "final validation accuracy (top-1)", "tab:blue"),
         (time_ax, M.MEAN_EPOCH_TIME_S, "mean training time per epoch (s)", "tab:red"),
     )
+    if rows and all(not math.isnan(float(r.get("speedup_lo", math.nan))) for r in rows):
+        panels = (panels[0], (time_ax, "speedup", "speed-up against full training (own measure)", "tab:red"))
     for ax, key, label, color in panels:
-        ax.plot(x, [r[key] for r in rows], "o-", color=color, label="switch at this epoch (scan point)")
+        ax.plot(x, [r[key] for r in rows], "-", color=color, alpha=0.5)
+        lo_key, hi_key = ("acc_lo", "acc_hi") if key == M.FINAL_VAL_ACC else (f"{key}_lo", f"{key}_hi")
+        bounds = [(float(r.get(lo_key, math.nan)), float(r.get(hi_key, math.nan))) for r in rows]
+        for faded in (False, True):
+            idx = [i for i, r in enumerate(rows) if (r.get("front") == "dominated") == faded]
+            if not idx:
+                continue
+            yerr = None
+            if all(not math.isnan(bounds[i][0]) for i in idx):
+                yerr = [
+                    [max(0.0, rows[i][key] - bounds[i][0]) for i in idx],
+                    [max(0.0, bounds[i][1] - rows[i][key]) for i in idx],
+                ]
+            ax.errorbar(
+                [x[i] for i in idx],
+                [rows[i][key] for i in idx],
+                yerr=yerr,
+                fmt="o",
+                color=color,
+                alpha=0.25 if faded else 1.0,
+                capsize=3,
+                label="dominated (with confidence)" if faded else "switch at this epoch (scan point)",
+            )
         ax.axhline(trunk[key], color="0.35", linestyle="--", label=f"trunk, full training ({trunk[key]:.4g})")
+        band = (float(trunk.get(lo_key, math.nan)), float(trunk.get(hi_key, math.nan)))
+        if not any(math.isnan(b) for b in band) and band[1] > band[0]:
+            ax.axhspan(*band, color="0.35", alpha=0.1, label="trunk's interval")
         values = [r[key] for r in rows] + [trunk[key]]  # the reference line inside the axes, off the frame
+        values += [b for lo_hi in bounds for b in lo_hi if not math.isnan(b)]
+        values += [b for b in band if not math.isnan(b)]
         pad = 0.08 * ((max(values) - min(values)) or abs(trunk[key]) or 1.0)
         ax.set_ylim(min(values) - pad, max(values) + pad)
         ax.set_ylabel(label)

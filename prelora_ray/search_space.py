@@ -15,6 +15,7 @@ import yaml
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
+from prelora_ray.significance import check_alpha
 from prelora_ray.strategies import REGISTRY
 
 TOP_KEYS = (
@@ -31,6 +32,7 @@ TOP_KEYS = (
     "experiment",
     "fork",
     "optuna_storage",
+    "alpha",
 )
 JOURNAL_PREFIX = "journal:"  # an Optuna journal file (JournalFileBackend), e.g. on an NFS mount every node sees
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
@@ -120,6 +122,7 @@ class SearchSpace:
     fork_every: int = 1  # epochs between the trunk's fork checkpoints
     raw_text: str = field(default="", repr=False)
     optuna_storage: str | None = None  # the Optuna study's storage URL (None: the sweep's default, `Sweep.optuna_url`)
+    alpha: float = 0.05  # significance level of the front's intervals, verdicts and dominance (significance.py)
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainSettings:
         """The train config of one trial: base + sampled values, with relations repaired.
@@ -517,6 +520,10 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     optuna_storage = data.get("optuna_storage")
     if optuna_storage is not None:
         optuna_storage = check_optuna_storage(optuna_storage, f"{path}: optuna_storage")
+    try:
+        alpha = check_alpha(data.get("alpha", 0.05), "alpha")
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "sampler.seed", f"must be an integer or null, got {seed!r}")
@@ -538,6 +545,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         description=str(data.get("description", "")),
         raw_text=raw_text,
         optuna_storage=optuna_storage,
+        alpha=alpha,
     )
 
 

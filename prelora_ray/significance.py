@@ -12,8 +12,9 @@ The rules, stated once (docs/sweeps.md, "Reading a front: what is noise", quotes
 * `mcnemar`: b = images only A gets right, c = images only B gets right; p = the two-sided exact binomial
   test of b successes in b + c trials at 1/2, and p = 1 when b + c = 0.
 * `compare_accuracy`: `better` / `worse` when p < alpha and b > c / b < c, else `indistinguishable`.
-* `compare_speedup`: `better` / `worse` when the two intervals do not overlap (A's low end above B's high
-  end, or the reverse), else `indistinguishable`.
+* `compare_interval` (`compare_speedup`): `better` / `worse` when the two intervals do not overlap (A's low end
+  above B's high end, or the reverse), else `indistinguishable`.
+* `paired_difference`: A's accuracy minus B's with an interval that excludes 0 exactly when McNemar's p < alpha.
 * `dominated`: row X is dominated when some row Y is `better` than X in at least one objective and not
   `worse` in the other. Everything else is `plausible`: a row is never dropped for a difference within
   noise. Rows with no measurement (NaN) in an objective are compared on the point estimates there.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,22 +105,68 @@ def compare_accuracy(a_correct: npt.ArrayLike, b_correct: npt.ArrayLike, alpha: 
     return "better" if test.b > test.c else "worse"
 
 
-def compare_speedup(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
-    """A against B in speed-up, each (value, lo, hi): `better` / `worse` only when the intervals are disjoint.
+def paired_difference(
+    a_correct: npt.ArrayLike, b_correct: npt.ArrayLike, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """A's accuracy minus B's on the same images, with its 1 - alpha interval, conditional on the discordant images.
 
-    Missing intervals (NaN ends) fall back to the point values: a plain comparison, as without noise.
+    With D = b + c discordant images, the difference is (b - c) / n = D / n * (2 * pi - 1), pi = b / D; its interval
+    maps the Clopper-Pearson interval of pi. It excludes 0 exactly when `mcnemar`'s p < alpha (a symmetric binomial's
+    two-sided p is twice its tail), so `hi` < 0 is `compare_accuracy`'s "worse" and `hi` >= -margin is "not worse by
+    more than margin".
+    """
+    from scipy.stats import binomtest
+
+    test = mcnemar(a_correct, b_correct)
+    n = np.asarray(a_correct).size
+    discordant = test.b + test.c
+    if discordant == 0:
+        return 0.0, 0.0, 0.0
+    ci = binomtest(test.b, discordant, 0.5).proportion_ci(confidence_level=1 - alpha, method="exact")
+    scale = discordant / n
+    return (test.b - test.c) / n, scale * (2 * ci.low - 1), scale * (2 * ci.high - 1)
+
+
+def compare_interval(a: tuple[float, float, float], b: tuple[float, float, float], mode: str = "max") -> str:
+    """A against B on one objective, each (value, lo, hi): `better` / `worse` only when the intervals are disjoint.
+
+    `mode` "min": smaller is better. Missing intervals (NaN ends) fall back to the point values: a plain
+    comparison, as without noise.
     """
     a_val, a_lo, a_hi = (float(x) for x in a)
     b_val, b_lo, b_hi = (float(x) for x in b)
+    sign = 1.0 if mode in ("max", "maximize") else -1.0
     if any(math.isnan(x) for x in (a_lo, a_hi, b_lo, b_hi)):
         if math.isnan(a_val) or math.isnan(b_val) or a_val == b_val:
             return "indistinguishable"
-        return "better" if a_val > b_val else "worse"
+        return "better" if sign * (a_val - b_val) > 0 else "worse"
     if a_lo > b_hi:
-        return "better"
+        return "better" if sign > 0 else "worse"
     if a_hi < b_lo:
-        return "worse"
+        return "worse" if sign > 0 else "better"
     return "indistinguishable"
+
+
+def compare_speedup(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
+    """A against B in speed-up (larger is better), each (value, lo, hi): `compare_interval`."""
+    return compare_interval(a, b, "max")
+
+
+def dominated_rows(rows: int, verdicts: Callable[[int, int], Sequence[str]]) -> list[bool]:
+    """For each of `rows` rows: is it dominated with confidence? `verdicts(y, x)`: Y against X per objective.
+
+    Row X is dominated when another row Y is `better` than X in one objective and not `worse` in any (the
+    module docstring). Rows may be dominated by rows that are themselves dominated, as in a plain front.
+    """
+    out = [False] * rows
+    for x in range(rows):
+        for y in range(rows):
+            if x != y:
+                v = verdicts(y, x)
+                if "worse" not in v and "better" in v:
+                    out[x] = True
+                    break
+    return out
 
 
 def dominated(
@@ -127,22 +174,10 @@ def dominated(
     speedups: Sequence[tuple[float, float, float]],
     alpha: float = 0.05,
 ) -> list[bool]:
-    """For each row (its per-image correctness and its (speedup, lo, hi)): dominated with confidence?
-
-    Row X is dominated when another row Y is `better` than X in one objective and not `worse` in the other
-    (module docstring). Rows may be dominated by rows that are themselves dominated, as in a plain front.
-    """
+    """`dominated_rows` on accuracy (paired: each row's per-image correctness) and speed-up ((value, lo, hi))."""
     if len(correct) != len(speedups):
         raise ValueError(f"dominance: {len(correct)} accuracy rows but {len(speedups)} speed-up rows")
-    rows = len(correct)
-    out = [False] * rows
-    for x in range(rows):
-        for y in range(rows):
-            if x == y:
-                continue
-            acc = compare_accuracy(correct[y], correct[x], alpha)
-            speed = compare_speedup(speedups[y], speedups[x])
-            if "worse" not in (acc, speed) and "better" in (acc, speed):
-                out[x] = True
-                break
-    return out
+    return dominated_rows(
+        len(correct),
+        lambda y, x: (compare_accuracy(correct[y], correct[x], alpha), compare_speedup(speedups[y], speedups[x])),
+    )

@@ -7,8 +7,11 @@ Used by the sweep's `best` verb and by analysis/ (reports, plots).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from prelora_ray import metrics as M
@@ -34,6 +37,10 @@ class SweepRecord:
     """One row per child run: see front.sweep_table."""
     params: dict[str, str]
     """The parent run's params (strings, as MLflow stores them)."""
+    alpha: float = 0.05
+    """The significance level of the table's verdicts and front (the sweep file's `alpha`)."""
+    hits: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each finished run's val_correct.npy by run id (none for runs logged before it)."""
 
 
 def list_sweeps(uri: str, experiment: str) -> pd.DataFrame:
@@ -60,14 +67,35 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
     params = {k[len("params.") :]: v for k, v in parent.items() if k.startswith("params.") and isinstance(v, str)}
     objectives = [tuple(o) for o in json.loads(params.get("objectives", "[]"))] or list(DEFAULT_OBJECTIVES)
     runs = tracking.runs(uri, parent["experiment_id"], parent=parent["run_id"])
+    alpha = float(params.get("alpha", 0.05))  # sweeps logged before the key: the default
+    hits = run_hits(uri, runs)
     return SweepRecord(
         name=parent[f"tags.{M.SWEEP_TAG}"],
         experiment_id=parent["experiment_id"],
         parent_run_id=parent["run_id"],
         objectives=objectives,
-        table=sweep_table(runs, objectives, _sampled(params)),
+        table=sweep_table(runs, objectives, _sampled(params), hits=hits, alpha=alpha),
         params=params,
+        alpha=alpha,
+        hits=hits,
     )
+
+
+def run_hits(uri: str, runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Each FINISHED run's val_correct.npy (per-image correctness) by run id; runs logged without one are left out."""
+    out: dict[str, np.ndarray] = {}
+    if runs.empty:
+        return out
+    with tempfile.TemporaryDirectory(prefix="prelora-") as folder:
+        for _, run in runs[runs["status"] == "FINISHED"].iterrows():
+            target = Path(folder) / str(run["run_id"])
+            target.mkdir()
+            try:
+                path = tracking.download_artifact(uri, run["run_id"], M.VAL_CORRECT_ARTIFACT, target)
+            except Exception:  # logged before per-image correctness (or the artifact store lost it)
+                continue
+            out[str(run["run_id"])] = np.load(path).astype(bool)
+    return out
 
 
 def _sampled(params: dict[str, str]) -> list[str]:

@@ -195,6 +195,11 @@ def run_tags(uri: str, run_id: str) -> dict[str, str]:
     return dict(_client(uri).get_run(run_id).data.tags)
 
 
+def run_params(uri: str, run_id: str) -> dict[str, str]:
+    """A run's params (strings, as MLflow stores them)."""
+    return dict(_client(uri).get_run(run_id).data.params)
+
+
 def run_metrics(uri: str, run_id: str) -> dict[str, float]:
     """A run's latest value of every metric."""
     return dict(_client(uri).get_run(run_id).data.metrics)

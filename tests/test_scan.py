@@ -360,3 +360,34 @@ def test_the_same_scan_name_reuses_its_trunk_from_the_bucket_and_adds_its_points
     assert list(table["switch_epoch"]) == [-1, 1, *POINTS]
     assert [k for k in bucket_keys(s3_endpoint, SCAN_BUCKET) if k.startswith("scans/sc/trunk/checkpoints/")]
     assert not local_s3_folders(root), local_s3_folders(root)
+
+
+@pytest.mark.slow
+def test_the_scan_table_has_each_points_paired_verdict_against_the_trunk(small_scan):
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from prelora_ray.front import NOISE_COLUMNS
+    from prelora_ray.orchestration.scan import pick_switch_epoch
+    from tests.sweeps import val_correct
+
+    root, out, client, parent, children, table, grid = small_scan
+    assert set(NOISE_COLUMNS) <= set(table.columns)
+    trunk = next(c for c in children if c.data.tags[M.ROLE_TAG] == "baseline")
+    base = val_correct(client, trunk)
+    verdicts = {}
+    for c in children:
+        if c.data.tags[M.ROLE_TAG] != "trial":
+            continue
+        epoch = int(c.data.tags[M.FORK_SWITCH_TAG])
+        row = table[table["switch_epoch"] == epoch].iloc[0]
+        hits = val_correct(client, c)
+        b, d = int(np.sum(hits & ~base)), int(np.sum(~hits & base))
+        assert row["p_vs_baseline"] == pytest.approx(1.0 if b + d == 0 else binomtest(b, b + d, 0.5).pvalue)
+        assert row[M.VAL_N] == hits.size and row["front"] in ("plausible", "dominated")
+        verdicts[epoch] = row["verdict"]
+    trunk_row = table[table["switch_epoch"] < 0].iloc[0]
+    assert (trunk_row["verdict"], trunk_row["p_vs_baseline"]) == ("indistinguishable", 1.0)
+    not_worse = sorted(e for e, v in verdicts.items() if v != "worse")
+    if not_worse:
+        assert pick_switch_epoch(table, "earliest-not-worse") == not_worse[0]

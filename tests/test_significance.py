@@ -11,10 +11,12 @@ from prelora_ray.significance import (
     accuracy_interval,
     check_alpha,
     compare_accuracy,
+    compare_interval,
     compare_speedup,
     dominated,
     mcnemar,
     pack_hits,
+    paired_difference,
     unpack_hits,
 )
 
@@ -141,3 +143,33 @@ def test_packed_hits_round_trip(size):
     text = pack_hits(hits)
     assert text.startswith(f"{size}:") and len(text) <= len(str(size)) + 1 + 4 * (size // 24 + 1)
     assert (unpack_hits(text) == hits).all() and unpack_hits(text).size == size
+
+
+def test_the_paired_difference_maps_the_exact_interval_of_the_discordant_images():
+    n = 100
+    a = np.array([False] * 5 + [True] * 90 + [False] * 5)  # B alone gets the first 5 right
+    b = np.array([True] * 5 + [True] * 90 + [False] * 5)
+    d, lo, hi = paired_difference(a, b)
+    pi_hi = 1 - 0.025 ** (1 / 5)  # Clopper-Pearson's upper end for 0 of 5
+    assert d == pytest.approx(-5 / n)
+    assert lo == pytest.approx(5 / n * (2 * 0 - 1)) and hi == pytest.approx(5 / n * (2 * pi_hi - 1))
+    assert hi > 0  # 5 images against 0: p = 0.0625, not significant at 0.05
+    assert paired_difference(a, a) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_paired_interval_excludes_zero_exactly_when_mcnemar_rejects(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.random(360) < 0.9
+    b = np.where(rng.random(360) < 0.06, ~a, a)  # a few images flipped
+    b[: seed % 7] = True
+    _, lo, hi = paired_difference(a, b)
+    verdict = compare_accuracy(a, b)
+    assert (hi < 0) == (verdict == "worse") and (lo > 0) == (verdict == "better")
+
+
+def test_compare_interval_reads_the_direction():
+    assert compare_interval((0.5, 0.4, 0.6), (0.9, 0.8, 1.0), "min") == "better"  # a smaller epoch time
+    assert compare_interval((0.5, 0.4, 0.6), (0.9, 0.8, 1.0), "max") == "worse"
+    nan = float("nan")
+    assert compare_interval((0.5, nan, nan), (0.9, nan, nan), "minimize") == "better"

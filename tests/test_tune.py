@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -249,3 +250,43 @@ def test_diverging_trial_is_marked_failed_and_left_off_the_front(tmp_path):
     assert "diverged" in failed[0].data.tags["error"] and failed[0].data.params["optim.lr"] == "1000000.0"
     assert failed[0].data.tags.get("pareto", "false") == "false"
     assert any(c.data.tags.get("pareto") == "true" for c in trials if c.info.status == "FINISHED")
+
+
+def test_the_front_table_carries_intervals_and_paired_verdicts_that_scipy_confirms(two_sweeps, tmp_path):
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from prelora_ray.front import NOISE_COLUMNS
+    from tests.sweeps import val_correct
+
+    client, parent, children = sweep_runs(two_sweeps.root, "small", two_sweeps.uri)
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path)))
+    assert set(NOISE_COLUMNS) <= set(table.columns)
+    runs = {c.info.run_id: c for c in children}
+    base_id = next(k for k, c in runs.items() if c.data.tags[M.ROLE_TAG] == "baseline")
+    base = val_correct(client, runs[base_id])
+    for _, row in table.iterrows():
+        hits = val_correct(client, runs[row["run_id"]])
+        assert row[M.VAL_N] == hits.size == runs[row["run_id"]].data.metrics[M.VAL_N]
+        ci = binomtest(int(hits.sum()), hits.size).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (row["acc_lo"], row["acc_hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        b, c = int(np.sum(hits & ~base)), int(np.sum(~hits & base))
+        assert row["p_vs_baseline"] == pytest.approx(1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue)
+        want = "indistinguishable" if row["p_vs_baseline"] >= 0.05 or b == c else ("better" if b > c else "worse")
+        assert row["verdict"] == want and row["front"] in ("plausible", "dominated")
+    assert (table["speedup_wall"] > 0).all()
+
+    out_yaml = tmp_path / "fastest.yaml"
+    best = subprocess.run(
+        [sys.executable, "-m", "prelora_ray.cli", "best", "--experiment", "prelora-ray", "--sweep", "small"]
+        + ["--pick", "fastest-not-worse", "--out", str(out_yaml), "--tracking-uri", two_sweeps.uri],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert best.returncode == 0, best.stderr
+    chosen = best.stdout.split("trial ", 1)[1].split(" ", 1)[0]
+    eligible = table[(table["role"] == "trial") & (table["verdict"] != "worse")]
+    assert chosen == eligible.loc[eligible["speedup"].idxmax(), "run_name"]
+    header = out_yaml.read_text()
+    assert "interval [" in header and "against the baseline: p " in header

@@ -23,6 +23,7 @@ from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray import scan as S
 from prelora_ray.config import TrainSettings
+from prelora_ray.front import NOISE_COLUMNS, noise_columns
 from prelora_ray.orchestration import driver
 from prelora_ray.orchestration.console import SweepConsole, trial_error
 from prelora_ray.orchestration.ray_hooks import apply_console
@@ -30,6 +31,8 @@ from prelora_ray.orchestration.results import epoch_totals, run_train_config, wr
 from prelora_ray.orchestration.sweep import Sweep, final_report, make_sweep, trial_resources
 from prelora_ray.orchestration.trunk import trunk_dir
 from prelora_ray.search_space import DEFAULT_OBJECTIVES, TRIAL_EXECUTORS, Objective, SearchSpace
+from prelora_ray.significance import paired_difference
+from prelora_ray.sweep_record import run_hits
 
 log = logging.getLogger("prelora_ray")
 SCAN_ROLE = "scan"  # ROLE_TAG of a scan's parent run (a sweep's is "parent": `best --sweep` never picks a scan)
@@ -150,6 +153,7 @@ def run_scan(
         "grid": json.dumps([g.__dict__ for g in grid]),
         "trial_executor": space.trial_executor,
         "epochs": space.base.epochs,
+        "alpha": space.alpha,
     }
     tags = {M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name}
     run = driver.start(sweep, params=params, tags=tags, address=address, concurrent=len(candidates), baseline=False)
@@ -201,8 +205,19 @@ def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dic
         epoch = int(tag)
         result = {
             k: run.get(f"metrics.{k}")
-            for k in (M.FINAL_VAL_ACC, M.BEST_VAL_ACC, M.MEAN_EPOCH_TIME_S, M.TRAINABLE_FRACTION)
+            for k in (
+                M.FINAL_VAL_ACC,
+                M.BEST_VAL_ACC,
+                M.MEAN_EPOCH_TIME_S,
+                M.TRAINABLE_FRACTION,
+                M.VAL_N,
+                M.VAL_CORRECT,
+            )
+            if pd.notna(run.get(f"metrics.{k}"))
         }
+        for key in ("speedup", "speedup_lo", "speedup_hi"):
+            if pd.notna(run.get(f"metrics.{key}")):
+                result[key] = run.get(f"metrics.{key}")
         trained = run.get(f"tags.{M.EPOCHS_TRAINED_TAG}")
         rows.append(
             S.point_row(
@@ -212,33 +227,73 @@ def earlier_points(sweep: Sweep, now: set[int], trunk_time_s: float) -> list[dic
     return rows
 
 
-def scan_frame(trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]]) -> pd.DataFrame:
-    """scan.csv: the trunk (switch_epoch -1) and one row per point, with the grid settings landing there."""
+def scan_frame(
+    trunk: dict[str, Any],
+    rows: list[dict[str, Any]],
+    landings: list[dict[str, Any]],
+    runs: pd.DataFrame | None = None,
+    alpha: float = 0.05,
+    hits: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """scan.csv: the trunk (switch_epoch -1) and one row per point, with the grid settings landing there, and the
+    noise columns of `front.noise_columns` (each point against the trunk, paired on the images; plausible or
+    dominated in accuracy and speed-up) where the scan's MLflow runs (`runs`, their `hits`) are given."""
     frame = pd.DataFrame([trunk, *sorted(rows, key=lambda r: r["switch_epoch"])], columns=list(S.TABLE_COLUMNS))
     frame["grid_settings"] = [
         " ".join(g["setting"] for g in landings if g["switch_epoch"] == e) for e in frame["switch_epoch"]
     ]
+    ids = point_run_ids(runs) if runs is not None else {}
+    table = frame.assign(
+        run_id=[ids.get(int(e), "") for e in frame["switch_epoch"]],
+        role=["baseline" if e < 0 else "trial" for e in frame["switch_epoch"]],
+        status="FINISHED",
+    )
+    table = noise_columns(table, [(M.FINAL_VAL_ACC, "max"), ("speedup", "max")], hits or {}, alpha)
+    for column in NOISE_COLUMNS:
+        frame[column] = table[column]
     return frame
+
+
+def point_run_ids(runs: pd.DataFrame) -> dict[int, str]:
+    """The MLflow run of each scanned switch epoch (FINISHED, the newest), and the trunk's at -1."""
+    out: dict[int, str] = {}
+    if runs.empty:
+        return out
+    done = runs[runs["status"] == "FINISHED"].sort_values("start_time")
+    for _, run in done.iterrows():
+        tag = run.get(f"tags.{M.FORK_SWITCH_TAG}")
+        if run.get(f"tags.{M.ROLE_TAG}") == "baseline":
+            out[-1] = str(run["run_id"])
+        elif isinstance(tag, str) and tag.isdigit():
+            out[int(tag)] = str(run["run_id"])
+    return out
 
 
 def _log_parent(
     sweep: Sweep, trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]], wall_s: float
 ) -> None:
     uri, parent = sweep.tracking_uri, sweep.parent_run_id
-    for name, frame in (("scan.csv", scan_frame(trunk, rows, landings)), ("grid.csv", pd.DataFrame(landings))):
+    runs = tracking.runs(uri, sweep.experiment_id, parent=parent)
+    table = scan_frame(trunk, rows, landings, runs, sweep.space.alpha, run_hits(uri, runs))
+    for name, frame in (("scan.csv", table), ("grid.csv", pd.DataFrame(landings))):
         buf = io.StringIO()
         frame.to_csv(buf, index=False)
         tracking.log_text(uri, parent, buf.getvalue(), name)
     with tempfile.TemporaryDirectory(prefix="prelora-") as tmp:
+        noted = table.set_index("switch_epoch")
+        extra = [c for c in NOISE_COLUMNS if c in noted]
+
+        def with_noise(row: dict[str, Any]) -> dict[str, Any]:
+            return {**row, **noted.loc[row["switch_epoch"], extra].to_dict()}
+
         png = S.plot_scan(
-            trunk,
-            rows,
+            with_noise(trunk),
+            [with_noise(r) for r in rows],
             landings,
             Path(tmp) / "scan.png",
             title=f"scan {sweep.name}: {sweep.space.base.model.preset} on {sweep.space.base.data.name}",
         )
         tracking.log_file(uri, parent, png)
-    runs = tracking.runs(uri, sweep.experiment_id, parent=parent)
     tracking.log_metrics(
         uri, parent, {**epoch_totals(runs, sweep.space.base.epochs), "scan_wall_time_s": wall_s, "points": len(rows)}
     )
@@ -264,24 +319,53 @@ def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings,
     return run_id, run_train_config(uri, run_id, f"scan {name} config.yaml"), table, grid
 
 
-PICK_RULE = "earliest-within=<points>"
+PICK_RULE = "earliest-within=<points> or earliest-not-worse[=<points>]"
 
 
-def pick_switch_epoch(table: pd.DataFrame, pick: str) -> int:
-    """`earliest-within=X`: the earliest scanned switch close enough to the trunk.
-
-    Close enough: its final val_acc is within X percentage points of the trunk's.
-    """
-    if not pick.startswith("earliest-within="):
+def check_scan_pick(pick: str) -> float:
+    """The points of a scan's --pick rule (0 for a bare earliest-not-worse), or a one-line error."""
+    rule, _, value = pick.partition("=")
+    if rule not in ("earliest-within", "earliest-not-worse") or (rule == "earliest-within" and not value):
         raise ValueError(f"--pick {pick!r} is invalid with --scan: {PICK_RULE}")
     try:
-        points = float(pick.split("=", 1)[1])
+        points = float(value or 0)
     except ValueError:
-        raise ValueError(f"--pick {pick!r}: give points of accuracy, e.g. earliest-within=0.5") from None
+        raise ValueError(f"--pick {pick!r}: give points of accuracy, e.g. {rule}=0.5") from None
     if not points >= 0:
         raise ValueError(f"--pick {pick!r}: the points must be >= 0")
+    return points
+
+
+def pick_switch_epoch(table: pd.DataFrame, pick: str, hits: dict[int, Any] | None = None, alpha: float = 0.05) -> int:
+    """The earliest scanned switch close enough to the trunk.
+
+    `earliest-within=X`: its final val_acc is within X percentage points of the trunk's. `earliest-not-worse[=X]`:
+    its accuracy is not significantly below the trunk's by more than X points (paired on the images:
+    significance.paired_difference; X = 0: the scan table's verdict is not `worse`). `hits`: each switch epoch's
+    val_correct.npy (-1: the trunk's), needed for X > 0.
+    """
+    points = check_scan_pick(pick)
+    points_rows = table[table["switch_epoch"] >= 0]
+    if pick.startswith("earliest-not-worse"):
+        if points == 0 and "verdict" in table and points_rows["verdict"].fillna("").astype(str).ne("").any():
+            ok = points_rows[points_rows["verdict"].isin(["indistinguishable", "better"])]
+        elif hits and -1 in hits:
+            ok = points_rows[
+                [
+                    int(e) in hits and paired_difference(hits[int(e)], hits[-1], alpha)[2] >= -points / 100
+                    for e in points_rows["switch_epoch"]
+                ]
+            ]
+        else:
+            raise ValueError(
+                f"--pick {pick!r} needs the points' val_correct.npy, which this scan did not log (it predates it): "
+                "use earliest-within=POINTS"
+            )
+        if ok.empty:
+            raise ValueError(f"--pick {pick!r}: every scanned switch epoch is significantly worse than the trunk")
+        return int(ok["switch_epoch"].min())
     trunk_acc = float(table.loc[table["switch_epoch"] < 0, M.FINAL_VAL_ACC].iloc[0])
-    ok = table[(table["switch_epoch"] >= 0) & (table[M.FINAL_VAL_ACC] >= trunk_acc - points / 100 - 1e-12)]
+    ok = points_rows[points_rows[M.FINAL_VAL_ACC] >= trunk_acc - points / 100 - 1e-12]
     if ok.empty:
         raise ValueError(
             f"--pick {pick!r}: no scanned switch epoch is within {points} points of the trunk's accuracy "
@@ -297,8 +381,16 @@ def export_scan_config(
     else `prelora.switch_at_epoch`. Returns (the epoch, how it switches there, the config)."""
     if (switch_epoch is None) == (pick is None):
         raise ValueError("with --scan give --switch-epoch E or --pick earliest-within=POINTS")
-    _, cfg, table, grid = load_scan(uri, experiment, name)
-    epoch = switch_epoch if switch_epoch is not None else pick_switch_epoch(table, pick)
+    if pick is not None:
+        check_scan_pick(pick)
+    parent, cfg, table, grid = load_scan(uri, experiment, name)
+    hits: dict[int, Any] = {}
+    if pick is not None and pick.startswith("earliest-not-worse="):
+        runs = tracking.runs(uri, tracking.experiment_id(uri, experiment), parent=parent)
+        by_run = run_hits(uri, runs)
+        hits = {e: by_run[r] for e, r in point_run_ids(runs).items() if r in by_run}
+    alpha = float(tracking.run_params(uri, parent).get("alpha", 0.05)) if pick is not None else 0.05
+    epoch = switch_epoch if switch_epoch is not None else pick_switch_epoch(table, pick, hits, alpha)
     landing = grid[grid["switch_epoch"] == epoch]
     if len(landing):
         g = landing.iloc[0]
@@ -322,6 +414,12 @@ def export_scan_config(
         if len(row)
         else "not a scanned point"
     )
+    if len(row) and "acc_lo" in row and pd.notna(row["acc_lo"].iloc[0]):
+        r = row.iloc[0]
+        measured += (
+            f"\n# final_val_acc interval [{r['acc_lo']:.4f}, {r['acc_hi']:.4f}] over {int(r[M.VAL_N])} images; "
+            f"against the trunk: p {r['p_vs_baseline']:.3g}, {r['verdict']}"
+        )
     header = f"# prelora-ray best --scan {name}: switch at epoch {epoch} via {how}\n# scan point: {measured}\n"
     write_train_config(out, header, out_cfg)
     return epoch, how, out_cfg

@@ -66,6 +66,7 @@ def parent_params(sweep: Sweep, num_samples: int) -> dict[str, Any]:
         "objectives": json.dumps([[o.metric, o.mode] for o in space.objectives]),
         "parameters": json.dumps([p.key for p in space.parameters]),
         "optuna_storage": display_url(sweep.optuna_url),
+        "alpha": space.alpha,
     }
 
 
