@@ -15,7 +15,6 @@ import yaml
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
-from prelora_ray.significance import check_alpha
 from prelora_ray.strategies import REGISTRY
 
 TOP_KEYS = (
@@ -520,6 +519,8 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     optuna_storage = data.get("optuna_storage")
     if optuna_storage is not None:
         optuna_storage = check_optuna_storage(optuna_storage, f"{path}: optuna_storage")
+    from prelora_ray.significance import check_alpha  # numpy: not at import (search_space loads no numpy)
+
     try:
         alpha = check_alpha(data.get("alpha", 0.05), "alpha")
     except ValueError as exc:
