@@ -405,10 +405,10 @@ def noise_columns(
     `val_n`; `acc_lo`, `acc_hi` (the 1 - alpha Wilson interval of final_val_acc); `p_vs_baseline` (exact McNemar
     on the images, against the finished baseline; 1 for the baseline itself); `verdict` (`better`, `worse` or
     `indistinguishable` in accuracy against the baseline at `alpha`); `front` (`plausible` or `dominated` among the
-    finished trials and the baseline: dominated only when another is better in one objective and not worse in
+    finished trials and the baseline: dominated only when a trial is better in one objective and not worse in
     any, accuracy compared paired where both runs have their images, other objectives by their `<name>_lo/_hi`
-    intervals where logged, else by value). Runs without val_correct.npy (logged before it) get empty accuracy
-    noise columns and are compared by value.
+    intervals; an objective without an interval (a wall-clock time) never decides). Runs without val_correct.npy
+    (logged before it) get empty accuracy noise columns, and a sweep none of whose runs has one no `front`.
     """
     table = table.copy()
     for col in (SPEEDUP_LO, SPEEDUP_HI):
@@ -444,14 +444,17 @@ def noise_columns(
     table[VERDICT] = verdicts
     table[FRONT] = ""
     candidates = [i for i in range(len(table)) if done.iloc[i] and table["role"].iloc[i] in ("trial", "baseline")]
-    if candidates:
-        flags = dominated_rows(
-            len(candidates),
-            lambda y, x: [
+    if candidates and any(h is not None for h in run_hits):  # stores logged before per-image correctness: no front
+
+        def verdicts(y: int, x: int) -> list[str]:
+            if table["role"].iloc[candidates[y]] != "trial":  # the baseline is the reference, never a dominator
+                return ["indistinguishable"]
+            return [
                 _compare(table, run_hits, candidates[y], candidates[x], metric, mode, alpha)
                 for metric, mode in objectives
-            ],
-        )
+            ]
+
+        flags = dominated_rows(len(candidates), verdicts)
         for i, flag in zip(candidates, flags, strict=True):
             table.loc[table.index[i], FRONT] = "dominated" if flag else "plausible"
     return table
@@ -472,7 +475,10 @@ def _compare(
             float(table[c].iloc[i]) if c in table and pd.notna(table[c].iloc[i]) else math.nan for c in (metric, lo, hi)
         )
 
-    return compare_interval(point(y), point(x), mode)
+    a, b = point(y), point(x)
+    if any(math.isnan(v) for v in (*a[1:], *b[1:])):  # no interval (a wall-clock time): no confidence either way
+        return "indistinguishable"
+    return compare_interval(a, b, mode)
 
 
 def _sampled_keys(tag: Any) -> set[str]:

@@ -17,7 +17,7 @@ The rules, stated once (docs/sweeps.md, "Reading a front: what is noise", quotes
 * `paired_difference`: A's accuracy minus B's with an interval that excludes 0 exactly when McNemar's p < alpha.
 * `dominated`: row X is dominated when some row Y is `better` than X in at least one objective and not
   `worse` in the other. Everything else is `plausible`: a row is never dropped for a difference within
-  noise. Rows with no measurement (NaN) in an objective are compared on the point estimates there.
+  noise. (`front.noise_columns` lets an objective without an interval, a wall-clock time, decide nothing.)
 """
 
 from __future__ import annotations
