@@ -49,17 +49,24 @@ def randomize_lora_b(model: nn.Module, std: float = 0.2) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def synthetic_run(epochs: int) -> list[str]:
+    """A short deterministic run's --set values: vit-digits on synthetic 3x8x8 data, 8 steps per epoch, untracked."""
+    return [
+        f"epochs={epochs}",
+        "deterministic=true",
+        "model.preset=vit-digits",
+        "tracking.enabled=false",
+        "data.name=synthetic",
+        "data.image_size=8",
+        "data.synthetic_samples=256",
+        "data.batch_size=32",
+    ]
+
+
 # The loop's own tests' run: synthetic 3x8x8 data, 8 steps per epoch, a switch at the first boundary that passes.
 LOOP_EPOCHS = 12
 LOOP_BASE = [
-    f"epochs={LOOP_EPOCHS}",
-    "deterministic=true",
-    "model.preset=vit-digits",
-    "tracking.enabled=false",
-    "data.name=synthetic",
-    "data.image_size=8",
-    "data.synthetic_samples=256",
-    "data.batch_size=32",
+    *synthetic_run(LOOP_EPOCHS),
     "prelora.k=2",
     "prelora.m=1",
     "prelora.tau=50",

@@ -29,19 +29,10 @@ from prelora_ray.config import TrainSettings, field_docs, valid_keys
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.strategies import FULL, REGISTRY, build, get
 from prelora_ray.trainer import ForkStart, TrainingLoop
-from tests.builders import check_export
+from tests.builders import check_export, synthetic_run
 
 EPOCHS = 5
-BASE = [
-    f"epochs={EPOCHS}",
-    "deterministic=true",
-    "model.preset=vit-digits",
-    "tracking.enabled=false",
-    "data.name=synthetic",
-    "data.image_size=8",
-    "data.synthetic_samples=256",
-    "data.batch_size=32",
-]
+BASE = synthetic_run(EPOCHS)
 # what makes each shipped strategy go through every one of its phases within EPOCHS epochs (8 steps each)
 QUICK = {
     "prelora": ["prelora.k=2", "prelora.m=1", "prelora.tau=50", "prelora.zeta=50", "prelora.warmup=1"],
