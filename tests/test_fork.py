@@ -19,20 +19,10 @@ from prelora_ray.checkpoint import load_state_file
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.runtime import LocalRuntime, StopTraining
 from prelora_ray.trainer import ForkStart, TrainingLoop
-from tests.builders import StopAtSwitch
+from tests.builders import StopAtSwitch, synthetic_run
 
 EPOCHS = 12
-BASE = [
-    f"epochs={EPOCHS}",
-    "deterministic=true",
-    "tracking.enabled=false",
-    "data.name=synthetic",
-    "data.image_size=8",
-    "model.preset=vit-digits",
-    "data.synthetic_samples=256",
-    "data.batch_size=32",
-    "prelora.warmup=2",
-]
+BASE = [*synthetic_run(EPOCHS), "prelora.warmup=2"]
 # (k, m, tau, zeta, window_stat): switch epochs spread over the run, and one that never passes
 SETTINGS = [
     (2, 1, 50.0, 50.0, "mean"),
