@@ -32,7 +32,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "strategy_equality.json"
 DEFAULT_COMMIT = "4207b21"  # the commit before the strategy registry and the adapters package
-TIMING = ("epoch_time_s", "throughput_img_s", "peak_mem_mb", "wall_time")
+TIMING = (
+    "epoch_time_s",
+    "throughput_img_s",
+    "peak_mem_mb",
+    "wall_time",
+    *("step_speedup", "step_speedup_lo", "step_speedup_hi", "calibration_time_s"),  # measured: calibration.py
+)
 PER_EPOCH = ("train_loss", "val_loss", "val_acc")
 BASE = [
     "epochs=6",

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from prelora_ray import metrics as M
 from prelora_ray import strategies
 from prelora_ray.config import TrainSettings, field_docs
 
@@ -123,6 +124,11 @@ def _summary_text(s: dict[str, Any]) -> str:
         f"mean epoch time {s.get('mean_epoch_time_s', float('nan')):.3f} s, "
         f"total {s.get('total_train_time_s', float('nan')):.1f} s",
     ]
+    if M.SPEEDUP in s:  # measured in the run against full training of the same model (calibration.*)
+        lines.append(
+            f"speedup against full training {s[M.SPEEDUP]:.3f} [{s[M.SPEEDUP_LO]:.3f}, {s[M.SPEEDUP_HI]:.3f}] "
+            "(step time, measured in the run)"
+        )
     lines.append(strategies.get(s.get("strategy", "prelora")).summary_line(s))  # the strategy's own line
     if s.get("merged_model_path"):
         lines.append(f"merged model (plain ViT): {s['merged_model_path']}")

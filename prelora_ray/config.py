@@ -4,7 +4,7 @@ Every field has a one-line docstring (the `doc` metadata, shown by `prelora-ray 
 and in docs/config.md). Values are checked in `__post_init__`, so a bad value fails before Ray starts
 or any data loads. `TrainSettings.from_dict` rejects unknown keys with the nearest valid name.
 
-The run's own sections are here (model, data, optim, cluster, tracking); each strategy brings its own
+The run's own sections are here (model, data, optim, cluster, tracking, calibration); each strategy brings its own
 section, declared in its file (prelora_ray/strategies/<name>.py) and found through the strategy registry:
 a `TrainSettings` holds one per registered strategy (`cfg.prelora`, `cfg.relora`, ...), and the
 `strategy` key's valid values and help come from the registry too. No torch is imported here: the
@@ -242,6 +242,29 @@ class TrackingSettings:
 
 
 @dataclass(kw_only=True)
+class CalibrationSettings:
+    """The in-process speed-up measurement (`speedup`): the run's own step against full training's, same batch."""
+
+    rounds: int = _f(
+        2,
+        "Calibration rounds per measured epoch, spread over its steps: each times the run's own training step and "
+        "full training's (forward, backward, clipping, AdamW on scratch copies) of the same model on the same batch, "
+        "in the order own, full, full, own, updating nothing; 0: off (speedup unknown: NaN). FULL epochs are 1 by "
+        "definition and never measured.",
+    )
+    every: int = _f(
+        1,
+        "Measure every N-th epoch of a phase (its first always); the epochs between repeat the last measurement.",
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            type(self.rounds) is int and self.rounds >= 0, "calibration.rounds", self.rounds, "an integer >= 0 (0: off)"
+        )
+        _check(type(self.every) is int and self.every >= 1, "calibration.every", self.every, "an integer >= 1")
+
+
+@dataclass(kw_only=True)
 class TrainSettings:
     """One training run: `prelora-ray train` takes exactly this.
 
@@ -267,6 +290,9 @@ class TrainSettings:
     )
     cluster: ClusterSettings = _nested(ClusterSettings, "Ray Train workers.")
     tracking: TrackingSettings = _nested(TrackingSettings, "MLflow.")
+    calibration: CalibrationSettings = _nested(
+        CalibrationSettings, "The speed-up against full training, measured in the run (`speedup`)."
+    )
 
     def __post_init__(self) -> None:
         names = strategy_names()
@@ -368,8 +394,8 @@ def _complete_sections(given: dict[str, Any]) -> dict[str, Any]:
 def sections() -> dict[str, tuple[type, str]]:
     """Every section of a TrainSettings, in key order: name -> (its dataclass, its one-line doc).
 
-    The run's own (model, data, optim, cluster, tracking) and each registered strategy's, in the place of the
-    `strategy_sections` field (for the config reference: docs/make_config_reference.py).
+    The run's own (model, data, optim, cluster, tracking, calibration) and each registered strategy's, in the place
+    of the `strategy_sections` field (for the config reference: docs/make_config_reference.py).
     """
     hints = typing.get_type_hints(TrainSettings)
     out: dict[str, tuple[type, str]] = {}

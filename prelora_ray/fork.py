@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from prelora_ray import metrics as M
 from prelora_ray.algorithms import Snapshot, SwitchPoint, replay_switch
 from prelora_ray.models import MODULE_FAMILIES
+from prelora_ray.speedup import run_speedup
 from prelora_ray.storage import MANIFEST_SUFFIX, Location, location, replace_local
 from prelora_ray.summary import RunSummary
 
@@ -249,10 +250,12 @@ def plan_fork(cfg: TrainSettings, folder: str | Path) -> ForkPlan | None:
 def summarize(
     history: Sequence[dict[str, Any]], *, switch_epoch: int = -1, freeze_epoch: int = -1, ranks: dict | None = None
 ) -> RunSummary:
-    """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time."""
+    """A run's summary from its per-epoch history: mean epoch time, final and best accuracy, total time, and the
+    speed-up against full training (`speedup.run_speedup`)."""
     times = [float(e[M.EPOCH_TIME_S]) for e in history]
     out: RunSummary = {
         M.MEAN_EPOCH_TIME_S: sum(times) / len(times) if times else float("nan"),
+        **run_speedup(history),
         M.FINAL_VAL_ACC: float(history[-1][M.VAL_ACC]) if history else float("nan"),
         M.BEST_VAL_ACC: max(float(e[M.VAL_ACC]) for e in history) if history else float("nan"),
         M.TOTAL_TRAIN_TIME_S: sum(times),

@@ -24,6 +24,13 @@ LR = "lr"
 # bytes this worker all-reduced in the epoch (DDP gradients, merges, loss and metric sums) / optimizer steps; 0 with
 # one worker
 COMM_BYTES_PER_STEP = "comm_bytes_per_step"
+# the epoch's speed-up against full training, measured in the run (prelora_ray/calibration.py): a full-training
+# forward+backward's time over the run's own, same model and batch, the median over the epoch's calibration rounds;
+# FULL epochs 1 (never measured); an epoch between measurements repeats the last one of its phase
+STEP_SPEEDUP = "step_speedup"
+STEP_SPEEDUP_LO = "step_speedup_lo"  # the lowest of the epoch's rounds
+STEP_SPEEDUP_HI = "step_speedup_hi"  # the highest
+CALIBRATION_TIME_S = "calibration_time_s"  # time the epoch spent calibrating (not in epoch_time_s)
 NORM_PREFIX = "norm/"  # norm/<family>: mean weight norm of the family's layers at epoch end
 LAYER_NORM_PREFIX = "layer_norm/"  # layer_norm/<family>/<layer>
 
@@ -37,6 +44,11 @@ MEAN_EPOCH_TIME_S = "mean_epoch_time_s"  # the paper's "average training time pe
 FINAL_VAL_ACC = "final_val_acc"
 BEST_VAL_ACC = "best_val_acc"
 TOTAL_TRAIN_TIME_S = "total_train_time_s"
+# the run's speed-up against full training: epochs / sum over epochs of 1 / step_speedup (prelora_ray/speedup.py);
+# lo and hi from every epoch's lowest and highest round; 1 exactly for a run that trains full throughout
+SPEEDUP = "speedup"
+SPEEDUP_LO = "speedup_lo"
+SPEEDUP_HI = "speedup_hi"
 
 # MLflow tags of sweeps
 ROLE_TAG = "prelora.role"  # parent | trial | baseline

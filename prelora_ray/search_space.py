@@ -54,6 +54,7 @@ SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 OBJECTIVE_METRICS = (
     M.FINAL_VAL_ACC,
     M.BEST_VAL_ACC,
+    M.SPEEDUP,  # against full training, measured in each trial (calibration.*): robust to contention and node speed
     M.MEAN_EPOCH_TIME_S,
     M.PEAK_MEM_MB,
     M.TRAINABLE_FRACTION,
@@ -139,6 +140,23 @@ class SearchSpace:
 
 def _err(path: str, key: str, msg: str) -> ValueError:
     return ValueError(f"{path}: {key}: {msg}")
+
+
+def _check_speedup_objective(
+    path: str, objectives: list[Objective], base: TrainSettings, params: dict[str, Parameter]
+) -> None:
+    """`speedup` is measured by calibration: an objective only where every trial calibrates (rounds >= 1)."""
+    if not any(o.metric == M.SPEEDUP for o in objectives):
+        return
+    key = "calibration.rounds"
+    if key in params and params[key].bounds()[0] < 1:
+        raise _err(path, f"parameters.{key}", f"must be >= 1 in every trial: objective {M.SPEEDUP} is measured by it")
+    if key not in params and base.calibration.rounds < 1:
+        raise _err(
+            path,
+            f"base.{key}",
+            f"is {base.calibration.rounds}: objective {M.SPEEDUP} is measured by calibration; set it >= 1",
+        )
 
 
 def _number(path: str, key: str, spec: dict, name: str) -> float:
@@ -479,6 +497,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         objectives.append(Objective(metric=o["metric"], mode=o["mode"]))
     if len({o.metric for o in objectives}) != len(objectives):
         raise _err(path, "objectives", "a metric appears twice")
+    _check_speedup_objective(path, objectives, base, params)
     sampler = data.get("sampler", {"type": "tpe"})
     if isinstance(sampler, str):
         sampler = {"type": sampler}

@@ -18,6 +18,9 @@ class RunSummary(TypedDict, total=False):
     final_val_acc: float  # validation accuracy after the last epoch
     best_val_acc: float  # the highest validation accuracy of any epoch
     total_train_time_s: float  # the sum of the epoch times
+    speedup: float  # against full training, measured in the run: epochs / sum(1 / step_speedup) (speedup.py)
+    speedup_lo: float  # the same over every epoch's slowest calibration round
+    speedup_hi: float  # ... and its fastest
     switch_epoch: int  # the epoch at whose end LoRA was injected; -1: never
     freeze_epoch: int  # the epoch at whose end the base was frozen; -1: never
     ranks: dict[str, list[int]]  # LoRA rank per module family and layer ({} without a switch)

@@ -15,6 +15,7 @@ import math
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from prelora_ray import metrics as M
 from prelora_ray.adapters.model import unwrap
 from prelora_ray.adapters.names import is_adapter_param
+from prelora_ray.calibration import Calibration
 from prelora_ray.config import TrainSettings
 from prelora_ray.data import DatasetBundle, build_datasets, make_train_loader, resolve_loader_workers
 from prelora_ray.fork import TrunkWriter, summarize
@@ -122,7 +124,10 @@ class TrainingLoop:
         data: DatasetBundle | None = None,
         trunk: TrunkWriter | None = None,
         fork: ForkStart | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock`: the training pass's wall clock (default `time.perf_counter`), which then times calibration's
+        steps too (`calibration.step_timer` otherwise): a test gives its own."""
         self.cfg = cfg
         self.trunk = trunk if runtime.rank == 0 else None
         self.fork = fork
@@ -153,6 +158,8 @@ class TrainingLoop:
         self._epoch_steps = 0
         self.val_hits: np.ndarray = np.zeros(0, dtype=bool)  # the last evaluation's, per image
         self._ddp_bytes_per_step = 0  # DDP's gradient all-reduce: the trainable parameters' bytes
+        self.clock = clock or time.perf_counter
+        self.calibration = Calibration(cfg.calibration, self.device, self.clock, timer=clock)
 
     # -- data ------------------------------------------------------------------------------------
     def _train_loader(self) -> tuple[DataLoader, DistributedSampler]:
@@ -173,11 +180,12 @@ class TrainingLoop:
         return DataLoader(shard, batch_size=max(self.cfg.data.batch_size, 256), num_workers=workers)
 
     # -- model, optimizer --------------------------------------------------------------------------
-    def _param_groups(self) -> list[dict[str, Any]]:
+    def _param_groups(self, *, every: bool = False) -> list[dict[str, Any]]:
+        """The optimizer's groups of the trainable parameters (`every`: of all of them, trainable or not)."""
         o = self.cfg.optim
         decay, no_decay, lora = [], [], []
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
+            if not (param.requires_grad or every):
                 continue
             if is_adapter_param(name):
                 lora.append(param)
@@ -209,15 +217,18 @@ class TrainingLoop:
             sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad) if ddp else 0
         )
         o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None
-        )
+        self.optimizer = self.new_optimizer(self._param_groups())
         if old is not None and o.carry_optimizer_state:
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     if p in old.state:
                         self.optimizer.state[p] = old.state[p]
         del old
+
+    def new_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The loop's optimizer over `groups` (AdamW, fused on CUDA)."""
+        o = self.cfg.optim
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=self.device.type == "cuda" or None)
 
     def _set_lr(self) -> float:
         """Set each group's LR for the next step from the strategy's schedule; returns the base LR."""
@@ -245,7 +256,11 @@ class TrainingLoop:
 
     # -- epochs ------------------------------------------------------------------------------------
     def train_one_epoch(self) -> dict[str, float]:
-        """One pass over this worker's shard; returns the all-worker mean loss and the timing."""
+        """One pass over this worker's shard; returns the all-worker mean loss, the timing and the speed-up.
+
+        In an epoch whose phase is not FULL, calibration rounds run before some of its steps, on their batches
+        (`prelora_ray.calibration`): their time is not in the epoch's.
+        """
         self.wrapped.train()
         self.sampler.set_epoch(self.state.epoch)
         if self.device.type == "cuda":
@@ -254,10 +269,18 @@ class TrainingLoop:
         per_step = self.strategy.step_losses
         self.comm_bytes, self._epoch_steps = 0, 0
         loss_sum, count = torch.zeros((), dtype=torch.float64), 0
-        start = time.perf_counter()
-        for images, labels in self.train_loader:
+        phase = self.state.phase
+        rounds = self.calibration.plan(phase, self.state.history, self.steps_per_epoch)
+        self.calibration.start_epoch()
+        ratios, calibrating = [], 0.0
+        start = self.clock()
+        for index, (images, labels) in enumerate(self.train_loader):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if index in rounds and self.state.phase is phase:
+                measured, spent = self.calibration.measure(self, images, labels, rounds[index])
+                ratios += measured
+                calibrating += spent
             lr = self._set_lr()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.loss_fn(self.wrapped(pixel_values=images).logits.float(), labels)
@@ -282,7 +305,7 @@ class TrainingLoop:
             self.strategy.after_step(self, step_loss)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        epoch_time = time.perf_counter() - start
+        epoch_time = self.clock() - start - calibrating
         total = self.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]))
         train_loss = float(total[0] / total[1])
         if not math.isfinite(train_loss):  # every worker sees the same all-reduced value: all stop together
@@ -295,6 +318,7 @@ class TrainingLoop:
             M.EPOCH_TIME_S: epoch_time,
             M.THROUGHPUT: float(total[1]) / epoch_time,
             M.LR: lr,
+            **self.calibration.epoch_metrics(phase, self.state.history, ratios, calibrating),
         }
 
     @torch.no_grad()
@@ -355,7 +379,7 @@ class TrainingLoop:
         out: dict[str, Any] = {M.EPOCH: epoch, M.PHASE: phase.value, M.PHASE_INDEX: phase.index, **train, **val}
         out[M.TRAINABLE_PARAMS] = trainable
         out[M.TRAINABLE_FRACTION] = trainable / self.plain_params
-        out[M.PEAK_MEM_MB] = peak_memory_mb(self.device)
+        out[M.PEAK_MEM_MB] = self.calibration.peak_mb(peak_memory_mb(self.device))
         out[M.COMM_BYTES_PER_STEP] = self.comm_bytes / max(1, self._epoch_steps)
         out.update(self.strategy.event_metrics())
         for family, values in norms.items():

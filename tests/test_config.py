@@ -237,6 +237,11 @@ def test_unknown_key_with_no_near_match_lists_valid_keys():
         (["deterministic=maybe"], "deterministic"),
         (["prelora.tau=true"], "prelora.tau"),
         (["tracking.experiment="], "tracking.experiment"),
+        (["calibration.rounds=-1"], "calibration.rounds"),
+        (["calibration.rounds=1.5"], "calibration.rounds"),
+        (["calibration.rounds=true"], "calibration.rounds"),
+        (["calibration.every=0"], "calibration.every"),
+        (["calibration.every=two"], "calibration.every"),
     ],
 )
 def test_bad_values_give_a_one_line_error_naming_the_field(overrides, field):

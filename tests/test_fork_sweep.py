@@ -39,6 +39,8 @@ def _fork_space(
         },
         # tau 1e-6 never passes; 40 and 60 both pass at the first boundary, with the same ranks
         "parameters": {"prelora.tau": {"type": "categorical", "values": taus}},
+        # speedup: in every trial's final report, whether it trains, takes the trunk's result or a twin's
+        "objectives": [{"metric": M.FINAL_VAL_ACC, "mode": "max"}, {"metric": M.SPEEDUP, "mode": "max"}],
         "sampler": {"type": "random", "seed": seed},
         "num_samples": num_samples,
         "max_concurrent": 2,
@@ -70,6 +72,7 @@ def test_never_trials_take_the_trunks_result_and_train_nothing(fork_sweep):
         assert history(client, c.info.run_id) == history(client, trunk.info.run_id)
         assert c.data.metrics[M.FINAL_VAL_ACC] == trunk.data.metrics[M.FINAL_VAL_ACC]
         assert c.data.metrics[M.SWITCH_EPOCH] == -1
+        assert [c.data.metrics[k] for k in (M.SPEEDUP, M.SPEEDUP_LO, M.SPEEDUP_HI)] == [1.0, 1.0, 1.0]  # full training
         assert (val_correct(client, c) == val_correct(client, trunk)).all()  # the trunk's images, right and wrong
 
 
@@ -92,8 +95,12 @@ def test_twins_reuse_one_result_and_forked_curves_start_with_the_trunks(fork_swe
         assert c.data.tags[M.FORK_REUSED_TAG] == origin.info.run_id and c.data.tags[M.EPOCHS_TRAINED_TAG] == "0"
         assert history(client, c.info.run_id) == curve
         assert c.data.metrics[M.FINAL_VAL_ACC] == origin.data.metrics[M.FINAL_VAL_ACC]
+        assert c.data.metrics[M.SPEEDUP] == origin.data.metrics[M.SPEEDUP]  # the twin's measurement
         assert (val_correct(client, c) == val_correct(client, origin)).all()
     assert val_correct(client, origin).sum() == origin.data.metrics[M.VAL_CORRECT]
+    # the trunk's epochs before the fork count at 1, the trial's own LoRA epochs as measured
+    assert trunk.data.metrics[M.SPEEDUP] == 1.0 and history(client, origin.info.run_id, M.STEP_SPEEDUP)[0][1] == 1.0
+    assert origin.data.metrics[M.SPEEDUP_LO] <= origin.data.metrics[M.SPEEDUP] <= origin.data.metrics[M.SPEEDUP_HI]
     # the parent's cost accounting: the trunk plus the one trained fork, against every run from scratch
     assert parent.data.metrics[M.EPOCHS_TRAINED_TOTAL] == EPOCHS + EPOCHS - fork_epoch
     assert parent.data.metrics[M.EPOCHS_NAIVE_TOTAL] == EPOCHS * 6

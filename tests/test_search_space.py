@@ -24,6 +24,9 @@ GOOD = {
 }
 
 
+SPEEDUP = {"metric": "speedup", "mode": "max"}
+
+
 def _write(tmp_path, data) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -43,7 +46,7 @@ def test_shipped_spaces_load(name):
         "prelora.r_min",
         "prelora.r_max",
     } <= keys
-    assert [o.metric for o in space.objectives][:2] == ["final_val_acc", "mean_epoch_time_s"]
+    assert [(o.metric, o.mode) for o in space.objectives][:2] == [("final_val_acc", "max"), ("speedup", "max")]
 
 
 def test_quickstart_is_digits_with_at_least_8_trials():
@@ -162,6 +165,15 @@ def _mutate(path_keys, value):
         (_mutate(["objectives"], [{"metric": "accuracy", "mode": "max"}]), "objectives[0].metric"),
         (_mutate(["objectives"], [{"metric": "final_val_acc", "mode": "up"}]), "objectives[0].mode"),
         (_mutate(["objectives"], []), "objectives"),
+        (  # speedup is measured by calibration: not with it off in the base...
+            {**_mutate(["objectives"], [SPEEDUP]), "base": {"epochs": 3, "calibration": {"rounds": 0}}},
+            "base.calibration.rounds",
+        ),
+        (  # ... nor where a trial may sample it off
+            _mutate(["parameters", "calibration.rounds"], {"type": "int", "low": 0, "high": 2})
+            | {"objectives": [SPEEDUP]},
+            "parameters.calibration.rounds",
+        ),
         (_mutate(["parameters"], {}), "parameters"),
         (_mutate(["num_samples"], 0), "num_samples"),
         (_mutate(["sampler"], {"type": "cmaes"}), "sampler.type"),
@@ -184,6 +196,13 @@ def test_bad_space_names_file_and_key(tmp_path, data, key):
     message = str(err.value)
     assert str(path) in message and key in message
     assert "\n" not in message
+
+
+def test_speedup_is_an_objective(tmp_path):
+    data = _mutate(["objectives"], [{"metric": "final_val_acc", "mode": "max"}, SPEEDUP])
+    data["parameters"]["calibration.rounds"] = {"type": "int", "low": 1, "high": 3}
+    space = load_search_space(_write(tmp_path, data))
+    assert [(o.metric, o.mode) for o in space.objectives] == [("final_val_acc", "max"), ("speedup", "max")]
 
 
 def test_sampled_r_min_above_r_max_is_repaired_not_crashed(tmp_path):

@@ -43,7 +43,13 @@ QUICK = {
     ],
     "lte": ["lte.start_epoch=1", "lte.merge_every=3", "lte.num_heads=2"],
 }
-TIMING = ("epoch_time_s", "throughput_img_s", "peak_mem_mb", "wall_time")
+TIMING = (
+    "epoch_time_s",
+    "throughput_img_s",
+    "peak_mem_mb",
+    "wall_time",
+    *("step_speedup", "step_speedup_lo", "step_speedup_hi", "calibration_time_s"),  # measured: calibration.py
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one intra-op thread (conftest): float sums depend on it
 

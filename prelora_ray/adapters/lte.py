@@ -62,6 +62,9 @@ class LTELinear(nn.Module):
     """A linear (or a patch projection) with H LoRA heads; each head sees its own chunk of the batch (see the module
     docstring)."""
 
+    bypass = False
+    """True: the forward is the base layer's alone, in training too (calibration's full-training step)."""
+
     def __init__(
         self, base: nn.Linear | nn.Conv2d, *, heads: int, rank: int, scale: float, generators: list[torch.Generator]
     ) -> None:
@@ -97,7 +100,7 @@ class LTELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if not self.training:
+        if not self.training or self.bypass:
             return out
         n = x.shape[0]
         if n % self.heads:

@@ -1,5 +1,5 @@
-"""What every adapter kind shares, on a whole model: the effective weight, requires_grad per phase, the export
-as a plain ViT, the DDP unwrap and a weights checksum.
+"""What every adapter kind shares, on a whole model: the effective weight, requires_grad per phase, the adapters
+taken out of the forward for a while, the export as a plain ViT, the DDP unwrap and a weights checksum.
 
 A phase's trainable set is its own rule (`strategies.phases.Phase.trains`, declared by its strategy);
 this module only applies it. PEFT is not imported here: LoRA layers are recognised by their attributes.
@@ -7,14 +7,16 @@ this module only applies it. PEFT is not imported here: LoRA layers are recognis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from prelora_ray.adapters import lora
-from prelora_ray.adapters.lte import remove_lte_heads
+from prelora_ray.adapters.lte import LTELinear, remove_lte_heads
 
 if TYPE_CHECKING:
     from prelora_ray.strategies.phases import Phase
@@ -44,6 +46,28 @@ def set_trainable(model: nn.Module, phase: Phase, settings: Any) -> None:
         param.requires_grad_(bool(phase.trains(name, settings)))
         if not param.requires_grad:
             param.grad = None
+
+
+@contextlib.contextmanager
+def adapters_bypassed(model: nn.Module) -> Iterator[None]:
+    """Inside, the forward is the plain ViT's: PEFT's LoRA layers disabled, LTE heads bypassed (in training too).
+
+    Nothing else changes, but PEFT sets requires_grad of a LoRA layer's adapter as it disables and enables it:
+    a caller that needs requires_grad as it was restores it (calibration.py does).
+    """
+    lora_layers = [m for m in model.modules() if lora.is_lora_layer(m) and not m.disable_adapters]
+    heads = [m for m in model.modules() if isinstance(m, LTELinear) and not m.bypass]
+    for m in lora_layers:
+        m.enable_adapters(False)
+    for m in heads:
+        m.bypass = True
+    try:
+        yield
+    finally:
+        for m in lora_layers:
+            m.enable_adapters(True)
+        for m in heads:
+            m.bypass = False
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

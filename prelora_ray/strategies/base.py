@@ -87,6 +87,8 @@ class Strategy:
         if cls.fork_mode == "scratch":
             return True
         section = key.split(".", 1)[0]
+        if section == "calibration":  # it measures, and changes nothing a run computes
+            return True
         if section not in cls.uses and section in strategy_sections():
             return True
         return cls._acts_after_fork(key)

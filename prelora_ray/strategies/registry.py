@@ -26,7 +26,7 @@ ENTRY_POINT_GROUP = "prelora_ray.strategies"
 """`[project.entry-points."prelora_ray.strategies"] my_name = "my_package.my_module:MyStrategy"`."""
 
 RESERVED = ("strategy", "epochs", "seed", "deterministic", "amp", "name", "output_dir")
-RESERVED += ("model", "data", "optim", "cluster", "tracking", "strategy_sections")
+RESERVED += ("model", "data", "optim", "cluster", "tracking", "calibration", "strategy_sections")
 """TrainSettings' own keys and sections: no strategy's section may take one of these names."""
 
 _TABLE: dict[str, type[Strategy]] = {}
