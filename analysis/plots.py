@@ -62,15 +62,20 @@ def plot_fronts(
 
     `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`. Where the table
     has the noise columns (front.noise_columns) each trial gets error bars on both axes (`acc_lo`/`acc_hi` for an
-    accuracy, `<metric>_lo`/`_hi` otherwise) and the `dominated` ones are faded; `bands` maps a label to the
+    accuracy, `<metric>_lo`/`_hi` otherwise), the `dominated` ones are faded and the early-`stopped` ones grey crosses; `bands` maps a label to the
     baseline's interval on the y axis, drawn as a band.
     """
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, table) in enumerate(fronts.items()):
         c = colors[i % len(colors)]
-        dominated = (table["front"] == "dominated") if "front" in table else pd.Series(False, index=table.index)
-        for faded, rows in ((False, table[~dominated]), (True, table[dominated])):
+        kind = table["front"] if "front" in table else pd.Series("", index=table.index)
+        groups = (
+            ("plausible" if "front" in table else "all", table[~kind.isin(["dominated", "stopped"])], c, 0.45),
+            ("dominated", table[kind == "dominated"], c, 0.15),
+            ("early-stopped", table[kind == "stopped"], "grey", 0.3),  # judged at a rung: never on the front
+        )
+        for name, rows, color, alpha in groups:
             if rows.empty:
                 continue
             ax.errorbar(
@@ -78,14 +83,13 @@ def plot_fronts(
                 rows[y],
                 xerr=error_bars(rows, x),
                 yerr=error_bars(rows, y),
-                fmt="o",
-                color=c,
-                alpha=0.15 if faded else 0.45,
+                fmt="x" if name == "early-stopped" else "o",
+                color=color,
+                alpha=alpha,
                 markersize=5,
                 elinewidth=1,
                 capsize=2,
-                label=f"{label}: {'dominated' if faded else 'plausible' if 'front' in table else 'all'} trials "
-                f"({len(rows)})",
+                label=f"{label}: {name} trials ({len(rows)})",
             )
         if bands and label in bands:
             lo, hi = bands[label]

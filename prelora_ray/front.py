@@ -52,6 +52,8 @@ SPEEDUP, SPEEDUP_LO, SPEEDUP_HI, SPEEDUP_WALL = "speedup", "speedup_lo", "speedu
 ACC_LO, ACC_HI, P_VS_BASELINE, VERDICT, FRONT = "acc_lo", "acc_hi", "p_vs_baseline", "verdict", "front"
 NOISE_COLUMNS = (SPEEDUP_LO, SPEEDUP_HI, SPEEDUP_WALL, M.VAL_N, ACC_LO, ACC_HI, P_VS_BASELINE, VERDICT, FRONT)
 """The front table's noise columns (pareto.csv, scan.csv): names other tools read, kept as they are."""
+EARLY_STOPPED = "early_stopped"
+"""Column: the trial was stopped at a rung (`early_stopping:`); its `front` is `stopped`."""
 NOISE_METRICS = (M.VAL_N, M.VAL_CORRECT, SPEEDUP, SPEEDUP_LO, SPEEDUP_HI)
 """Run metrics the noise columns read (speedup and its interval: each run's own calibrated measure, where logged)."""
 INTERVAL_COLUMNS = {M.FINAL_VAL_ACC: (ACC_LO, ACC_HI)}
@@ -370,6 +372,7 @@ def sweep_table(
             "sweep": r.get(f"tags.{M.SWEEP_TAG}"),
             "status": r.get("status"),
             "strategy": r.get("params.strategy"),
+            EARLY_STOPPED: str(r.get(f"tags.{M.EARLY_STOPPED_TAG}", "")) == "true",
         }
         for key in M.SWITCH_PARAMS:  # the full baseline never switches: its switch params mean nothing
             row[key] = _num(r.get(f"params.{key}")) if row["strategy"] != "full" else float("nan")
@@ -388,7 +391,7 @@ def sweep_table(
     measured = table[SPEEDUP].astype(float)
     table[SPEEDUP] = measured.where(measured.notna(), table[SPEEDUP_WALL])
     table[M.PARETO_TAG] = False
-    ok = (table["role"] == "trial") & (table["status"] == "FINISHED")
+    ok = (table["role"] == "trial") & (table["status"] == "FINISHED") & ~table[EARLY_STOPPED].astype(bool)
     if ok.any():
         values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
         table.loc[ok, M.PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
@@ -443,7 +446,14 @@ def noise_columns(
     table[P_VS_BASELINE] = p_values
     table[VERDICT] = verdicts
     table[FRONT] = ""
-    candidates = [i for i in range(len(table)) if done.iloc[i] and table["role"].iloc[i] in ("trial", "baseline")]
+    stopped = table[EARLY_STOPPED].astype(bool) if EARLY_STOPPED in table else pd.Series(False, index=table.index)
+    for i in np.flatnonzero(stopped.to_numpy()):  # stopped at a rung: never on the front, never a dominator
+        table.loc[table.index[i], FRONT] = "stopped"
+    candidates = [
+        i
+        for i in range(len(table))
+        if done.iloc[i] and not stopped.iloc[i] and table["role"].iloc[i] in ("trial", "baseline")
+    ]
     if candidates and any(h is not None for h in run_hits):  # stores logged before per-image correctness: no front
 
         def verdicts(y: int, x: int) -> list[str]:

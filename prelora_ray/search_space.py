@@ -15,6 +15,7 @@ import yaml
 
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings, _unknown_key_error, valid_keys
+from prelora_ray.early_stopping import EarlyStopping, parse_early_stopping
 from prelora_ray.strategies import REGISTRY
 
 TOP_KEYS = (
@@ -32,6 +33,7 @@ TOP_KEYS = (
     "fork",
     "optuna_storage",
     "alpha",
+    "early_stopping",
 )
 JOURNAL_PREFIX = "journal:"  # an Optuna journal file (JournalFileBackend), e.g. on an NFS mount every node sees
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
@@ -123,6 +125,7 @@ class SearchSpace:
     raw_text: str = field(default="", repr=False)
     optuna_storage: str | None = None  # the Optuna study's storage URL (None: the sweep's default, `Sweep.optuna_url`)
     alpha: float = 0.05  # significance level of the front's intervals, verdicts and dominance (significance.py)
+    early_stopping: EarlyStopping | None = None  # `early_stopping:` (None: off; prelora_ray/early_stopping.py)
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainSettings:
         """The train config of one trial: base + sampled values, with relations repaired.
@@ -544,6 +547,16 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         alpha = check_alpha(data.get("alpha", 0.05), "alpha")
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    try:
+        early_stopping = parse_early_stopping(data.get("early_stopping"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if early_stopping is not None and not fork:
+        raise _err(
+            path,
+            "early_stopping",
+            "needs fork mode (fork: true, the default where the space allows it): the trunk is every rung's reference",
+        )
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "sampler.seed", f"must be an integer or null, got {seed!r}")
@@ -566,6 +579,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         raw_text=raw_text,
         optuna_storage=optuna_storage,
         alpha=alpha,
+        early_stopping=early_stopping,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from prelora_ray.orchestration.ray_compat import searcher_study, searcher_trials
+from prelora_ray.orchestration.ray_compat import searcher_completed, searcher_study, searcher_trials
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
 SWEEP_ATTR = (
@@ -33,10 +33,12 @@ class TaggedOptunaSearch(OptunaSearch):
         self.max_trials, self.sweep_instance = max_trials, uuid.uuid4().hex
 
     def counted_trials(self) -> int:
-        """The study's trials of this sweep that finished, run or wait (failed and lost ones are not counted)."""
+        """The study's trials of this sweep that finished (early-stopped ones too), run or wait (failed and lost ones
+        are not counted)."""
         import optuna
 
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        state = optuna.trial.TrialState
+        states = (state.COMPLETE, state.PRUNED, state.RUNNING, state.WAITING)
         instance = getattr(self, "sweep_instance", None)
         trials = searcher_study(self).get_trials(deepcopy=False, states=states)
         return sum(t.user_attrs.get(SWEEP_ATTR) == instance for t in trials)
@@ -53,6 +55,21 @@ class TaggedOptunaSearch(OptunaSearch):
             trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
             trials[trial_id].set_user_attr(SWEEP_ATTR, getattr(self, "sweep_instance", None))
         return config
+
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """As OptunaSearch, but a trial the early-stopping scheduler already told the study about (PRUNED) is left as
+        it is: telling it again would fail and print a warning."""
+        import optuna
+
+        trials = searcher_trials(self)
+        study = searcher_study(self)
+        if trial_id in trials and study is not None:
+            frozen = study._storage.get_trial(trials[trial_id]._trial_id)
+            if frozen.state == optuna.trial.TrialState.PRUNED:
+                searcher_completed(self).add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def open_storage(url: str):

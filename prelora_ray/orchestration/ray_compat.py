@@ -23,6 +23,11 @@ def searcher_trials(searcher: Any) -> dict[str, Any]:
     return searcher._ot_trials
 
 
+def searcher_completed(searcher: Any) -> set[str]:
+    """The Tune trial ids an OptunaSearch has told the study about (it ignores a second completion of these)."""
+    return searcher._completed_trials
+
+
 def searcher_study(searcher: Any) -> Any | None:
     """An OptunaSearch's Optuna study (None before its search space is set)."""
     return searcher._ot_study

@@ -17,6 +17,7 @@ from prelora_ray.config import TrainSettings
 from prelora_ray.front import (
     ACC_HI,
     ACC_LO,
+    EARLY_STOPPED,
     FRONT,
     P_VS_BASELINE,
     SPEEDUP,
@@ -106,7 +107,10 @@ def pick_row(
     """
     check_pick(pick)
     hits = hits or {}
-    trials = table[(table["role"] == "trial") & (table["status"] == "FINISHED")].reset_index(drop=True)
+    trials = table[(table["role"] == "trial") & (table["status"] == "FINISHED")]
+    if EARLY_STOPPED in trials:  # stopped at a rung: never picked
+        trials = trials[~trials[EARLY_STOPPED].astype(bool)]
+    trials = trials.reset_index(drop=True)
     note = ""
     if pick.startswith("fastest-not-worse"):
         return _fastest_not_worse(table, trials, pick, hits, alpha)

@@ -179,6 +179,8 @@ def fit_run(
     )
     try:
         result = trainer.fit()
+    except SystemExit:  # Ray Tune ending the trial (a scheduler's STOP): the driver ends its run (early_stop.py)
+        raise
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
@@ -207,6 +209,8 @@ def fit_in_trial(
         summary = run_in_trial(
             worker_spec(run, start=start, verbose=verbose, epoch_lines=epoch_lines), checkpoint_dir=folder
         )
+    except SystemExit:  # Ray Tune ending the trial (a scheduler's STOP): the driver ends its run (early_stop.py)
+        raise
     except BaseException as exc:
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise

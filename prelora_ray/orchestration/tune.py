@@ -53,6 +53,15 @@ def trial_fn(config: dict[str, Any], sweep: Sweep) -> None:
     tune.report(final_report(summary))
 
 
+def new_scheduler(sweep: Sweep) -> Any:
+    """The sweep's Ray Tune scheduler: MO-ASHA over forked segments with `early_stopping:`, else Tune's default."""
+    if sweep.space.early_stopping is None:
+        return None
+    from prelora_ray.orchestration.early_stop import ParetoRungScheduler
+
+    return ParetoRungScheduler(sweep)
+
+
 def parent_params(sweep: Sweep, num_samples: int) -> dict[str, Any]:
     """The sweep's parent-run params: what it searched, against what, with which sampler and study."""
     from prelora_ray.orchestration.optuna_search import display_url
@@ -67,6 +76,7 @@ def parent_params(sweep: Sweep, num_samples: int) -> dict[str, Any]:
         "parameters": json.dumps([p.key for p in space.parameters]),
         "optuna_storage": display_url(sweep.optuna_url),
         "alpha": space.alpha,
+        "early_stopping": json.dumps(space.early_stopping.as_dict()) if space.early_stopping else "off",
     }
 
 
@@ -123,6 +133,7 @@ def run_sweep(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(new_searcher(sweep, samples), max_concurrent=concurrent),
+                scheduler=new_scheduler(sweep),
                 num_samples=max(1, samples),  # not fitted when no trial is left to run
                 trial_dirname_creator=lambda t: f"{sweep.name}_{t.trial_id}",
                 # trial_executor tune: a finished trial's process serves the next trial, so torch, transformers, PEFT
