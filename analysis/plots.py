@@ -62,8 +62,8 @@ def plot_fronts(
 
     `fronts` maps a label (sweep or strategy) to its table with columns x, y and a boolean `pareto`. Where the table
     has the noise columns (front.noise_columns) each trial gets error bars on both axes (`acc_lo`/`acc_hi` for an
-    accuracy, `<metric>_lo`/`_hi` otherwise), the `dominated` ones are faded and the early-`stopped` ones grey crosses; `bands` maps a label to the
-    baseline's interval on the y axis, drawn as a band.
+    accuracy, `<metric>_lo`/`_hi` otherwise), the `dominated` ones are faded and the early-`stopped` ones are grey
+    crosses; `bands` maps a label to the baseline's interval on the y axis, drawn as a band.
     """
     fig, ax = plt.subplots(figsize=(10, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

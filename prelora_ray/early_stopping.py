@@ -14,7 +14,10 @@ What a rung compares (docs/sweeps.md, "Early stopping", states it for users):
   McNemar does), intervals disjoint or not (`compare_interval`); with no trunk record at either epoch, they are
   `indistinguishable`: nothing is decided on evidence that is not there.
 * The trunk at the trial's epoch is a reference row with speed-up exactly 1 (full training against itself).
-* Speed-up: intervals disjoint or not (`significance.compare_speedup`).
+* Speed-up: `better` only when one interval lies above the other by more than `speed_margin` (relative, default
+  5%). The calibration interval is the spread of one trial's rounds; two trials of the same compute measured at
+  different moments differ by more than that (a sweep of identical models showed disjoint intervals 1% apart), and
+  `benchmarks/speedup_robustness.py` moves the measure by up to 2.5% under contention.
 * A row is *certainly dominated* when another row (a trial at the rung, or the trunk) is `better` in one objective
   and not `worse` in the other, each accuracy test at alpha / (the number of rows it is compared with)
   (Bonferroni: a trial is never stopped because one of many comparisons came out unlucky).
@@ -40,7 +43,7 @@ if TYPE_CHECKING:  # numpy only where rows are compared: search_space imports th
 
 TYPES = ("mo-asha",)
 RUNGS_FROM = ("fork", "start")
-FIELDS = ("type", "rungs", "rungs_from", "reduction_factor", "grace_epochs", "min_trials")
+FIELDS = ("type", "rungs", "rungs_from", "reduction_factor", "grace_epochs", "min_trials", "speed_margin")
 TRUNK = "trunk"  # the name of the trunk's reference row in a decision
 NOT_LORA_PHASES = ("full", "warmup")  # phases in which a trial is never judged (full training, PreLoRA's warmup)
 
@@ -55,6 +58,7 @@ class EarlyStopping:
     reduction_factor: float = 3.0
     grace_epochs: int = 1
     min_trials: int = 3
+    speed_margin: float = 0.05  # speed-ups differ only when their intervals are apart by more than this (relative)
 
     def rung_epochs(self, forked_from: int) -> list[int]:
         """The 0-based epoch index of each rung for a trial that started training at `forked_from` (-1 or 0: not a
@@ -71,6 +75,7 @@ class EarlyStopping:
             "reduction_factor": self.reduction_factor,
             "grace_epochs": self.grace_epochs,
             "min_trials": self.min_trials,
+            "speed_margin": self.speed_margin,
         }
 
 
@@ -114,6 +119,9 @@ def parse_early_stopping(raw: Any, key: str = "early_stopping") -> EarlyStopping
     min_trials = raw.get("min_trials", defaults.min_trials)
     if not _int(min_trials) or min_trials < 1:
         raise ValueError(f"{key}.min_trials: must be an integer >= 1, got {min_trials!r}")
+    margin = raw.get("speed_margin", defaults.speed_margin)
+    if not isinstance(margin, int | float) or isinstance(margin, bool) or not 0 <= margin < 1:
+        raise ValueError(f"{key}.speed_margin: must be a number in [0, 1) (a relative difference), got {margin!r}")
     return EarlyStopping(
         type=kind,
         rungs=tuple(rungs),
@@ -121,6 +129,7 @@ def parse_early_stopping(raw: Any, key: str = "early_stopping") -> EarlyStopping
         reduction_factor=float(eta),
         grace_epochs=grace,
         min_trials=min_trials,
+        speed_margin=float(margin),
     )
 
 
@@ -246,13 +255,16 @@ def _accuracy_verdict(y: RungRow, x: RungRow, trunk_hits: TrunkHits, alpha: floa
     return compare_interval(gy, gx, "max")
 
 
-def _speed_verdict(y: RungRow, x: RungRow) -> str:
-    """Y against X in speed-up: intervals disjoint or not; without an interval on either side, nothing is decided."""
-    from prelora_ray.significance import compare_speedup
-
+def _speed_verdict(y: RungRow, x: RungRow, margin: float) -> str:
+    """Y against X in speed-up: `better` / `worse` only when one's interval lies above the other's by more than
+    `margin` (relative); without an interval on either side, nothing is decided."""
     if any(math.isnan(v) for v in (*y.speedup, *x.speedup)):
         return "indistinguishable"
-    return compare_speedup(y.speedup, x.speedup)
+    if y.speedup[1] > x.speedup[2] * (1 + margin):
+        return "better"
+    if x.speedup[1] > y.speedup[2] * (1 + margin):
+        return "worse"
+    return "indistinguishable"
 
 
 def decide(
@@ -286,7 +298,10 @@ def decide(
     rivals = [*others, *([trunk_row] if trunk_row is not None else [])]
     level = alpha / max(len(rivals), 1)
     for rival in rivals:
-        verdicts = (_accuracy_verdict(rival, candidate, trunk_hits, level), _speed_verdict(rival, candidate))
+        verdicts = (
+            _accuracy_verdict(rival, candidate, trunk_hits, level),
+            _speed_verdict(rival, candidate, rules.speed_margin),
+        )
         if "better" in verdicts and "worse" not in verdicts:
             return Decision(True, rank, n, dominated_by=rival.trial, why=f"dominated by {rival.trial}", ranks=names)
     return Decision(False, rank, n, why=f"rank {rank} of {n} but within noise of every rival", ranks=names)

@@ -586,8 +586,10 @@ def noise_line(table: pd.DataFrame) -> str:
     n = int(table[M.VAL_N].dropna().max())
     counts = trials[VERDICT].value_counts()
     plausible = int((trials[FRONT] == "plausible").sum())
+    stopped = int((trials[FRONT] == "stopped").sum())
     return (
         f"noise: one image is {100 / n:.2f} points of accuracy (val_n {n}); against the baseline "
         f"{counts.get('indistinguishable', 0)} trials indistinguishable, {counts.get('better', 0)} better, "
         f"{counts.get('worse', 0)} worse; {plausible} of {len(trials)} plausible (not surely dominated)"
+        + (f", {stopped} stopped early (at a rung: their verdicts are the rung's)" if stopped else "")
     )

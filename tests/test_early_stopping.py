@@ -74,6 +74,8 @@ def test_absent_is_off_and_defaults_fill_a_minimal_section():
         ({"type": "mo-asha", "min_trials": 0}, "early_stopping.min_trials"),
         ({"type": "mo-asha", "rungs_from": "switch"}, "early_stopping.rungs_from"),
         ({"type": "mo-asha", "patience": 3}, "early_stopping.patience"),
+        ({"type": "mo-asha", "speed_margin": -0.1}, "early_stopping.speed_margin"),
+        ({"type": "mo-asha", "speed_margin": 1.0}, "early_stopping.speed_margin"),
         ("mo-asha", "early_stopping"),
     ],
 )
@@ -162,6 +164,20 @@ def test_a_faster_trial_is_not_stopped_by_a_more_accurate_slower_one():
     fast = row("fast", 300, 1.6, first=50)  # far less accurate, but certainly faster: a trade-off, on the front
     decision = decide(fast, rows, no_trunk, RULES)
     assert decision.rank == 0 and not decision.stop
+
+
+def test_speed_ups_differ_only_beyond_the_margin():
+    # as measured in a sweep of one model with three LoRA learning rates: equal accuracy, disjoint intervals 1% apart
+    a = RungRow("a", 5, 0.6639, hits(239), (1.001, 1.0, 1.003))
+    c = RungRow("c", 5, 0.6694, hits(241, first=2), (0.988, 0.985, 0.991))
+    b = RungRow("b", 5, 0.6639, hits(239, first=1), (0.993, 0.989, 0.997))
+    rules = EarlyStopping(reduction_factor=2, min_trials=2)
+    assert not decide(b, [a, c], no_trunk, rules).stop
+    assert decide(b, [a, c], no_trunk, EarlyStopping(reduction_factor=2, min_trials=2, speed_margin=0)).stop
+    # a certainly slower trial of the same accuracy is dominated
+    slow = RungRow("slow", 5, 0.6639, hits(239, first=1), (0.80, 0.79, 0.81))
+    decision = decide(slow, [a, c], no_trunk, rules)
+    assert decision.stop and decision.dominated_by in ("a", "c")
 
 
 def test_the_accuracy_tests_are_bonferroni_corrected_over_the_rivals():

@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import binomtest
 
 from prelora_ray import metrics as M
-from prelora_ray.front import NOISE_COLUMNS, format_front, sweep_table
+from prelora_ray.front import NOISE_COLUMNS, format_front, noise_line, sweep_table
 from prelora_ray.orchestration.results import check_pick, pick_row
 from prelora_ray.orchestration.scan import check_scan_pick, pick_switch_epoch
 
@@ -215,3 +215,22 @@ def test_the_scan_picture_draws_intervals_bands_and_faded_points(tmp_path):
     ]
     path = S.plot_scan({**trunk, "acc_lo": 0.95, "acc_hi": 0.985}, rows, [], tmp_path / "scan.png")
     assert path.stat().st_size > 10_000
+
+
+def test_an_early_stopped_trial_is_a_row_off_the_front_never_picked_and_never_a_dominator():
+    fast = IMAGES >= 5  # more accurate than every other trial and the fastest: it would dominate them all
+    runs = pd.DataFrame(
+        [
+            _run("baseline", "baseline", HITS["baseline"], 1.0, (1.0, 1.0, 1.0)),
+            _run("same", "trial", HITS["same"], 0.70, (1.30, 1.25, 1.35)),
+            _run("slow", "trial", HITS["same"], 0.90, (1.05, 1.00, 1.10)),
+            {**_run("stopped", "trial", fast, 0.40, (2.0, 1.95, 2.05)), f"tags.{M.EARLY_STOPPED_TAG}": "true"},
+        ]
+    )
+    table = by_run(sweep_table(runs, OBJECTIVES, hits=HITS | {"slow": HITS["same"], "stopped": fast}))
+    assert table["stopped"]["front"] == "stopped" and not table["stopped"][M.PARETO_TAG]
+    assert table["same"]["front"] == "plausible" and table["slow"]["front"] == "dominated"
+    whole = sweep_table(runs, OBJECTIVES, hits=HITS | {"slow": HITS["same"], "stopped": fast})
+    for pick in ("knee", "max-acc", "fastest-not-worse"):
+        assert pick_row(whole, OBJECTIVES, pick, hits=HITS | {"stopped": fast})["run_id"] != "stopped"
+    assert "1 stopped early" in noise_line(whole)

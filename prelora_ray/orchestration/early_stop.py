@@ -3,8 +3,8 @@
 The rule is prelora_ray/early_stopping.py's (pure, unit-tested without Ray); this module is its Ray side. At each
 rung a trial reaches (its report of that epoch), the scheduler judges it against the trials that reached the rung
 before it and against the trunk at the same epoch (read from the trunk's records), records the row and the decision
-in `<storage>/<sweep>/early_stopping.json` (so a resumed driver takes the same decisions: a trial is judged once per
-rung, and a decision read back is replayed, never taken again), and returns STOP for a trial that must stop.
+in `<storage>/<sweep>/early_stopping/decisions.json` (so a resumed driver takes the same decisions: a trial is judged
+once per rung, and a decision read back is replayed, never taken again), and returns STOP for a trial that must stop.
 
 A stopped trial:
 * its Optuna trial is told PRUNED (no values: TPE counts it among the worst, NSGA-II ignores it) with the rung epoch
@@ -30,11 +30,13 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from prelora_ray import metrics as M
 from prelora_ray import tracking
-from prelora_ray.early_stopping import TRUNK, Decision, EarlyStopping, RungRow, decide, judgeable
+from prelora_ray.early_stopping import TRUNK, EarlyStopping, RungRow, decide, judgeable
 from prelora_ray.orchestration.sweep import Sweep
 
 log = logging.getLogger("prelora_ray")
-RECORD = "early_stopping.json"
+# in a folder of its own: Ray Tune copies the experiment folder's top-level .json/.pkl files down when it restores
+# and back up with its snapshots, which would put a restored driver's stale copy over newer decisions
+RECORD = ("early_stopping", "decisions.json")
 STOPPED_ATTR = "early_stopped_epoch"  # on the Optuna trial
 
 
@@ -60,7 +62,7 @@ class ParetoRungScheduler(FIFOScheduler):
 
     # -- the record on storage --------------------------------------------------------------------------
     def _file(self):
-        return self.sweep.folder / RECORD
+        return self.sweep.folder / RECORD[0] / RECORD[1]
 
     def record(self) -> dict[str, Any]:
         """The rows and decisions so far: {"rungs": {rung: [row]}, "decisions": {trial: {rung: decision}}}."""
@@ -106,7 +108,11 @@ class ParetoRungScheduler(FIFOScheduler):
         record = self.record()
         past = record["decisions"].get(trial_id, {}).get(rung)
         if past is not None:  # a resumed driver: the decision taken before, not a new one
-            return TrialScheduler.STOP if past["stop"] else TrialScheduler.CONTINUE
+            if not past["stop"]:
+                return TrialScheduler.CONTINUE
+            # the driver died between the decision and Ray Tune's snapshot: the trial came back; end it as decided
+            self._stopped(trial, result, _row(trial_id, epoch, result), past["dominated_by"], past["rows"], int(rung))
+            return TrialScheduler.STOP
         if not judgeable(result, self.rules.grace_epochs):
             return TrialScheduler.CONTINUE
         row = _row(trial_id, epoch, result)
@@ -124,7 +130,7 @@ class ParetoRungScheduler(FIFOScheduler):
         self._save()
         if not decision.stop:
             return TrialScheduler.CONTINUE
-        self._stopped(trial, result, row, decision, int(rung))
+        self._stopped(trial, result, row, decision.dominated_by, decision.rows, int(rung))
         return TrialScheduler.STOP
 
     def debug_string(self) -> str:
@@ -132,11 +138,23 @@ class ParetoRungScheduler(FIFOScheduler):
         return f"Using MO-ASHA over forked segments: {stops} trials stopped"
 
     # -- a stop -----------------------------------------------------------------------------------------
-    def _stopped(self, trial: Any, result: dict[str, Any], row: RungRow, decision: Decision, rung: int) -> None:
-        """Tell the console, Optuna and MLflow (each step on its own: one failing does not undo the others)."""
+    def _stopped(
+        self, trial: Any, result: dict[str, Any], row: RungRow, dominated_by: str | None, rows: int, rung: int
+    ) -> None:
+        """Tell the console, Optuna and MLflow, once (a replayed decision whose run is already ended so says nothing);
+        each step on its own: one failing does not undo the others."""
         run_name = f"{self.sweep.name}_{trial.trial_id}"
-        by = decision.dominated_by or "?"
+        by = dominated_by or "?"
         rival = "the trunk at the same epoch" if by == TRUNK else f"{self.sweep.name}_{by}"
+        try:
+            prune_optuna_trial(self.sweep, str(trial.trial_id), row.epoch)
+        except Exception as exc:  # the study's storage down: the searcher's on_trial_complete still ends it
+            log.warning("trial %s: could not mark its Optuna trial pruned (%s)", run_name, exc)
+        try:
+            if not finish_stopped_run(self.sweep, run_name, result, row, rival):
+                return
+        except Exception as exc:  # MLflow down: the sweep's end marks the run (mark_lost_trials)
+            log.warning("trial %s: could not end its MLflow run as early-stopped (%s)", run_name, exc)
         log.info(
             "trial %s stopped at epoch %d (rung %d, %d epochs trained): val_acc %.4f, speed-up %.2f; "
             "dominated by %s (%d trials at the rung)",
@@ -147,16 +165,8 @@ class ParetoRungScheduler(FIFOScheduler):
             row.acc,
             row.speedup[0],
             rival,
-            decision.rows,
+            rows,
         )
-        try:
-            prune_optuna_trial(self.sweep, str(trial.trial_id), row.epoch)
-        except Exception as exc:  # the study's storage down: the searcher's on_trial_complete still ends it
-            log.warning("trial %s: could not mark its Optuna trial pruned (%s)", run_name, exc)
-        try:
-            finish_stopped_run(self.sweep, run_name, result, row, rival)
-        except Exception as exc:  # MLflow down: the sweep's end marks the run (mark_lost_trials)
-            log.warning("trial %s: could not end its MLflow run as early-stopped (%s)", run_name, exc)
 
 
 def _row(trial_id: str, epoch: int, result: dict[str, Any]) -> RungRow:
@@ -190,16 +200,17 @@ def prune_optuna_trial(sweep: Sweep, trial_id: str, epoch: int) -> None:
             return
 
 
-def finish_stopped_run(sweep: Sweep, run_name: str, result: dict[str, Any], row: RungRow, rival: str) -> None:
-    """The trial's MLflow run, FINISHED as early-stopped: tags, its metrics at the rung, val_correct.npy."""
+def finish_stopped_run(sweep: Sweep, run_name: str, result: dict[str, Any], row: RungRow, rival: str) -> bool:
+    """The trial's MLflow run, FINISHED as early-stopped: tags, its metrics at the rung, val_correct.npy. False when
+    it had been ended so before (or has no run)."""
     import numpy as np
 
     run_id = tracking.find_run(sweep.tracking_uri, sweep.experiment_id, run_name)
     if run_id is None:
-        return
+        return False
     tags = tracking.run_tags(sweep.tracking_uri, run_id)
     if tags.get(M.EARLY_STOPPED_TAG) == "true":  # ended so before (a resumed driver replaying the decision)
-        return
+        return False
     numbers = {
         k: float(v)
         for k, v in result.items()
@@ -222,6 +233,7 @@ def finish_stopped_run(sweep: Sweep, run_name: str, result: dict[str, Any], row:
         },
     )
     tracking.end_run(sweep.tracking_uri, run_id, "FINISHED")
+    return True
 
 
 _SUMMARY_KEYS = (

@@ -56,7 +56,6 @@ class TaggedOptunaSearch(OptunaSearch):
             trials[trial_id].set_user_attr(SWEEP_ATTR, getattr(self, "sweep_instance", None))
         return config
 
-
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """As OptunaSearch, but a trial the early-stopping scheduler already told the study about (PRUNED) is left as
         it is: telling it again would fail and print a warning."""
