@@ -18,9 +18,11 @@ What a rung compares (docs/sweeps.md, "Early stopping", states it for users):
   5%). The calibration interval is the spread of one trial's rounds; two trials of the same compute measured at
   different moments differ by more than that (a sweep of identical models showed disjoint intervals 1% apart), and
   `benchmarks/speedup_robustness.py` moves the measure by up to 2.5% under contention.
-* A row is *certainly dominated* when another row (a trial at the rung, or the trunk) is `better` in one objective
-  and not `worse` in the other, each accuracy test at alpha / (the number of rows it is compared with)
-  (Bonferroni: a trial is never stopped because one of many comparisons came out unlucky).
+* A row is *certainly dominated* when another row (a trial at the rung, or the trunk) is `better` in accuracy and
+  not `worse` in speed-up, each accuracy test at alpha / (the number of rows it is compared with) (Bonferroni: a
+  trial is never stopped because one of many comparisons came out unlucky). Speed alone never stops a trial: one
+  as accurate as the best may be the one a user wants, and a sweep of the quickstart space stopped two such trials
+  for being surely slower before this rule (benchmarks/sweep_cost.py).
 * Its *rank* is its non-dominated front on the point values (accuracy gap to the trunk, or accuracy where every row
   is at one epoch; speed-up): 0 for rows no other row dominates, 1 for those only rank-0 rows dominate, and so on.
   It is in the *worst fraction* when at least ceil(n / reduction_factor) of the n rows have a better rank.
@@ -302,6 +304,6 @@ def decide(
             _accuracy_verdict(rival, candidate, trunk_hits, level),
             _speed_verdict(rival, candidate, rules.speed_margin),
         )
-        if "better" in verdicts and "worse" not in verdicts:
+        if verdicts[0] == "better" and verdicts[1] != "worse":
             return Decision(True, rank, n, dominated_by=rival.trial, why=f"dominated by {rival.trial}", ranks=names)
     return Decision(False, rank, n, why=f"rank {rank} of {n} but within noise of every rival", ranks=names)
