@@ -100,14 +100,16 @@ class ParetoRungScheduler(FIFOScheduler):
         if M.EPOCH not in result or M.VAL_HITS not in result:  # the trial's closing report, or a run without hits
             return TrialScheduler.CONTINUE
         epoch = int(result[M.EPOCH])
-        rungs = self.rules.rung_epochs(int(result.get("forked_from", -1)))
-        if epoch not in rungs:
+        passed = [i for i, e in enumerate(self.rules.rung_epochs(int(result.get("forked_from", -1)))) if e <= epoch]
+        if not passed:
             return TrialScheduler.CONTINUE
-        rung = str(rungs.index(epoch))
+        # the last rung it has reached: judged there, or (a rung that came during its warmup or grace) at its first
+        # judgeable epoch after it; a rung passed while a later one is due is not judged on its own
+        rung = str(passed[-1])
         trial_id = str(trial.trial_id)
         record = self.record()
         past = record["decisions"].get(trial_id, {}).get(rung)
-        if past is not None:  # a resumed driver: the decision taken before, not a new one
+        if past is not None:
             if not past["stop"]:
                 return TrialScheduler.CONTINUE
             # the driver died between the decision and Ray Tune's snapshot: the trial came back; end it as decided
