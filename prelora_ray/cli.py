@@ -255,13 +255,31 @@ def _scan_parser(sub: argparse._SubParsersAction) -> None:
         choices=("ray_train", "tune"),
         help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train",
     )
+    p.add_argument(
+        "--repeats",
+        default="1",
+        help="data-order seeds per point and for the trunk's continuation (default 1: no repeats); "
+        "scan.csv then holds each point's mean accuracy and its interval across seeds",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def repeats_option(text: str) -> int:
+    """--repeats as an integer >= 1, or a one-line error naming it."""
+    from prelora_ray.significance import check_repeats
+
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    return check_repeats(value, "--repeats")
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Validate config, candidates and grid; then trunk, forks, replay; print the table."""
     from prelora_ray import scan
 
+    repeats = repeats_option(args.repeats)
     cfg = TrainSettings.load(args.config, args.overrides)
     cfg = cfg.replace(**{"strategy": "prelora", "prelora.switch_at_epoch": None})
     candidates = scan.candidate_epochs(cfg, every=args.every, epochs=args.epochs)
@@ -276,6 +294,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         trial_executor=args.trial_executor,
         verbose=args.verbose,
+        repeats=repeats,
     )
     log.info(
         "scan %s: switch epochs %s of %d, %s, MLflow %s",
