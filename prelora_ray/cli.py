@@ -277,7 +277,7 @@ def repeats_option(text: str) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Validate config, candidates and grid; then trunk, forks, replay; print the table."""
-    from prelora_ray import scan
+    from prelora_ray import fork, scan
 
     repeats = repeats_option(args.repeats)
     cfg = TrainSettings.load(args.config, args.overrides)
@@ -310,6 +310,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         "speedup = trunk epoch time / point epoch time):"
     )
     print(scan.format_table(result["trunk"], result["rows"], result["landings"]))
+    if sweep.space.repeats > 1:
+        print(
+            f"final_acc: the mean over {sweep.space.repeats} data-order seeds (the trunk's: its continuation from "
+            f"epoch {fork.repeat_fork_epoch(sweep.space.base, 1)}); scan.csv has each row's interval across seeds "
+            "(acc_lo, acc_hi), spread (val_acc_sd), and p and verdict against the trunk's repeats, paired per seed"
+        )
     if result["failed"]:
         print(
             f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; "

@@ -29,6 +29,7 @@ from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
 from prelora_ray.orchestration.forking import _reuse, set_fork_tags, train_fork
+from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, prepare_run
 from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_config, trunk_dir
@@ -82,6 +83,7 @@ def trial_repeats(
     """Train (or find) the trial's repeats 1..N-1 after its own run; returns its summary with the mean accuracy."""
     accuracies = [float(summary.get(M.FINAL_VAL_ACC, math.nan))]
     for repeat in range(1, sweep.space.repeats):
+        apply_console(sweep.verbose)  # a run trained in this process leaves its own console settings
         cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
         name = repeat_name(run.name, repeat)
         done = _finished(sweep, name)
@@ -152,11 +154,13 @@ def baseline_repeats(sweep: Sweep, baseline_run_id: str) -> None:
     of = PreparedRun(cfg=cfg, name=name0, tracking_uri=sweep.tracking_uri, mlflow_run_id=baseline_run_id)
     accuracies = [float(history[-1][M.VAL_ACC])] if history else [math.nan]
     for repeat in range(1, sweep.space.repeats):
+        apply_console(sweep.verbose)
         cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
         name = repeat_name(name0, repeat)
         key = baseline_repeat_key(repeat)
         done = _finished(sweep, name)
         if done is not None:
+            log.info("baseline %s: repeat %d (seed %d) finished before; not trained again", name0, repeat, cfg_r.seed)
             accuracies.append(float(done.get(M.FINAL_VAL_ACC, math.nan)))
             if (registry.read(key) or {}).get("state") != "finished":
                 registry.finish(key, name, run_id=done.pop("run_id"), report=done)

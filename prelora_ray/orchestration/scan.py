@@ -192,7 +192,9 @@ def run_scan(
         rows.append(S.point_row(epoch, r.metrics or {}, trunk[M.MEAN_EPOCH_TIME_S]))
     rows += earlier_points(sweep, set(candidates), trunk[M.MEAN_EPOCH_TIME_S])
     landings = S.grid_landings(space.base, history, grid)
-    _log_parent(sweep, trunk, rows, landings, run.wall_s)
+    table = _log_parent(sweep, trunk, rows, landings, run.wall_s)
+    if M.REPEATS in table:  # the console's trunk row as scan.csv's: its mean over the baseline's repeats
+        trunk = {**trunk, M.FINAL_VAL_ACC: float(table.loc[table["switch_epoch"] < 0, M.FINAL_VAL_ACC].iloc[0])}
     return {"trunk": trunk, "rows": rows, "landings": landings, "failed": failed}
 
 
@@ -282,7 +284,7 @@ def point_run_ids(runs: pd.DataFrame) -> dict[int, str]:
 
 def _log_parent(
     sweep: Sweep, trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]], wall_s: float
-) -> None:
+) -> pd.DataFrame:
     uri, parent = sweep.tracking_uri, sweep.parent_run_id
     runs = tracking.runs(uri, sweep.experiment_id, parent=parent)
     hits = run_hits(uri, runs)
@@ -317,6 +319,7 @@ def _log_parent(
         },
     )
     tracking.end_run(uri, parent, "FINISHED")
+    return table
 
 
 def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings, pd.DataFrame, pd.DataFrame]:
