@@ -616,6 +616,7 @@ def format_front(table: pd.DataFrame) -> str:
         M.SWITCH_EPOCH,
         M.FINAL_VAL_ACC,
         *([ACC_LO, ACC_HI, VERDICT] if _any(shown, VERDICT) else []),
+        *([M.REPEATS, M.VAL_ACC_SD] if M.REPEATS in shown else []),
         M.MEAN_EPOCH_TIME_S,
         "speedup",
         *([SPEEDUP_LO, SPEEDUP_HI] if _any(shown, SPEEDUP_LO) else []),

@@ -329,3 +329,70 @@ def test_the_same_scan_again_trains_no_finished_repeat(repeated_scan):
     assert sorted(after) == sorted(before)  # no new repeat run
     for name in (f"rs_switch{POINT:03d}_rep1", "rs_baseline_rep1"):
         assert after[name].info.end_time == before[name].info.end_time, name
+
+
+# -- one real fork sweep with two repeats ------------------------------------------------------------------
+
+SWEEP = {
+    "name": "rsw",
+    "base": {
+        "epochs": 5,
+        "deterministic": True,
+        "prelora": {"k": 2, "m": 1, "warmup": 1},
+        "cluster": {"num_workers": 1, "cpus_per_worker": 1},
+        "model": {"preset": "vit-digits"},
+    },
+    "parameters": {
+        "strategy": {"type": "categorical", "values": ["prelora", "full"]},
+        "prelora.switch_at_epoch": {"type": "categorical", "values": [1, 2], "when": {"strategy": "prelora"}},
+    },
+    "objectives": [{"metric": "final_val_acc", "mode": "max"}, {"metric": "speedup", "mode": "max"}],
+    "sampler": {"type": "random", "seed": 0},  # draws a full trial (the trunk's result) and a prelora one
+    "num_samples": 2,
+    "max_concurrent": 1,
+    "trial_executor": "tune",
+    "repeats": 2,
+}
+
+
+@pytest.mark.slow
+def test_a_fork_sweep_with_two_repeats_tells_optuna_the_mean_and_pairs_its_table_per_seed(tmp_path):
+    import optuna
+
+    from prelora_ray.sweep_record import load_sweep
+    from tests.sweeps import run_tune, sweep_runs, val_correct
+
+    (tmp_path / "rsw.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
+    proc = run_tune(tmp_path, str(tmp_path / "rsw.yaml"))
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-3000:]
+    client, parent, children = sweep_runs(tmp_path, "rsw")
+    every = {r.info.run_name: r for r in client.search_runs([parent.info.experiment_id], "", max_results=100)}
+    trials = {c.data.params["strategy"]: c for c in children if c.data.tags[M.ROLE_TAG] == "trial"}
+    assert sorted(trials) == ["full", "prelora"]
+    base, base_rep = every["rsw_baseline"], every["rsw_baseline_rep1"]
+    full_rep = every[f"{trials['full'].info.run_name}_rep1"]
+    assert full_rep.data.tags[M.FORK_REUSED_TAG] == base_rep.info.run_id  # the trunk's result: the baseline's repeat
+    assert (val_correct(client, full_rep) == val_correct(client, base_rep)).all()
+    study = optuna.load_study(study_name="rsw", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    told = {t.params["strategy"]: t.values[0] for t in study.trials}
+    pareto = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))).set_index("run_id")
+    base_seeds = {0: val_correct(client, base), 1: val_correct(client, base_rep)}
+    for strategy, trial in trials.items():
+        rep = every[f"{trial.info.run_name}_rep1"]
+        assert rep.data.tags["mlflow.parentRunId"] == trial.info.run_id and rep.data.params["seed"] == "1"
+        mean = np.mean([trial.data.metrics[M.FINAL_VAL_ACC], rep.data.metrics[M.FINAL_VAL_ACC]])
+        assert told[strategy] == pytest.approx(mean)  # Optuna is told the mean over the repeats
+        row = pareto.loc[trial.info.run_id]
+        assert row[M.FINAL_VAL_ACC] == pytest.approx(mean) and row[M.REPEATS] == 2
+        seeds = {0: val_correct(client, trial), 1: val_correct(client, rep)}
+        assert row[P_VS_BASELINE] == pytest.approx(compare_repeated(seeds, base_seeds).p)
+        _, lo, hi = _stats_here(list(seeds.values()))
+        assert (row[ACC_LO], row[ACC_HI]) == (pytest.approx(lo), pytest.approx(hi))
+    assert pareto.loc[base.info.run_id, M.FINAL_VAL_ACC] == pytest.approx(
+        np.mean([base.data.metrics[M.FINAL_VAL_ACC], base_rep.data.metrics[M.FINAL_VAL_ACC]])
+    )
+    record = load_sweep(f"sqlite:///{tmp_path / 'mlflow.db'}", "prelora-ray", "rsw")  # `best`, `pareto`, analysis/
+    again = record.table.set_index("run_id")
+    for column in (M.FINAL_VAL_ACC, ACC_LO, ACC_HI, P_VS_BASELINE, M.VAL_ACC_SD):
+        assert again[column].to_dict() == pytest.approx(pareto[column].to_dict(), nan_ok=True), column
