@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -19,10 +20,19 @@ from typing import Any
 from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.orchestration.repeats import (
+    baseline_repeat_key,
+    finished_run,
+    prepare_repeat,
+    repeat_name,
+    with_mean,
+)
 from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
 from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_dir
 from prelora_ray.orchestration.worker_spec import ForkFrom
+from prelora_ray.significance import repeat_seed
 
 log = logging.getLogger("prelora_ray")
 PROGRESS_EVERY_S = 30.0
@@ -145,8 +155,6 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     run, plan, history, summary = _fork_trial(sweep, cfg, run_name, tags)
     if sweep.space.repeats <= 1:
         return summary
-    from prelora_ray.orchestration.repeats import trial_repeats
-
     return trial_repeats(sweep, cfg, run, plan, history, summary)
 
 
@@ -228,6 +236,57 @@ def train_fork(
 
     registry.finish(key, run.name, run_id=run.mlflow_run_id, report=final_report(summary))
     return summary
+
+
+def trial_repeats(
+    sweep: Sweep,
+    cfg: TrainSettings,
+    run: PreparedRun,
+    plan: fork.ForkPlan,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Train (or find) the trial's repeats 1..N-1 after its own run; returns its summary with the mean accuracy."""
+    accuracies = [float(summary.get(M.FINAL_VAL_ACC, math.nan))]
+    for repeat in range(1, sweep.space.repeats):
+        apply_console(sweep.verbose)  # a run trained in this process leaves its own console settings
+        cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
+        name = repeat_name(run.name, repeat)
+        done = finished_run(sweep, name)
+        if done is not None:
+            log.info("trial %s: repeat %d (seed %d) finished before; not trained again", run.name, repeat, cfg_r.seed)
+            accuracies.append(float(done.get(M.FINAL_VAL_ACC, math.nan)))
+            continue
+        rep = prepare_repeat(sweep, cfg_r, name, run, repeat)
+        set_fork_tags(rep, plan, fork.read_status(trunk_dir(sweep)).get("run_id", ""))
+        log.info("trial %s: repeat %d of %d (seed %d)", run.name, repeat, sweep.space.repeats - 1, cfg_r.seed)
+        try:
+            if plan.never:  # the trial is the trunk: its repeats are the baseline's
+                result = _reuse(rep, name, wait_for_baseline_repeat(sweep, repeat))
+            elif plan.mode == "scratch":
+                tracking.set_tags(rep.tracking_uri, rep.mlflow_run_id, {M.FORK_EPOCH_TAG: "0"})
+                result = fit_sweep_run(sweep, rep, in_trial=False, tune_callback=False)
+            else:
+                result = train_fork(sweep, cfg_r, rep, plan, history, in_trial=False, reseed=True)
+        except BaseException as exc:  # the trial fails with it (its own run stays FINISHED); --resume retries it
+            end_run(rep, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+        accuracies.append(float(result.get(M.FINAL_VAL_ACC, math.nan)))
+    return with_mean(sweep, run, summary, accuracies)
+
+
+def wait_for_baseline_repeat(sweep: Sweep, repeat: int) -> dict[str, Any]:
+    """The baseline's repeat `repeat` once the trunk's task has trained it (its registry record), or TrunkFailed."""
+    registry = fork.ResultRegistry(trunk_dir(sweep) / "results")
+    while True:
+        record = registry.read(baseline_repeat_key(repeat))
+        if record is not None and record.get("state") == "finished":
+            return record
+        if record is not None and record.get("state") == "failed":
+            raise TrunkFailed(f"the baseline's repeat {repeat} failed: {record.get('error')}")
+        if fork.read_status(trunk_dir(sweep)).get("state") == "failed":
+            raise TrunkFailed(f"the trunk {sweep.name}_baseline failed before its repeat {repeat}")
+        time.sleep(POLL_S)
 
 
 def with_event_defaults(history: list[dict[str, Any]], cfg: TrainSettings) -> list[dict[str, Any]]:

@@ -10,6 +10,9 @@ repeat r is full training forked from the trunk's checkpoint at `fork.repeat_for
 after the trunk in the trunk's own Ray task, so a trial's repeat r and the baseline's share their seed (paired per
 seed: `significance.compare_repeated`).
 
+This module holds the repeats' runs and the baseline's side (called by orchestration/trunk.py); a trial's side is
+`forking.trial_repeats`.
+
 Each repeat is an MLflow run nested under the run it repeats (`<run>_rep<r>`, role `repeat`, tags
 `prelora.repeat`, `prelora.repeat_seed`, `prelora.repeat_of`). A repeat goes through the same result registry as
 trials (its reuse key holds its seed), so twin trials train each repeat once; a finished repeat is never trained
@@ -22,19 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from typing import Any
 
 from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
-from prelora_ray.orchestration.forking import _reuse, set_fork_tags, train_fork
 from prelora_ray.orchestration.ray_hooks import apply_console
 from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, prepare_run
-from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_config, trunk_dir
 from prelora_ray.orchestration.worker_spec import ForkFrom
 from prelora_ray.significance import repeat_seed
+from prelora_ray.storage import Location
 
 log = logging.getLogger("prelora_ray")
 
@@ -49,7 +50,7 @@ def baseline_repeat_key(repeat: int) -> str:
     return f"baseline-rep{repeat}"
 
 
-def _finished(sweep: Sweep, name: str) -> dict[str, Any] | None:
+def finished_run(sweep: Sweep, name: str) -> dict[str, Any] | None:
     """The metrics of the FINISHED run `name` (a repeat trained before a resume), or None."""
     run_id = tracking.find_run(sweep.tracking_uri, sweep.experiment_id, name, status="FINISHED")
     if run_id is None:
@@ -57,7 +58,7 @@ def _finished(sweep: Sweep, name: str) -> dict[str, Any] | None:
     return {**tracking.run_metrics(sweep.tracking_uri, run_id), "run_id": run_id}
 
 
-def _prepare_repeat(sweep: Sweep, cfg: TrainSettings, name: str, of: PreparedRun, repeat: int) -> PreparedRun:
+def prepare_repeat(sweep: Sweep, cfg: TrainSettings, name: str, of: PreparedRun, repeat: int) -> PreparedRun:
     """The repeat's MLflow run, nested under the run it repeats."""
     return prepare_run(
         sweep.run_config(cfg, name),
@@ -72,39 +73,6 @@ def _prepare_repeat(sweep: Sweep, cfg: TrainSettings, name: str, of: PreparedRun
     )
 
 
-def trial_repeats(
-    sweep: Sweep,
-    cfg: TrainSettings,
-    run: PreparedRun,
-    plan: fork.ForkPlan,
-    history: list[dict[str, Any]],
-    summary: dict[str, Any],
-) -> dict[str, Any]:
-    """Train (or find) the trial's repeats 1..N-1 after its own run; returns its summary with the mean accuracy."""
-    accuracies = [float(summary.get(M.FINAL_VAL_ACC, math.nan))]
-    for repeat in range(1, sweep.space.repeats):
-        apply_console(sweep.verbose)  # a run trained in this process leaves its own console settings
-        cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
-        name = repeat_name(run.name, repeat)
-        done = _finished(sweep, name)
-        if done is not None:
-            log.info("trial %s: repeat %d (seed %d) finished before; not trained again", run.name, repeat, cfg_r.seed)
-            accuracies.append(float(done.get(M.FINAL_VAL_ACC, math.nan)))
-            continue
-        rep = _prepare_repeat(sweep, cfg_r, name, run, repeat)
-        set_fork_tags(rep, plan, fork.read_status(trunk_dir(sweep)).get("run_id", ""))
-        log.info("trial %s: repeat %d of %d (seed %d)", run.name, repeat, sweep.space.repeats - 1, cfg_r.seed)
-        if plan.never:  # the trial is the trunk: its repeats are the baseline's
-            result = _reuse(rep, name, wait_for_baseline_repeat(sweep, repeat))
-        elif plan.mode == "scratch":
-            tracking.set_tags(rep.tracking_uri, rep.mlflow_run_id, {M.FORK_EPOCH_TAG: "0"})
-            result = fit_sweep_run(sweep, rep, in_trial=False, tune_callback=False)
-        else:
-            result = train_fork(sweep, cfg_r, rep, plan, history, in_trial=False, reseed=True)
-        accuracies.append(float(result.get(M.FINAL_VAL_ACC, math.nan)))
-    return with_mean(sweep, run, summary, accuracies)
-
-
 def with_mean(sweep: Sweep, run: PreparedRun, summary: dict[str, Any], accuracies: list[float]) -> dict[str, Any]:
     """The summary Optuna sees: `final_val_acc` the mean over the repeats (`val_acc_sd` their spread, `repeats` N);
     the run it repeats gets them as the metrics val_acc_mean, val_acc_sd and repeats, and the tag prelora.repeats."""
@@ -115,20 +83,6 @@ def with_mean(sweep: Sweep, run: PreparedRun, summary: dict[str, Any], accuracie
         tracking.log_metrics(run.tracking_uri, run.mlflow_run_id, numbers, step=run.cfg.epochs)
         tracking.set_tags(run.tracking_uri, run.mlflow_run_id, {M.REPEATS_TAG: str(len(accuracies))})
     return {**summary, M.FINAL_VAL_ACC: mean, M.VAL_ACC_SD: sd, M.REPEATS: len(accuracies)}
-
-
-def wait_for_baseline_repeat(sweep: Sweep, repeat: int) -> dict[str, Any]:
-    """The baseline's repeat `repeat` once the trunk's task has trained it (its registry record), or TrunkFailed."""
-    registry = fork.ResultRegistry(trunk_dir(sweep) / "results")
-    while True:
-        record = registry.read(baseline_repeat_key(repeat))
-        if record is not None and record.get("state") == "finished":
-            return record
-        if record is not None and record.get("state") == "failed":
-            raise TrunkFailed(f"the baseline's repeat {repeat} failed: {record.get('error')}")
-        if fork.read_status(trunk_dir(sweep)).get("state") == "failed":
-            raise TrunkFailed(f"the trunk {sweep.name}_baseline failed before its repeat {repeat}")
-        time.sleep(POLL_S)
 
 
 def baseline_repeats_done(sweep: Sweep) -> bool:
@@ -142,11 +96,10 @@ def baseline_repeats_done(sweep: Sweep) -> bool:
     )
 
 
-def baseline_repeats(sweep: Sweep, baseline_run_id: str) -> None:
-    """In the trunk's task, after the trunk: the baseline's repeats 1..N-1, full training forked from the trunk's
-    checkpoint at `fork.repeat_fork_epoch` with seed + r, each recorded for the trials that take the trunk's result."""
-    folder = trunk_dir(sweep)
-    cfg = trunk_config(sweep.space.base)
+def baseline_repeats(sweep: Sweep, baseline_run_id: str, folder: Location, cfg: TrainSettings) -> None:
+    """In the trunk's task, after the trunk (its records in `folder`, its config `cfg`): the baseline's repeats 1..N-1,
+    full training forked from the trunk's checkpoint at `fork.repeat_fork_epoch` with seed + r, each recorded in the
+    result registry for the trials that take the trunk's result (orchestration/forking.py waits on it)."""
     epoch = fork.repeat_fork_epoch(cfg, sweep.space.fork_every)
     history = fork.read_history(folder)
     registry = fork.ResultRegistry(folder / "results")
@@ -158,14 +111,14 @@ def baseline_repeats(sweep: Sweep, baseline_run_id: str) -> None:
         cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
         name = repeat_name(name0, repeat)
         key = baseline_repeat_key(repeat)
-        done = _finished(sweep, name)
+        done = finished_run(sweep, name)
         if done is not None:
             log.info("baseline %s: repeat %d (seed %d) finished before; not trained again", name0, repeat, cfg_r.seed)
             accuracies.append(float(done.get(M.FINAL_VAL_ACC, math.nan)))
             if (registry.read(key) or {}).get("state") != "finished":
                 registry.finish(key, name, run_id=done.pop("run_id"), report=done)
             continue
-        rep = _prepare_repeat(sweep, cfg_r, name, of, repeat)
+        rep = prepare_repeat(sweep, cfg_r, name, of, repeat)
         log.info("baseline %s: repeat %d (seed %d) forked from the trunk at epoch %d", name0, repeat, cfg_r.seed, epoch)
         tracking.set_tags(
             rep.tracking_uri,

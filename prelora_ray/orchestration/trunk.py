@@ -12,6 +12,7 @@ from typing import Any
 from prelora_ray import fork, tracking
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.orchestration.repeats import baseline_repeats, baseline_repeats_done
 from prelora_ray.orchestration.sweep import Sweep, baseline_task, run_one
 from prelora_ray.orchestration.train import PreparedRun
 from prelora_ray.orchestration.worker_spec import TrunkRecords
@@ -51,13 +52,11 @@ def run_trunk(sweep: Sweep) -> dict[str, Any]:
     else:
         summary = _train_trunk(sweep, folder)
     if sweep.space.repeats > 1:
-        from prelora_ray.orchestration.repeats import baseline_repeats
-
         run_id = fork.read_status(folder).get("run_id") or tracking.find_run(
             sweep.tracking_uri, sweep.experiment_id, f"{sweep.name}_baseline", status="FINISHED"
         )
         try:
-            baseline_repeats(sweep, run_id)
+            baseline_repeats(sweep, run_id, folder, trunk_config(sweep.space.base))
         except Exception as exc:  # the trunk itself is fine: trials fork on; the table pairs what finished
             log.warning("sweep %s: a repeat of the baseline failed: %s: %s", sweep.name, type(exc).__name__, exc)
     return summary
@@ -106,8 +105,6 @@ def start_trunk(sweep: Sweep) -> Any:
             fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
         if sweep.space.repeats <= 1:
             return None
-        from prelora_ray.orchestration.repeats import baseline_repeats_done
-
         if baseline_repeats_done(sweep):
             return None
     if not baseline_done(sweep):  # now, not when the task starts: a failed trunk's old status must not end a wait
