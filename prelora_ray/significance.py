@@ -207,9 +207,15 @@ def check_repeats(value: object, key: str = REPEATS_KEY) -> int:
     return value
 
 
+REPEAT_SEED_STRIDE = 1_000_003
+"""Seeds of successive repeats this far apart: the DistributedSampler seeds epoch e's permutation with seed + e, so with
+seeds one apart repeat 1's epoch e would be repeat 0's epoch e + 1; this far apart no two repeats share an epoch's
+order in any run shorter than a million epochs."""
+
+
 def repeat_seed(seed: int, repeat: int) -> int:
-    """The seed of repeat `repeat` (0: the run's own seed) of a run whose config has `seed`."""
-    return int(seed) + int(repeat)
+    """The seed of repeat `repeat` (0: the run's own seed) of a run whose config has `seed`: seed + repeat * 1000003."""
+    return int(seed) + int(repeat) * REPEAT_SEED_STRIDE
 
 
 def _combined_t(between: float, n_between: int, within: float, n_within: int) -> tuple[float, float]:

@@ -136,8 +136,11 @@ def test_compare_repeated_pairs_by_seed_and_falls_back_to_a_single_baseline():
         compare_repeated({3: base[0], 4: base[1]}, base)
 
 
-def test_repeat_seeds_start_at_the_runs_own():
-    assert [repeat_seed(5, r) for r in range(3)] == [5, 6, 7]
+def test_repeat_seeds_start_at_the_runs_own_and_never_share_an_epochs_order():
+    seeds = [repeat_seed(5, r) for r in range(3)]
+    assert seeds == [5, 5 + 1_000_003, 5 + 2_000_006]
+    # the sampler's epoch e permutation is seeded with seed + e: no two repeats of a 300-epoch run share one
+    assert len({s + e for s in seeds for e in range(300)}) == 3 * 300
 
 
 # -- the table -----------------------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ def test_a_table_with_repeats_has_their_mean_interval_and_paired_p_and_one_witho
 # -- one real scan with two repeats -------------------------------------------------------------------------
 
 EPOCHS, POINT = 6, 3
+SEED1 = str(repeat_seed(0, 1))  # repeat 1 of the default seed 0
 BASE = [
     f"epochs={EPOCHS}",
     "deterministic=true",
@@ -248,7 +252,7 @@ def test_a_scan_with_two_repeats_nests_them_and_its_table_has_their_mean_interva
             and tags[M.ROLE_TAG] == "repeat"
             and tags["mlflow.parentRunId"] == of.info.run_id
         )
-        assert (tags[M.REPEAT_TAG], tags[M.REPEAT_SEED_TAG], tags[M.REPEAT_OF_TAG]) == ("1", "1", of.info.run_id)
+        assert (tags[M.REPEAT_TAG], tags[M.REPEAT_SEED_TAG], tags[M.REPEAT_OF_TAG]) == ("1", SEED1, of.info.run_id)
         assert of.data.tags[M.REPEATS_TAG] == "2" and of.data.metrics[M.REPEATS] == 2
     assert rep.data.tags[M.FORK_EPOCH_TAG] == str(POINT + 1) and rep.data.metrics[M.SWITCH_EPOCH] == POINT
     assert trunk_rep.data.tags[M.FORK_EPOCH_TAG] == "2"  # k * m: where the earliest trial could fork
@@ -296,7 +300,7 @@ def test_repeat_0_is_todays_point_and_repeat_1_its_config_forked_with_its_own_se
     cfg = TrainSettings.from_dict(
         yaml.safe_load(open(client.download_artifacts(rep.info.run_id, "config.yaml", str(root))))
     )
-    assert cfg.seed == 1 and cfg.prelora.switch_at_epoch == POINT
+    assert str(cfg.seed) == SEED1 and cfg.prelora.switch_at_epoch == POINT
     trunk = root / "ray" / "rs" / "trunk"
     start = ForkStart(
         state=load_state_file(fork.checkpoint_path(trunk, POINT + 1)),
@@ -324,7 +328,9 @@ def test_the_same_scan_again_trains_no_finished_repeat(repeated_scan):
     before = _runs(client, parent)
     proc = _scan(root)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert f"rs_switch{POINT:03d}: repeat 1 (seed 1) finished before; not trained again" in proc.stdout, proc.stdout
+    assert f"rs_switch{POINT:03d}: repeat 1 (seed {SEED1}) finished before; not trained again" in proc.stdout, (
+        proc.stdout
+    )
     after = _runs(client, parent)
     assert sorted(after) == sorted(before)  # no new repeat run
     for name in (f"rs_switch{POINT:03d}_rep1", "rs_baseline_rep1"):
@@ -377,15 +383,15 @@ def test_a_fork_sweep_with_two_repeats_tells_optuna_the_mean_and_pairs_its_table
     study = optuna.load_study(study_name="rsw", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     told = {t.params["strategy"]: t.values[0] for t in study.trials}
     pareto = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path))).set_index("run_id")
-    base_seeds = {0: val_correct(client, base), 1: val_correct(client, base_rep)}
+    base_seeds = {0: val_correct(client, base), int(SEED1): val_correct(client, base_rep)}
     for strategy, trial in trials.items():
         rep = every[f"{trial.info.run_name}_rep1"]
-        assert rep.data.tags["mlflow.parentRunId"] == trial.info.run_id and rep.data.params["seed"] == "1"
+        assert rep.data.tags["mlflow.parentRunId"] == trial.info.run_id and rep.data.params["seed"] == SEED1
         mean = np.mean([trial.data.metrics[M.FINAL_VAL_ACC], rep.data.metrics[M.FINAL_VAL_ACC]])
         assert told[strategy] == pytest.approx(mean)  # Optuna is told the mean over the repeats
         row = pareto.loc[trial.info.run_id]
         assert row[M.FINAL_VAL_ACC] == pytest.approx(mean) and row[M.REPEATS] == 2
-        seeds = {0: val_correct(client, trial), 1: val_correct(client, rep)}
+        seeds = {0: val_correct(client, trial), int(SEED1): val_correct(client, rep)}
         assert row[P_VS_BASELINE] == pytest.approx(compare_repeated(seeds, base_seeds).p)
         _, lo, hi = _stats_here(list(seeds.values()))
         assert (row[ACC_LO], row[ACC_HI]) == (pytest.approx(lo), pytest.approx(hi))

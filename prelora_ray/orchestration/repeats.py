@@ -2,22 +2,22 @@
 
 The binomial interval of one run covers the test-sample noise (which images the validation set holds), not the
 training noise (which batches, augmentations and adapter inits a run drew). A repeat measures the second: repeat r
-(1..N-1) of a trial is the trial's config with `seed` = seed + r (`significance.repeat_seed`), forked from the same
-trunk checkpoint as the trial (same weights, optimizer state and switch), with its RNGs restarted from that seed at
-the fork (`ForkFrom.reseed`): its data order (the DistributedSampler's seed), augmentation, dropout and its adapters'
-initial A are its own. Repeat 0 is the trial's own run, unchanged. The baseline is repeated the same way: its
-repeat r is full training forked from the trunk's checkpoint at `fork.repeat_fork_epoch` with seed + r, trained
-after the trunk in the trunk's own Ray task, so a trial's repeat r and the baseline's share their seed (paired per
-seed: `significance.compare_repeated`).
+(1..N-1) of a trial is the trial's config with `seed` = seed_r = seed + r * 1000003 (`significance.repeat_seed`),
+forked from the same trunk checkpoint as the trial (same weights, optimizer state and switch), with its RNGs
+restarted from seed_r at the fork (`ForkFrom.reseed`): its data order (the DistributedSampler's seed), augmentation,
+dropout and its adapters' initial A are its own. Repeat 0 is the trial's own run, unchanged. The baseline is repeated
+the same way: its repeat r is full training forked from the trunk's checkpoint at `fork.repeat_fork_epoch` with
+seed_r, trained after the trunk in the trunk's own Ray task, so a trial's repeat r and the baseline's share their
+seed (paired per seed: `significance.compare_repeated`).
+
+Each repeat is an MLflow run nested under the run it repeats (`<run>_rep<r>`, role `repeat`, tags `prelora.repeat`,
+`prelora.repeat_seed`, `prelora.repeat_of`). A repeat goes through the same result registry as trials (its reuse key
+holds its seed), so twin trials train each repeat once; a finished repeat is never trained again (a resumed trial
+finds its FINISHED run by name). A trial whose result is the trunk's (it never switches, a `full` trial) takes the
+baseline's repeats. Optuna sees the mean of the N final accuracies.
 
 This module holds the repeats' runs and the baseline's side (called by orchestration/trunk.py); a trial's side is
 `forking.trial_repeats`.
-
-Each repeat is an MLflow run nested under the run it repeats (`<run>_rep<r>`, role `repeat`, tags
-`prelora.repeat`, `prelora.repeat_seed`, `prelora.repeat_of`). A repeat goes through the same result registry as
-trials (its reuse key holds its seed), so twin trials train each repeat once; a finished repeat is never trained
-again (a resumed trial finds its FINISHED run by name). A trial whose result is the trunk's (it never switches, a
-`full` trial) takes the baseline's repeats. Optuna sees the mean of the N final accuracies.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def baseline_repeats_done(sweep: Sweep) -> bool:
 
 def baseline_repeats(sweep: Sweep, baseline_run_id: str, folder: Location, cfg: TrainSettings) -> None:
     """In the trunk's task, after the trunk (its records in `folder`, its config `cfg`): the baseline's repeats 1..N-1,
-    full training forked from the trunk's checkpoint at `fork.repeat_fork_epoch` with seed + r, each recorded in the
+    full training forked from the trunk's checkpoint at `fork.repeat_fork_epoch` with seed_r, each recorded in the
     result registry for the trials that take the trunk's result (orchestration/forking.py waits on it)."""
     epoch = fork.repeat_fork_epoch(cfg, sweep.space.fork_every)
     history = fork.read_history(folder)
