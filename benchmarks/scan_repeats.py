@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from prelora_ray import metrics as M
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # this process reads each scan.csv
 CHEAP = [
     "model.preset=vit-digits",
     "epochs=16",
