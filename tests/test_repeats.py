@@ -402,3 +402,23 @@ def test_a_fork_sweep_with_two_repeats_tells_optuna_the_mean_and_pairs_its_table
     again = record.table.set_index("run_id")
     for column in (M.FINAL_VAL_ACC, ACC_LO, ACC_HI, P_VS_BASELINE, M.VAL_ACC_SD):
         assert again[column].to_dict() == pytest.approx(pareto[column].to_dict(), nan_ok=True), column
+
+
+def test_fastest_not_worse_reads_the_verdicts_over_seeds_in_a_sweep_with_repeats():
+    from prelora_ray.orchestration.results import pick_row
+
+    seeds = {
+        "baseline": {0: _hits(0.9), 1: _hits(0.9), 2: _hits(0.9)},
+        "slow": {0: _hits(0.9), 1: _hits(0.9), 2: _hits(0.9)},
+        "fast": {0: _hits(0.7), 1: _hits(0.7), 2: _hits(0.7)},  # surely worse
+    }
+    runs = pd.DataFrame(
+        [
+            _run(k, "baseline" if k == "baseline" else "trial", v[0], t)
+            for (k, v), t in zip(seeds.items(), (1.0, 0.9, 0.5), strict=True)
+        ]
+    )
+    objectives = [(M.FINAL_VAL_ACC, "max"), (M.MEAN_EPOCH_TIME_S, "min")]
+    table = sweep_table(runs, objectives, hits={k: v[0] for k, v in seeds.items()}, repeats=seeds)
+    row = pick_row(table, objectives, "fastest-not-worse", hits={k: v[0] for k, v in seeds.items()})
+    assert row["run_id"] == "slow" and "paired per seed" in row["pick_note"]

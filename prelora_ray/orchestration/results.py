@@ -182,6 +182,16 @@ def _fastest_not_worse(
             "use fastest-within=POINTS"
         )
     margin = _margin(pick) / 100
+    if margin == 0 and M.REPEATS in trials:  # a sweep with repeats: its verdicts are over seeds (front.noise_columns)
+        allowed = trials[trials[VERDICT].isin(["indistinguishable", "better"])]
+        if allowed.empty:
+            raise ValueError(f"--pick {pick!r}: every finished trial is significantly worse than the baseline")
+        row = allowed.loc[_speed(allowed).idxmax()]
+        return _noted(
+            row,
+            f"the fastest of {len(allowed)} of {len(trials)} trials not significantly worse than the baseline "
+            "(paired per seed over their repeats)",
+        )
     ok = [
         str(r) in hits
         and hits[str(r)].size == base_hits.size
