@@ -255,13 +255,31 @@ def _scan_parser(sub: argparse._SubParsersAction) -> None:
         choices=("ray_train", "tune"),
         help="how a point trains: tune (default with 1 worker: in its Tune process) or ray_train",
     )
+    p.add_argument(
+        "--repeats",
+        default="1",
+        help="data-order seeds per point and for the trunk's continuation (default 1: no repeats); "
+        "scan.csv then holds each point's mean accuracy and its interval across seeds",
+    )
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def repeats_option(text: str) -> int:
+    """--repeats as an integer >= 1, or a one-line error naming it."""
+    from prelora_ray.significance import check_repeats
+
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    return check_repeats(value, "--repeats")
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """Validate config, candidates and grid; then trunk, forks, replay; print the table."""
-    from prelora_ray import scan
+    from prelora_ray import fork, scan
 
+    repeats = repeats_option(args.repeats)
     cfg = TrainSettings.load(args.config, args.overrides)
     cfg = cfg.replace(**{"strategy": "prelora", "prelora.switch_at_epoch": None})
     candidates = scan.candidate_epochs(cfg, every=args.every, epochs=args.epochs)
@@ -276,6 +294,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         experiment=args.experiment,
         trial_executor=args.trial_executor,
         verbose=args.verbose,
+        repeats=repeats,
     )
     log.info(
         "scan %s: switch epochs %s of %d, %s, MLflow %s",
@@ -291,6 +310,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
         "speedup = trunk epoch time / point epoch time):"
     )
     print(scan.format_table(result["trunk"], result["rows"], result["landings"]))
+    if sweep.space.repeats > 1:
+        print(
+            f"final_acc: the mean over {sweep.space.repeats} data-order seeds (the trunk's: its continuation from "
+            f"epoch {fork.repeat_fork_epoch(sweep.space.base, 1)}); scan.csv has each row's interval across seeds "
+            "(acc_lo, acc_hi), spread (val_acc_sd), and p and verdict against the trunk's repeats, paired per seed"
+        )
     if result["failed"]:
         print(
             f"FAILED points (switch epochs): {', '.join(map(str, result['failed']))}; "

@@ -268,6 +268,15 @@ def summarize(
     return out
 
 
+def repeat_fork_epoch(cfg: TrainSettings, every: int) -> int:
+    """The trunk checkpoint the baseline's repeats fork from (`repeats:`): the last one at or before epoch k*m of
+    `cfg`'s windows, the first epoch a PreLoRA trial can fork at (its earliest switch is k*m - 1), and at most
+    epochs - 1. Every trial with these windows forks there or later, so the baseline's repeats train at least as many
+    epochs after their fork, with their own seeds, as any trial's."""
+    first = max(0, min(cfg.prelora.k * cfg.prelora.m, cfg.epochs - 1))
+    return first - first % every
+
+
 def reuse_key(cfg: TrainSettings, switch: SwitchPoint | None) -> str:
     """Identifies what a forked trial computes after its switch: two trials with the same key give the same result.
 

@@ -33,8 +33,10 @@ from prelora_ray.significance import (
     accuracy_interval,
     compare_accuracy,
     compare_interval,
+    compare_repeated,
     dominated_rows,
     mcnemar,
+    repeated_accuracy,
 )
 
 __all__ = [
@@ -352,6 +354,7 @@ def sweep_table(
     *,
     hits: Mapping[str, np.ndarray] | None = None,
     alpha: float = 0.05,
+    repeats: Mapping[str, Mapping[int, np.ndarray]] | None = None,
 ) -> pd.DataFrame:
     """One row per run: role, status, switch parameters, objectives, speed-up over the baseline, Pareto flag, and
     the noise columns (`noise_columns`: intervals, the paired test against the baseline, verdict, front).
@@ -359,7 +362,9 @@ def sweep_table(
     The Pareto flag is computed over FINISHED trials only (failed trials never reach it; the baseline is
     the reference point, not a candidate). A sweep over strategies (`strategy` among the `sampled`
     keys) also has a column per other sampled key (e.g. relora.start_epoch), set where the trial sampled it.
-    `hits`: each run's val_correct.npy by run id (runs without one get empty noise columns).
+    `hits`: each run's val_correct.npy by run id (runs without one get empty noise columns). `repeats` (a sweep with
+    `repeats:`, sweep_record.repeat_hits): each run's val_correct.npy by seed, repeat 0 included; `final_val_acc` is
+    then the mean over a run's repeats (`repeat_means`) before the Pareto flag, and the noise columns are over seeds.
     """
     if runs.empty:
         return pd.DataFrame(columns=["run_id", "run_name", "role", "status", M.PARETO_TAG, "speedup", *NOISE_COLUMNS])
@@ -390,18 +395,47 @@ def sweep_table(
     # `speedup`: each run's own calibrated measure where it logged one, else (runs logged before it) the wall ratio
     measured = table[SPEEDUP].astype(float)
     table[SPEEDUP] = measured.where(measured.notna(), table[SPEEDUP_WALL])
+    table = repeat_means(table, repeats or {})
     table[M.PARETO_TAG] = False
     ok = (table["role"] == "trial") & (table["status"] == "FINISHED") & ~table[EARLY_STOPPED].astype(bool)
     if ok.any():
         values = table.loc[ok, [m for m, _ in objectives]].astype(float).to_numpy()
         table.loc[ok, M.PARETO_TAG] = pareto_mask(values, [d for _, d in objectives])
-    table = noise_columns(table, objectives, hits or {}, alpha)
+    table = noise_columns(table, objectives, hits or {}, alpha, repeats=repeats)
     first, mode = objectives[0]
     return table.sort_values([M.PARETO_TAG, first], ascending=[False, mode == "min"]).reset_index(drop=True)
 
 
+def repeat_means(table: pd.DataFrame, repeats: Mapping[str, Mapping[int, np.ndarray]]) -> pd.DataFrame:
+    """With repeats: `final_val_acc` the mean of each repeated run's accuracies, `repeats` N, `val_acc_sd` their
+    standard deviation (significance.repeated_accuracy); rows without repeats keep their values (N 1, sd NaN).
+    Without repeats the table is returned as it is (no new columns)."""
+    if not repeats:
+        return table
+    table = table.copy()
+    counts, spreads = [], []
+    for i, run_id in enumerate(table["run_id"]):
+        own = repeats.get(str(run_id))
+        if own:
+            stats = repeated_accuracy(list(own.values()))
+            table.loc[table.index[i], M.FINAL_VAL_ACC] = stats.mean
+            counts.append(stats.repeats)
+            spreads.append(stats.sd if stats.repeats > 1 else math.nan)
+        else:
+            counts.append(1)
+            spreads.append(math.nan)
+    table[M.REPEATS] = counts
+    table[M.VAL_ACC_SD] = spreads
+    return table
+
+
 def noise_columns(
-    table: pd.DataFrame, objectives: list[tuple[str, str]], hits: Mapping[str, np.ndarray], alpha: float = 0.05
+    table: pd.DataFrame,
+    objectives: list[tuple[str, str]],
+    hits: Mapping[str, np.ndarray],
+    alpha: float = 0.05,
+    *,
+    repeats: Mapping[str, Mapping[int, np.ndarray]] | None = None,
 ) -> pd.DataFrame:
     """The columns that tell signal from noise (prelora_ray/significance.py states each rule):
 
@@ -412,8 +446,14 @@ def noise_columns(
     any, accuracy compared paired where both runs have their images, other objectives by their `<name>_lo/_hi`
     intervals; an objective without an interval (a wall-clock time) never decides). Runs without val_correct.npy
     (logged before it) get empty accuracy noise columns, and a sweep none of whose runs has one no `front`.
+
+    `repeats` ({run id: {seed: hits}}, a sweep or scan with `repeats:`): for a repeated run `final_val_acc` is the mean
+    over its repeats, `acc_lo`/`acc_hi` the interval of `significance.repeated_accuracy`, `p_vs_baseline` and
+    `verdict` those of `significance.compare_repeated` against the baseline's repeats (paired per seed), and accuracy
+    dominance between two repeated runs is decided the same way; plus the columns `repeats` and `val_acc_sd`.
     """
-    table = table.copy()
+    repeats = repeats or {}
+    table = repeat_means(table, repeats)
     for col in (SPEEDUP_LO, SPEEDUP_HI):
         table[col] = table[col].astype(float) if col in table else float("nan")
     done = table["status"] == "FINISHED"
@@ -428,15 +468,31 @@ def noise_columns(
         accuracy_interval(int(c), int(k), level=1 - alpha) if k > 0 and not math.isnan(c) else (math.nan, math.nan)
         for c, k in zip(correct, n, strict=True)
     ]
+    seeded = [repeats.get(str(r)) for r in table["run_id"]]
+    for i, own in enumerate(seeded):
+        if own and len(own) > 1:  # one run: its Wilson interval, as without repeats
+            stats = repeated_accuracy(list(own.values()), alpha)
+            intervals[i] = (stats.lo, stats.hi)
     table[ACC_LO] = [lo for lo, _ in intervals]
     table[ACC_HI] = [hi for _, hi in intervals]
     base = [i for i in range(len(table)) if table["role"].iloc[i] == "baseline" and done.iloc[i]]
     base_hits = run_hits[base[0]] if base else None
+    base_seeded = seeded[base[0]] if base else None
     p_values, verdicts = [], []
     for i, h in enumerate(run_hits):
         if base and i == base[0] and base_hits is not None:
             p_values.append(1.0)
             verdicts.append("indistinguishable")
+        elif (
+            seeded[i]
+            and base_seeded
+            and done.iloc[i]
+            and (len(seeded[i]) > 1 or len(base_seeded) > 1)
+            and _sizes_match(seeded[i], base_seeded)
+        ):
+            test = compare_repeated(seeded[i], base_seeded, alpha)
+            p_values.append(test.p)
+            verdicts.append(test.verdict)
         elif h is not None and base_hits is not None and h.size == base_hits.size and done.iloc[i]:
             p_values.append(mcnemar(h, base_hits).p)
             verdicts.append(compare_accuracy(h, base_hits, alpha))
@@ -460,7 +516,7 @@ def noise_columns(
             if table["role"].iloc[candidates[y]] != "trial":  # the baseline is the reference, never a dominator
                 return ["indistinguishable"]
             return [
-                _compare(table, run_hits, candidates[y], candidates[x], metric, mode, alpha)
+                _compare(table, run_hits, candidates[y], candidates[x], metric, mode, alpha, seeded)
                 for metric, mode in objectives
             ]
 
@@ -470,11 +526,28 @@ def noise_columns(
     return table
 
 
+def _sizes_match(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray]) -> bool:
+    sizes = {np.asarray(h).size for h in (*a.values(), *b.values())}
+    return len(sizes) == 1
+
+
 def _compare(
-    table: pd.DataFrame, run_hits: list[np.ndarray | None], y: int, x: int, metric: str, mode: str, alpha: float
+    table: pd.DataFrame,
+    run_hits: list[np.ndarray | None],
+    y: int,
+    x: int,
+    metric: str,
+    mode: str,
+    alpha: float,
+    seeded: list[Mapping[int, np.ndarray] | None] | None = None,
 ) -> str:
-    """Row y against row x on one objective (significance.py): paired for accuracy, else intervals, else values."""
+    """Row y against row x on one objective (significance.py): paired for accuracy (per seed where both rows were
+    repeated), else intervals, else values."""
     hy, hx = run_hits[y], run_hits[x]
+    sy, sx = (seeded[y], seeded[x]) if seeded else (None, None)
+    if metric == M.FINAL_VAL_ACC and sy and sx and _sizes_match(sy, sx) and (len(sy) > 1 or len(sx) > 1):
+        verdict = compare_repeated(sy, sx, alpha).verdict
+        return verdict if mode in ("max", "maximize") else {"better": "worse", "worse": "better"}.get(verdict, verdict)
     if metric == M.FINAL_VAL_ACC and hy is not None and hx is not None and hy.size == hx.size:
         verdict = compare_accuracy(hy, hx, alpha)
         return verdict if mode in ("max", "maximize") else {"better": "worse", "worse": "better"}.get(verdict, verdict)
@@ -553,6 +626,7 @@ def format_front(table: pd.DataFrame) -> str:
         M.SWITCH_EPOCH,
         M.FINAL_VAL_ACC,
         *([ACC_LO, ACC_HI, VERDICT] if _any(shown, VERDICT) else []),
+        *([M.REPEATS, M.VAL_ACC_SD] if M.REPEATS in shown else []),
         M.MEAN_EPOCH_TIME_S,
         "speedup",
         *([SPEEDUP_LO, SPEEDUP_HI] if _any(shown, SPEEDUP_LO) else []),

@@ -34,6 +34,7 @@ TOP_KEYS = (
     "optuna_storage",
     "alpha",
     "early_stopping",
+    "repeats",
 )
 JOURNAL_PREFIX = "journal:"  # an Optuna journal file (JournalFileBackend), e.g. on an NFS mount every node sees
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
@@ -126,6 +127,7 @@ class SearchSpace:
     optuna_storage: str | None = None  # the Optuna study's storage URL (None: the sweep's default, `Sweep.optuna_url`)
     alpha: float = 0.05  # significance level of the front's intervals, verdicts and dominance (significance.py)
     early_stopping: EarlyStopping | None = None  # `early_stopping:` (None: off; prelora_ray/early_stopping.py)
+    repeats: int = 1  # data-order seeds per forked segment (trials and the baseline's continuation): docs/sweeps.md
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainSettings:
         """The train config of one trial: base + sampled values, with relations repaired.
@@ -541,10 +543,11 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
     optuna_storage = data.get("optuna_storage")
     if optuna_storage is not None:
         optuna_storage = check_optuna_storage(optuna_storage, f"{path}: optuna_storage")
-    from prelora_ray.significance import check_alpha  # numpy: not at import (search_space loads no numpy)
+    from prelora_ray.significance import check_alpha, check_repeats  # numpy: not at import (search_space loads none)
 
     try:
         alpha = check_alpha(data.get("alpha", 0.05), "alpha")
+        repeats = check_repeats(data.get("repeats", 1), "repeats")
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     try:
@@ -556,6 +559,20 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
             path,
             "early_stopping",
             "needs fork mode (fork: true, the default where the space allows it): the trunk is every rung's reference",
+        )
+    if early_stopping is not None and repeats > 1:
+        raise _err(
+            path,
+            "early_stopping",
+            f"cannot be combined with repeats {repeats} yet (a rung judges one run's report; a trial's repeats train "
+            "after it): use repeats: 1, or no early_stopping",
+        )
+    if repeats > 1 and not fork:
+        raise _err(
+            path,
+            "repeats",
+            f"{repeats} needs fork mode (each repeat retrains the trials' forked segments with its own seed); "
+            "this space does not fork (see fork:)",
         )
     seed = sampler.get("seed", 0)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -580,6 +597,7 @@ def parse_search_space(data: dict[str, Any], *, path: str = "<search space>", ra
         optuna_storage=optuna_storage,
         alpha=alpha,
         early_stopping=early_stopping,
+        repeats=repeats,
     )
 
 

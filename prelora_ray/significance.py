@@ -15,6 +15,15 @@ The rules, stated once (docs/sweeps.md, "Reading a front: what is noise", quotes
 * `compare_interval` (`compare_speedup`): `better` / `worse` when the two intervals do not overlap (A's low end
   above B's high end, or the reverse), else `indistinguishable`.
 * `paired_difference`: A's accuracy minus B's with an interval that excludes 0 exactly when McNemar's p < alpha.
+* `repeated_accuracy` (a run repeated with N data-order seeds, `repeats:`): the mean of the N accuracies, their
+  standard deviation, and the 1 - alpha interval mean +- t * se with se^2 = sd^2 / N (training noise: the spread
+  across seeds) + var_i(h_i) / n (test-sample noise: h_i is image i's hit rate over the N repeats, n images), t of
+  Student's distribution with the Welch-Satterthwaite degrees of freedom of those two terms (N - 1 and n - 1).
+* `compare_repeated`: A against B per seed (paired: A's repeat with seed s against B's with seed s, on the same
+  images): d = the mean over seeds of the accuracy differences, se^2 = sd_s(d_s)^2 / N + var_i(d_i) / n as above
+  (d_i: image i's mean difference over the seeds), p = the two-sided t test of d / se with those degrees of
+  freedom; `better` / `worse` when p < alpha. Where B ran once (not repeated), each of A's repeats is paired with
+  that one run: B's training noise is then not in the spread.
 * `dominated`: row X is dominated when some row Y is `better` than X in at least one objective and not
   `worse` in the other. Everything else is `plausible`: a row is never dropped for a difference within
   noise. (`front.noise_columns` lets an objective without an interval, a wall-clock time, decide nothing.)
@@ -181,3 +190,123 @@ def dominated(
         len(correct),
         lambda y, x: (compare_accuracy(correct[y], correct[x], alpha), compare_speedup(speedups[y], speedups[x])),
     )
+
+
+REPEATS_KEY = "repeats"
+
+
+def check_repeats(value: object, key: str = REPEATS_KEY) -> int:
+    """`repeats` as an integer >= 1, or a one-line ValueError naming `key` (a bool, a float or a string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{key}: {value!r} is not an integer; give how many data-order seeds each forked segment trains, "
+            "an integer >= 1 (1: no repeats)"
+        )
+    if value < 1:
+        raise ValueError(f"{key}: {value!r} is below 1; give an integer >= 1 (1: no repeats)")
+    return value
+
+
+REPEAT_SEED_STRIDE = 1_000_003
+"""Seeds of successive repeats this far apart: the DistributedSampler seeds epoch e's permutation with seed + e, so with
+seeds one apart repeat 1's epoch e would be repeat 0's epoch e + 1; this far apart no two repeats share an epoch's
+order in any run shorter than a million epochs."""
+
+
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The seed of repeat `repeat` (0: the run's own seed) of a run whose config has `seed`: seed + repeat * 1000003."""
+    return int(seed) + int(repeat) * REPEAT_SEED_STRIDE
+
+
+def _combined_t(between: float, n_between: int, within: float, n_within: int) -> tuple[float, float]:
+    """se and the Welch-Satterthwaite degrees of freedom of a variance between + within (each with n - 1 df)."""
+    total = between + within
+    if total <= 0:
+        return 0.0, math.inf
+    parts = (between**2 / (n_between - 1) if n_between > 1 and between > 0 else 0.0) + (
+        within**2 / (n_within - 1) if n_within > 1 and within > 0 else 0.0
+    )
+    return math.sqrt(total), (total**2 / parts if parts > 0 else math.inf)
+
+
+@dataclass(frozen=True)
+class Repeated:
+    """A run repeated with N seeds on the same n images: mean accuracy, its spread and its 1 - alpha interval."""
+
+    mean: float
+    sd: float
+    lo: float
+    hi: float
+    repeats: int
+    n: int
+
+
+def repeated_accuracy(hits: Sequence[npt.ArrayLike], alpha: float = 0.05) -> Repeated:
+    """The N repeats' per-image correctness (each a bool array, the same images): see the module docstring."""
+    from scipy.stats import t as student
+
+    table = np.asarray([np.asarray(h, dtype=bool) for h in hits], dtype=float)
+    if table.ndim != 2 or table.shape[0] < 1 or table.shape[1] < 1:
+        raise ValueError(f"repeated accuracy: need N >= 1 arrays of the same length > 0, got shape {table.shape}")
+    repeats, n = table.shape
+    acc = table.mean(axis=1)
+    mean = float(acc.mean())
+    sd = float(acc.std(ddof=1)) if repeats > 1 else 0.0
+    se, df = _combined_t(sd**2 / repeats, repeats, float(table.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0, n)
+    if se == 0:  # every repeat right (or wrong) on every image: the Wilson interval of that one count
+        lo, hi = accuracy_interval(round(mean * n), n, level=1 - alpha)
+        return Repeated(mean, sd, lo, hi, repeats, n)
+    half = float(student.ppf(1 - alpha / 2, df)) * se
+    return Repeated(mean, sd, max(0.0, mean - half), min(1.0, mean + half), repeats, n)
+
+
+@dataclass(frozen=True)
+class RepeatedComparison:
+    """A against B over seeds: the mean accuracy difference, its 1 - alpha interval, p and the verdict."""
+
+    diff: float
+    lo: float
+    hi: float
+    p: float
+    verdict: str
+    paired: int  # seeds paired (0: B ran once and each of A's repeats was compared with it)
+
+
+def compare_repeated(
+    a: dict[int, npt.ArrayLike], b: dict[int, npt.ArrayLike], alpha: float = 0.05
+) -> RepeatedComparison:
+    """A against B, each {seed: per-image correctness}: paired per seed (module docstring).
+
+    Seeds both have are paired; where B has one run only (not repeated), each of A's repeats is paired with it (and
+    the reverse). Anything else (no seed in common) is a ValueError."""
+    from scipy.stats import t as student
+
+    common = sorted(set(a) & set(b))
+    if len(b) == 1 and len(a) > 1:
+        only = np.asarray(next(iter(b.values())), dtype=float)
+        rows, paired = [np.asarray(a[s], dtype=float) - only for s in sorted(a)], 0
+    elif len(a) == 1 and len(b) > 1:
+        only = np.asarray(next(iter(a.values())), dtype=float)
+        rows, paired = [only - np.asarray(b[s], dtype=float) for s in sorted(b)], 0
+    elif common:
+        rows = [np.asarray(a[s], dtype=float) - np.asarray(b[s], dtype=float) for s in common]
+        paired = len(common)
+    else:
+        raise ValueError(f"compare repeats: no seed in common ({sorted(a)} against {sorted(b)})")
+    table = np.asarray(rows)
+    if table.ndim != 2:
+        raise ValueError("compare repeats: the runs' correctness arrays differ in length")
+    repeats, n = table.shape
+    per_seed = table.mean(axis=1)
+    diff = float(per_seed.mean())
+    between = float(per_seed.var(ddof=1)) / repeats if repeats > 1 else 0.0
+    within = float(table.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0
+    se, df = _combined_t(between, repeats, within, n)
+    if se == 0:
+        p = 1.0 if diff == 0 else 0.0
+        half = 0.0
+    else:
+        p = float(2 * student.sf(abs(diff) / se, df))
+        half = float(student.ppf(1 - alpha / 2, df)) * se
+    verdict = "indistinguishable" if p >= alpha or diff == 0 else ("better" if diff > 0 else "worse")
+    return RepeatedComparison(diff, diff - half, diff + half, p, verdict, paired)

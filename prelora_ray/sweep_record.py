@@ -69,12 +69,13 @@ def load_sweep(uri: str, experiment: str, sweep: str | None = None) -> SweepReco
     runs = tracking.runs(uri, parent["experiment_id"], parent=parent["run_id"])
     alpha = float(params.get("alpha", 0.05))  # sweeps logged before the key: the default
     hits = run_hits(uri, runs)
+    repeated = repeat_hits(uri, parent["experiment_id"], parent[f"tags.{M.SWEEP_TAG}"], runs, hits)
     return SweepRecord(
         name=parent[f"tags.{M.SWEEP_TAG}"],
         experiment_id=parent["experiment_id"],
         parent_run_id=parent["run_id"],
         objectives=objectives,
-        table=sweep_table(runs, objectives, _sampled(params), hits=hits, alpha=alpha),
+        table=sweep_table(runs, objectives, _sampled(params), hits=hits, alpha=alpha, repeats=repeated),
         params=params,
         alpha=alpha,
         hits=hits,
@@ -96,6 +97,28 @@ def run_hits(uri: str, runs: pd.DataFrame) -> dict[str, np.ndarray]:
                 continue
             out[str(run["run_id"])] = np.load(path).astype(bool)
     return out
+
+
+def repeat_hits(
+    uri: str, experiment_id: str, sweep: str, runs: pd.DataFrame, hits: dict[str, np.ndarray]
+) -> dict[str, dict[int, np.ndarray]]:
+    """{run id: {seed: val_correct.npy}} of each FINISHED run of `runs` with its own hits and those of its FINISHED
+    repeats (`repeats:`; nested runs with role `repeat`), keyed by the seed each trained with after the fork (the
+    run's own `seed` param for repeat 0). Empty when the sweep (or scan) `sweep` has no repeats: its tables are then
+    exactly those of a sweep without the key."""
+    reps = tracking.runs(uri, experiment_id, role="repeat", status="FINISHED", tags={M.SWEEP_TAG: sweep})
+    if reps.empty or runs.empty:
+        return {}
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for _, run in runs[runs["status"] == "FINISHED"].iterrows():
+        if str(run["run_id"]) in hits:
+            out[str(run["run_id"])] = {int(float(run.get("params.seed", 0))): hits[str(run["run_id"])]}
+    for rep_id, rep_hits in run_hits(uri, reps).items():
+        rep = reps[reps["run_id"] == rep_id].iloc[0]
+        of = rep.get(f"tags.{M.REPEAT_OF_TAG}")
+        if of in out:
+            out[of][int(rep[f"tags.{M.REPEAT_SEED_TAG}"])] = rep_hits
+    return out if any(len(v) > 1 for v in out.values()) else {}
 
 
 def _sampled(params: dict[str, str]) -> list[str]:

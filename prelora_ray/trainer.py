@@ -58,10 +58,16 @@ class LoopState:
 
 @dataclass(kw_only=True)
 class ForkStart:
-    """Where a forked run starts: a trunk checkpoint and the trunk's per-epoch snapshots before it."""
+    """Where a forked run starts: a trunk checkpoint and the trunk's per-epoch snapshots before it.
+
+    `reseed` (a repeat of a forked segment, `repeats:`): after the trunk's state loads, python's, numpy's and
+    torch's RNGs are seeded from the run's own `seed` instead of continuing the trunk's streams, so augmentation,
+    dropout and the loaders' worker seeds after the fork are the repeat's own, as its data order (the sampler's seed)
+    and its adapters' initial A (from the seed) are."""
 
     state: dict[str, Any]
     snapshots: list[tuple[dict[str, list[float]], float]]
+    reseed: bool = False
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -454,6 +460,8 @@ class TrainingLoop:
                 f"the fork needs the {start} before its checkpoint"
             )
         self.load_state_dict(fork.state, strategy_state=self.strategy.fork_state(fork.snapshots, start))
+        if fork.reseed:
+            seed_everything(self.cfg.seed, self.cfg.deterministic)
         self.state.resumed_at, self.state.forked_from = [], start
         # the trunk's records lack this strategy's own event metrics: their values before any event, as it logs them
         before = self.strategy.event_metrics()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -19,10 +20,19 @@ from typing import Any
 from prelora_ray import fork, tracking
 from prelora_ray import metrics as M
 from prelora_ray.config import TrainSettings
+from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.orchestration.repeats import (
+    baseline_repeat_key,
+    finished_run,
+    prepare_repeat,
+    repeat_name,
+    with_mean,
+)
 from prelora_ray.orchestration.sweep import Sweep, final_report, fit_sweep_run
 from prelora_ray.orchestration.train import PreparedRun, end_run, log_summary, prepare_run
 from prelora_ray.orchestration.trunk import POLL_S, TrunkFailed, trunk_dir
 from prelora_ray.orchestration.worker_spec import ForkFrom
+from prelora_ray.significance import repeat_seed
 
 log = logging.getLogger("prelora_ray")
 PROGRESS_EVERY_S = 30.0
@@ -139,8 +149,19 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
     """One trial of a fork-mode sweep: never switches (the trunk's result), reuses a twin's, or forks and trains.
 
     Its MLflow run exists from the start, so a trial waiting for the trunk shows (RUNNING), and one
-    whose trunk failed ends FAILED with the trunk's error.
+    whose trunk failed ends FAILED with the trunk's error. With `repeats: N` (N > 1) the trial then trains its
+    repeats 1..N-1 (orchestration/repeats.py) and returns their mean accuracy.
     """
+    run, plan, history, summary = _fork_trial(sweep, cfg, run_name, tags)
+    if sweep.space.repeats <= 1:
+        return summary
+    return trial_repeats(sweep, cfg, run, plan, history, summary)
+
+
+def _fork_trial(
+    sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, str]
+) -> tuple[PreparedRun, fork.ForkPlan, list[dict[str, Any]], dict[str, Any]]:
+    """The trial's own run (repeat 0): its MLflow run, its plan, the trunk's history and its summary."""
     folder = trunk_dir(sweep)
     run = _prepare(sweep, cfg, run_name, tags)
     try:
@@ -149,37 +170,55 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     history = fork.read_history(folder)
-    switch_tag = "never" if plan.never else str(plan.switch.epoch) if plan.switch is not None else None
-    _set_tags(
-        run,
-        {
-            M.FORK_TRUNK_RUN_TAG: fork.read_status(folder).get("run_id", ""),
-            **({M.FORK_SWITCH_TAG: switch_tag} if switch_tag else {}),
-        },
-    )
+    set_fork_tags(run, plan, fork.read_status(folder).get("run_id", ""))
     if plan.never:
-        return _never(run, cfg, run_name, history, plan.why)
+        return run, plan, history, _never(run, cfg, run_name, history, plan.why)
     if plan.mode == "scratch":  # shares no epochs with the trunk: the trial trains whole
         log.info("trial %s: trains from scratch (%s)", run_name, plan.why)
         _set_tags(run, {M.FORK_EPOCH_TAG: "0"})
-        return fit_sweep_run(sweep, run, in_trial=True, tune_callback=True)
+        return run, plan, history, fit_sweep_run(sweep, run, in_trial=True, tune_callback=True)
+    return run, plan, history, train_fork(sweep, cfg, run, plan, history)
+
+
+def set_fork_tags(run: PreparedRun, plan: fork.ForkPlan, trunk_run_id: str) -> None:
+    """The trunk's run and the replayed switch epoch ("never": the trial takes the trunk's result) on the run."""
+    switch_tag = "never" if plan.never else str(plan.switch.epoch) if plan.switch is not None else None
+    _set_tags(run, {M.FORK_TRUNK_RUN_TAG: trunk_run_id, **({M.FORK_SWITCH_TAG: switch_tag} if switch_tag else {})})
+
+
+def train_fork(
+    sweep: Sweep,
+    cfg: TrainSettings,
+    run: PreparedRun,
+    plan: fork.ForkPlan,
+    history: list[dict[str, Any]],
+    *,
+    in_trial: bool = True,
+    reseed: bool = False,
+) -> dict[str, Any]:
+    """Reuse a finished twin's result (same reuse key), or train `run` from the trunk's checkpoint of `plan`.
+
+    `in_trial`: the trial's own run (reports and checkpoints to its Tune trial under `trial_executor: tune`); a
+    repeat is not (its checkpoints are its own folder's). `reseed`: a repeat's RNGs restart from its seed at the fork.
+    """
+    folder = trunk_dir(sweep)
     key = fork.reuse_key(cfg, plan.switch)
     registry = fork.ResultRegistry(folder / "results")
     _set_tags(run, {M.FORK_EPOCH_TAG: str(plan.fork_epoch)})
-    twin = claim_or_wait(registry, key, run_name)
+    twin = claim_or_wait(registry, key, run.name)
     if twin is not None:
-        return _reuse(run, run_name, twin)
+        return _reuse(run, run.name, twin)
     if plan.switch is not None:
         log.info(
             "trial %s: forked from the trunk at epoch %d (its switch epoch %d, replayed on the trunk's history)",
-            run_name,
+            run.name,
             plan.fork_epoch,
             plan.switch.epoch,
         )
     else:
         log.info(
             "trial %s (%s): forked from the trunk at epoch %d (full training before it is the trunk's)",
-            run_name,
+            run.name,
             cfg.strategy,
             plan.fork_epoch,
         )
@@ -188,15 +227,66 @@ def fork_trial(sweep: Sweep, cfg: TrainSettings, run_name: str, tags: dict[str, 
         if plan.switch is not None:
             copied = switch_marked(copied, plan.switch.epoch, cfg.prelora.warmup)
         _copy_trunk_epochs(run, with_event_defaults(copied, cfg))
-        start = ForkFrom(folder=folder.uri, checkpoint=plan.checkpoint, epoch=plan.fork_epoch)
-        with claim_heartbeat(registry, key, run_name):
-            summary = fit_sweep_run(sweep, run, in_trial=True, tune_callback=True, start=start)
+        start = ForkFrom(folder=folder.uri, checkpoint=plan.checkpoint, epoch=plan.fork_epoch, reseed=reseed)
+        with claim_heartbeat(registry, key, run.name):
+            summary = fit_sweep_run(sweep, run, in_trial=in_trial, tune_callback=in_trial, start=start)
     except BaseException as exc:
-        registry.fail(key, run_name, f"{type(exc).__name__}: {exc}")
+        registry.fail(key, run.name, f"{type(exc).__name__}: {exc}")
         raise
 
-    registry.finish(key, run_name, run_id=run.mlflow_run_id, report=final_report(summary))
+    registry.finish(key, run.name, run_id=run.mlflow_run_id, report=final_report(summary))
     return summary
+
+
+def trial_repeats(
+    sweep: Sweep,
+    cfg: TrainSettings,
+    run: PreparedRun,
+    plan: fork.ForkPlan,
+    history: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """Train (or find) the trial's repeats 1..N-1 after its own run; returns its summary with the mean accuracy."""
+    accuracies = [float(summary.get(M.FINAL_VAL_ACC, math.nan))]
+    for repeat in range(1, sweep.space.repeats):
+        apply_console(sweep.verbose)  # a run trained in this process leaves its own console settings
+        cfg_r = cfg.replace(seed=repeat_seed(cfg.seed, repeat))
+        name = repeat_name(run.name, repeat)
+        done = finished_run(sweep, name)
+        if done is not None:
+            log.info("trial %s: repeat %d (seed %d) finished before; not trained again", run.name, repeat, cfg_r.seed)
+            accuracies.append(float(done.get(M.FINAL_VAL_ACC, math.nan)))
+            continue
+        rep = prepare_repeat(sweep, cfg_r, name, run, repeat)
+        set_fork_tags(rep, plan, fork.read_status(trunk_dir(sweep)).get("run_id", ""))
+        log.info("trial %s: repeat %d of %d (seed %d)", run.name, repeat, sweep.space.repeats - 1, cfg_r.seed)
+        try:
+            if plan.never:  # the trial is the trunk: its repeats are the baseline's
+                result = _reuse(rep, name, wait_for_baseline_repeat(sweep, repeat))
+            elif plan.mode == "scratch":
+                tracking.set_tags(rep.tracking_uri, rep.mlflow_run_id, {M.FORK_EPOCH_TAG: "0"})
+                result = fit_sweep_run(sweep, rep, in_trial=False, tune_callback=False)
+            else:
+                result = train_fork(sweep, cfg_r, rep, plan, history, in_trial=False, reseed=True)
+        except BaseException as exc:  # the trial fails with it (its own run stays FINISHED); --resume retries it
+            end_run(rep, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+        accuracies.append(float(result.get(M.FINAL_VAL_ACC, math.nan)))
+    return with_mean(sweep, run, summary, accuracies)
+
+
+def wait_for_baseline_repeat(sweep: Sweep, repeat: int) -> dict[str, Any]:
+    """The baseline's repeat `repeat` once the trunk's task has trained it (its registry record), or TrunkFailed."""
+    registry = fork.ResultRegistry(trunk_dir(sweep) / "results")
+    while True:
+        record = registry.read(baseline_repeat_key(repeat))
+        if record is not None and record.get("state") == "finished":
+            return record
+        if record is not None and record.get("state") == "failed":
+            raise TrunkFailed(f"the baseline's repeat {repeat} failed: {record.get('error')}")
+        if fork.read_status(trunk_dir(sweep)).get("state") == "failed":
+            raise TrunkFailed(f"the trunk {sweep.name}_baseline failed before its repeat {repeat}")
+        time.sleep(POLL_S)
 
 
 def with_event_defaults(history: list[dict[str, Any]], cfg: TrainSettings) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from prelora_ray.front import (
 )
 from prelora_ray.orchestration.sweep import Sweep
 from prelora_ray.significance import compare_accuracy, paired_difference
-from prelora_ray.sweep_record import load_sweep, run_hits
+from prelora_ray.sweep_record import load_sweep, repeat_hits, run_hits
 
 PICKS = ("knee", "max-acc", "min-time", "fastest-within=<points>", "fastest-not-worse[=<points>]")
 
@@ -39,12 +39,14 @@ def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     """Tag Pareto trials, log the Pareto table as a CSV artifact of the parent, return the table."""
     runs = tracking.runs(sweep.tracking_uri, sweep.experiment_id, parent=sweep.parent_run_id)
     objectives = [(o.metric, o.mode) for o in sweep.space.objectives]
+    hits = run_hits(sweep.tracking_uri, runs)
     table = sweep_table(
         runs,
         objectives,
         [p.key for p in sweep.space.parameters],
-        hits=run_hits(sweep.tracking_uri, runs),
+        hits=hits,
         alpha=sweep.space.alpha,
+        repeats=repeat_hits(sweep.tracking_uri, sweep.experiment_id, sweep.name, runs, hits),
     )
     for _, row in table.iterrows():
         if row["role"] == "trial":
@@ -55,10 +57,18 @@ def finish_sweep(sweep: Sweep) -> pd.DataFrame:
     counts = {
         "trials": int((table["role"] == "trial").sum()) if len(table) else 0,
         "pareto_trials": int(table[M.PARETO_TAG].sum()) if len(table) else 0,
-        **epoch_totals(runs, sweep.space.base.epochs),
+        **epoch_totals(with_repeats(sweep, runs), sweep.space.base.epochs),
     }
     tracking.log_metrics(sweep.tracking_uri, sweep.parent_run_id, counts)
     return table
+
+
+def with_repeats(sweep: Sweep, runs: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's child runs and, with `repeats:`, their repeats (nested one level deeper), for the epoch totals."""
+    if sweep.space.repeats <= 1:
+        return runs
+    reps = tracking.runs(sweep.tracking_uri, sweep.experiment_id, role="repeat", tags={M.SWEEP_TAG: sweep.name})
+    return pd.concat([runs, reps], ignore_index=True) if len(reps) else runs
 
 
 def epoch_totals(runs: pd.DataFrame, epochs: int) -> dict[str, int]:
@@ -176,6 +186,16 @@ def _fastest_not_worse(
             "use fastest-within=POINTS"
         )
     margin = _margin(pick) / 100
+    if margin == 0 and M.REPEATS in trials:  # a sweep with repeats: its verdicts are over seeds (front.noise_columns)
+        allowed = trials[trials[VERDICT].isin(["indistinguishable", "better"])]
+        if allowed.empty:
+            raise ValueError(f"--pick {pick!r}: every finished trial is significantly worse than the baseline")
+        row = allowed.loc[_speed(allowed).idxmax()]
+        return _noted(
+            row,
+            f"the fastest of {len(allowed)} of {len(trials)} trials not significantly worse than the baseline "
+            "(paired per seed over their repeats)",
+        )
     ok = [
         str(r) in hits
         and hits[str(r)].size == base_hits.size

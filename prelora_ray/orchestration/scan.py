@@ -27,12 +27,12 @@ from prelora_ray.front import NOISE_COLUMNS, noise_columns
 from prelora_ray.orchestration import driver
 from prelora_ray.orchestration.console import SweepConsole, trial_error
 from prelora_ray.orchestration.ray_hooks import apply_console
-from prelora_ray.orchestration.results import epoch_totals, run_train_config, write_train_config
+from prelora_ray.orchestration.results import epoch_totals, run_train_config, with_repeats, write_train_config
 from prelora_ray.orchestration.sweep import Sweep, final_report, make_sweep, trial_resources
 from prelora_ray.orchestration.trunk import trunk_dir
 from prelora_ray.search_space import DEFAULT_OBJECTIVES, TRIAL_EXECUTORS, Objective, SearchSpace
-from prelora_ray.significance import paired_difference
-from prelora_ray.sweep_record import run_hits
+from prelora_ray.significance import check_repeats, paired_difference
+from prelora_ray.sweep_record import repeat_hits, run_hits
 
 log = logging.getLogger("prelora_ray")
 SCAN_ROLE = "scan"  # ROLE_TAG of a scan's parent run (a sweep's is "parent": `best --sweep` never picks a scan)
@@ -47,8 +47,11 @@ def make_scan(
     experiment: str | None = None,
     trial_executor: str | None = None,
     verbose: bool = False,
+    repeats: int = 1,
 ) -> Sweep:
-    """The scan as a fork-mode sweep without sampled parameters; everything cheap is checked before Ray starts."""
+    """The scan as a fork-mode sweep without sampled parameters; everything cheap is checked before Ray starts.
+    `repeats`: data-order seeds per point and for the trunk's continuation (orchestration/repeats.py)."""
+    repeats = check_repeats(repeats, "--repeats")
     executor = trial_executor or ("tune" if cfg.cluster.num_workers == 1 else "ray_train")
     if executor not in TRIAL_EXECUTORS:
         raise ValueError(f"--trial-executor {executor!r} is invalid: one of {', '.join(TRIAL_EXECUTORS)}")
@@ -72,6 +75,7 @@ def make_scan(
         trial_executor=executor,
         fork=True,
         fork_every=1,
+        repeats=repeats,
     )
     return make_sweep(
         space,
@@ -154,6 +158,7 @@ def run_scan(
         "trial_executor": space.trial_executor,
         "epochs": space.base.epochs,
         "alpha": space.alpha,
+        **({"repeats": space.repeats} if space.repeats > 1 else {}),
     }
     tags = {M.ROLE_TAG: SCAN_ROLE, M.SWEEP_TAG: sweep.name, M.SCAN_TAG: sweep.name}
     run = driver.start(sweep, params=params, tags=tags, address=address, concurrent=len(candidates), baseline=False)
@@ -187,7 +192,9 @@ def run_scan(
         rows.append(S.point_row(epoch, r.metrics or {}, trunk[M.MEAN_EPOCH_TIME_S]))
     rows += earlier_points(sweep, set(candidates), trunk[M.MEAN_EPOCH_TIME_S])
     landings = S.grid_landings(space.base, history, grid)
-    _log_parent(sweep, trunk, rows, landings, run.wall_s)
+    table = _log_parent(sweep, trunk, rows, landings, run.wall_s)
+    if M.REPEATS in table:  # the console's trunk row as scan.csv's: its mean over the baseline's repeats
+        trunk = {**trunk, M.FINAL_VAL_ACC: float(table.loc[table["switch_epoch"] < 0, M.FINAL_VAL_ACC].iloc[0])}
     return {"trunk": trunk, "rows": rows, "landings": landings, "failed": failed}
 
 
@@ -234,10 +241,13 @@ def scan_frame(
     runs: pd.DataFrame | None = None,
     alpha: float = 0.05,
     hits: dict[str, Any] | None = None,
+    repeats: dict[str, dict[int, Any]] | None = None,
 ) -> pd.DataFrame:
     """scan.csv: the trunk (switch_epoch -1) and one row per point, with the grid settings landing there, and the
     noise columns of `front.noise_columns` (each point against the trunk, paired on the images; plausible or
-    dominated in accuracy and speed-up) where the scan's MLflow runs (`runs`, their `hits`) are given."""
+    dominated in accuracy and speed-up) where the scan's MLflow runs (`runs`, their `hits`) are given. With `repeats`
+    (sweep_record.repeat_hits) `final_val_acc` is each point's mean over its seeds, with the columns `repeats` and
+    `val_acc_sd`, and the noise columns are over seeds (front.noise_columns)."""
     frame = pd.DataFrame([trunk, *sorted(rows, key=lambda r: r["switch_epoch"])], columns=list(S.TABLE_COLUMNS))
     frame["grid_settings"] = [
         " ".join(g["setting"] for g in landings if g["switch_epoch"] == e) for e in frame["switch_epoch"]
@@ -248,9 +258,12 @@ def scan_frame(
         role=["baseline" if e < 0 else "trial" for e in frame["switch_epoch"]],
         status="FINISHED",
     )
-    table = noise_columns(table, [(M.FINAL_VAL_ACC, "max"), ("speedup", "max")], hits or {}, alpha)
+    table = noise_columns(table, [(M.FINAL_VAL_ACC, "max"), ("speedup", "max")], hits or {}, alpha, repeats=repeats)
     for column in NOISE_COLUMNS:
         frame[column] = table[column]
+    if repeats:
+        for column in (M.FINAL_VAL_ACC, M.REPEATS, M.VAL_ACC_SD):
+            frame[column] = table[column]
     return frame
 
 
@@ -271,10 +284,12 @@ def point_run_ids(runs: pd.DataFrame) -> dict[int, str]:
 
 def _log_parent(
     sweep: Sweep, trunk: dict[str, Any], rows: list[dict[str, Any]], landings: list[dict[str, Any]], wall_s: float
-) -> None:
+) -> pd.DataFrame:
     uri, parent = sweep.tracking_uri, sweep.parent_run_id
     runs = tracking.runs(uri, sweep.experiment_id, parent=parent)
-    table = scan_frame(trunk, rows, landings, runs, sweep.space.alpha, run_hits(uri, runs))
+    hits = run_hits(uri, runs)
+    repeated = repeat_hits(uri, sweep.experiment_id, sweep.name, runs, hits)
+    table = scan_frame(trunk, rows, landings, runs, sweep.space.alpha, hits, repeated)
     for name, frame in (("scan.csv", table), ("grid.csv", pd.DataFrame(landings))):
         buf = io.StringIO()
         frame.to_csv(buf, index=False)
@@ -295,9 +310,16 @@ def _log_parent(
         )
         tracking.log_file(uri, parent, png)
     tracking.log_metrics(
-        uri, parent, {**epoch_totals(runs, sweep.space.base.epochs), "scan_wall_time_s": wall_s, "points": len(rows)}
+        uri,
+        parent,
+        {
+            **epoch_totals(with_repeats(sweep, runs), sweep.space.base.epochs),
+            "scan_wall_time_s": wall_s,
+            "points": len(rows),
+        },
     )
     tracking.end_run(uri, parent, "FINISHED")
+    return table
 
 
 def load_scan(uri: str, experiment: str, name: str) -> tuple[str, TrainSettings, pd.DataFrame, pd.DataFrame]:

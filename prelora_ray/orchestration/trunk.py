@@ -12,6 +12,7 @@ from typing import Any
 from prelora_ray import fork, tracking
 from prelora_ray.config import MODULE_FAMILIES, TrainSettings
 from prelora_ray.orchestration.ray_hooks import apply_console
+from prelora_ray.orchestration.repeats import baseline_repeats, baseline_repeats_done
 from prelora_ray.orchestration.sweep import Sweep, baseline_task, run_one
 from prelora_ray.orchestration.train import PreparedRun
 from prelora_ray.orchestration.worker_spec import TrunkRecords
@@ -42,9 +43,26 @@ def baseline_done(sweep: Sweep) -> bool:
 
 
 def run_trunk(sweep: Sweep) -> dict[str, Any]:
-    """The trunk's Ray task: run (or resume) it; its status file tells waiting trials when it fails."""
+    """The trunk's Ray task: run (or resume) it; its status file tells waiting trials when it fails. With `repeats: N`
+    the task then trains the baseline's repeats (orchestration/repeats.py; a finished trunk is not trained again)."""
     apply_console(sweep.verbose)
     folder = trunk_dir(sweep)
+    if sweep.space.repeats > 1 and baseline_done(sweep):
+        summary: dict[str, Any] = {}
+    else:
+        summary = _train_trunk(sweep, folder)
+    if sweep.space.repeats > 1:
+        run_id = fork.read_status(folder).get("run_id") or tracking.find_run(
+            sweep.tracking_uri, sweep.experiment_id, f"{sweep.name}_baseline", status="FINISHED"
+        )
+        try:
+            baseline_repeats(sweep, run_id, folder, trunk_config(sweep.space.base))
+        except Exception as exc:  # the trunk itself is fine: trials fork on; the table pairs what finished
+            log.warning("sweep %s: a repeat of the baseline failed: %s: %s", sweep.name, type(exc).__name__, exc)
+    return summary
+
+
+def _train_trunk(sweep: Sweep, folder: Location) -> dict[str, Any]:
     fork.write_status(folder, "running")
 
     def started(run: PreparedRun) -> None:
@@ -85,10 +103,12 @@ def start_trunk(sweep: Sweep) -> Any:
         status = fork.read_status(folder)
         if status.get("state") != "finished":
             fork.write_status(folder, "finished", run_id=status.get("run_id", ""))
-        return None
-    fork.write_status(
-        folder, "running"
-    )  # now, not when the task starts: a failed trunk's old status must not end a wait
+        if sweep.space.repeats <= 1:
+            return None
+        if baseline_repeats_done(sweep):
+            return None
+    if not baseline_done(sweep):  # now, not when the task starts: a failed trunk's old status must not end a wait
+        fork.write_status(folder, "running")
     ref = baseline_task(sweep.space, run_trunk).remote(sweep)
 
     def watch() -> None:

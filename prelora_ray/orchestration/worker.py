@@ -283,7 +283,7 @@ def start_arguments(start: TrunkRecords | ForkFrom | None) -> dict[str, Any]:
 
         history = fork.read_history(location(start.folder))
         state = load_state_file(location(start.checkpoint))
-        return {"fork": ForkStart(state=state, snapshots=fork.snapshots(history[: start.epoch]))}
+        return {"fork": ForkStart(state=state, snapshots=fork.snapshots(history[: start.epoch]), reseed=start.reseed)}
     return {}
 
 

@@ -17,11 +17,14 @@ class TrunkRecords:
 
 @dataclass(frozen=True, kw_only=True)
 class ForkFrom:
-    """The run forks from the trunk in `folder`: it starts from `checkpoint`, the state at the start of `epoch`."""
+    """The run forks from the trunk in `folder`: it starts from `checkpoint`, the state at the start of `epoch`.
+
+    `reseed`: a repeat (`repeats:`), whose RNGs restart from its own seed after the fork (trainer.ForkStart)."""
 
     folder: str
     checkpoint: str
     epoch: int
+    reseed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
