@@ -3,8 +3,8 @@
     python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30]
                                     [--trial-executor tune] [--arms fork,naive,es] [--bad-lora-lr 0.5]
 
-The "es" arm is the fork sweep with `early_stopping: {type: mo-asha}` at its defaults (rungs 2, 4, 8 epochs after
-the fork, reduction factor 3, grace 1, min_trials 3). Reported for it: epochs trained against the fork sweep's
+The "es" arm is the fork sweep with `early_stopping: {type: mo-asha}` at its defaults (rungs 1, 2, 4, 8 epochs after
+the fork, reduction factor 3, grace 0, min_trials 3, speed margin 5%). Reported for it: epochs trained against the fork sweep's
 (acceptance, issue 27: <= 0.6x), each trial's stop (epoch, or "-"), and whether its plausible rows hold the fork
 sweep's best accuracy within noise (the best plausible es trial is not `worse`, exact McNemar on the images, than
 the fork sweep's most accurate trial); also, matching trials on their sampled parameters, how many stopped trials

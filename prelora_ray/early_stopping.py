@@ -55,10 +55,10 @@ class EarlyStopping:
     """A sweep file's `early_stopping:` section, validated."""
 
     type: str = "mo-asha"
-    rungs: tuple[int, ...] = (2, 4, 8)
+    rungs: tuple[int, ...] = (1, 2, 4, 8)
     rungs_from: str = "fork"  # fork: epochs trained after the trial's fork from the trunk; start: absolute epochs
     reduction_factor: float = 3.0
-    grace_epochs: int = 1
+    grace_epochs: int = 0  # 0: judged from its first epoch with the adapters alone (after PreLoRA's warmup)
     min_trials: int = 3
     speed_margin: float = 0.05  # speed-ups differ only when their intervals are apart by more than this (relative)
 

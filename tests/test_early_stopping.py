@@ -49,7 +49,8 @@ def test_absent_is_off_and_defaults_fill_a_minimal_section():
     assert parse_early_stopping(None) is None
     rules = parse_early_stopping({"type": "mo-asha"})
     assert rules == EarlyStopping()
-    assert rules.rungs == (2, 4, 8) and rules.reduction_factor == 3.0 and rules.min_trials == 3
+    assert rules.rungs == (1, 2, 4, 8) and rules.reduction_factor == 3.0 and rules.min_trials == 3
+    assert rules.grace_epochs == 0 and rules.speed_margin == 0.05
     rules = parse_early_stopping(
         {"type": "mo-asha", "rungs": [1, 3], "rungs_from": "start", "reduction_factor": 2, "grace_epochs": 0}
     )
