@@ -23,12 +23,14 @@ What a rung compares (docs/sweeps.md, "Early stopping", states it for users):
   trial is never stopped because one of many comparisons came out unlucky). Speed alone never stops a trial: one
   as accurate as the best may be the one a user wants, and a sweep of the quickstart space stopped two such trials
   for being surely slower before this rule (benchmarks/sweep_cost.py).
+* The rows at a rung are the trials that reached it and the trunk at the judged trial's epoch (where recorded): the
+  trunk is there from the first trial on, so the first trials to reach a rung are judged against full training.
 * Its *rank* is its non-dominated front on the point values (accuracy gap to the trunk, or accuracy where every row
   is at one epoch; speed-up): 0 for rows no other row dominates, 1 for those only rank-0 rows dominate, and so on.
   It is in the *worst fraction* when at least ceil(n / reduction_factor) of the n rows have a better rank.
 
-A trial is stopped at a rung when at least `min_trials` trials have reached it (itself included), it is in the
-worst fraction, and it is certainly dominated. So a stop needs both ASHA's ranking and a significant difference:
+A trial is stopped at a rung when at least `min_trials` trials have reached it (itself included; default 1), it is
+in the worst fraction, and it is certainly dominated. So a stop needs both ASHA's ranking and a significant difference:
 a trial within noise of every row that could dominate it goes on.
 """
 
@@ -59,7 +61,7 @@ class EarlyStopping:
     rungs_from: str = "fork"  # fork: epochs trained after the trial's fork from the trunk; start: absolute epochs
     reduction_factor: float = 3.0
     grace_epochs: int = 0  # 0: judged from its first epoch with the adapters alone (after PreLoRA's warmup)
-    min_trials: int = 3
+    min_trials: int = 1  # trials at a rung (itself included) before it stops anything; the trunk is always there
     speed_margin: float = 0.05  # speed-ups differ only when their intervals are apart by more than this (relative)
 
     def rung_epochs(self, forked_from: int) -> list[int]:
@@ -280,10 +282,15 @@ def decide(
     trunk's per-image correctness at an epoch (None: no record). The module docstring states the rule."""
     import numpy as np
 
-    rows = [candidate, *others]
+    trials = [candidate, *others]
+    if len(trials) < rules.min_trials:
+        return Decision(False, 0, len(trials), why=f"{len(trials)} of min_trials {rules.min_trials} trials at the rung")
+    trunk_row = None
+    trunk = trunk_hits(candidate.epoch)
+    if trunk is not None:
+        trunk_row = RungRow(TRUNK, candidate.epoch, float(np.mean(trunk)), trunk, (1.0, 1.0, 1.0))
+    rows = [*trials, *([trunk_row] if trunk_row is not None else [])]
     n = len(rows)
-    if n < rules.min_trials:
-        return Decision(False, 0, n, why=f"{n} of min_trials {rules.min_trials} trials at the rung")
     one_epoch = len({r.epoch for r in rows}) == 1
     accuracy = [r.acc if one_epoch else _gap(r, trunk_hits, alpha)[0] for r in rows]
     ranks = nondominated_ranks([[a, r.speedup[0]] for a, r in zip(accuracy, rows, strict=True)])
@@ -293,11 +300,7 @@ def decide(
     keep = math.ceil(n / rules.reduction_factor)
     if ahead < keep:
         return Decision(False, rank, n, why=f"rank {rank}: in the best {keep} of {n}", ranks=names)
-    trunk_row = None
-    trunk = trunk_hits(candidate.epoch)
-    if trunk is not None:
-        trunk_row = RungRow(TRUNK, candidate.epoch, float(np.mean(trunk)), trunk, (1.0, 1.0, 1.0))
-    rivals = [*others, *([trunk_row] if trunk_row is not None else [])]
+    rivals = rows[1:]
     level = alpha / max(len(rivals), 1)
     for rival in rivals:
         verdicts = (

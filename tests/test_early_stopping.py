@@ -49,7 +49,7 @@ def test_absent_is_off_and_defaults_fill_a_minimal_section():
     assert parse_early_stopping(None) is None
     rules = parse_early_stopping({"type": "mo-asha"})
     assert rules == EarlyStopping()
-    assert rules.rungs == (1, 2, 4, 8) and rules.reduction_factor == 3.0 and rules.min_trials == 3
+    assert rules.rungs == (1, 2, 4, 8) and rules.reduction_factor == 3.0 and rules.min_trials == 1
     assert rules.grace_epochs == 0 and rules.speed_margin == 0.05
     rules = parse_early_stopping(
         {"type": "mo-asha", "rungs": [1, 3], "rungs_from": "start", "reduction_factor": 2, "grace_epochs": 0}
@@ -150,6 +150,19 @@ def test_a_trial_a_few_images_behind_is_never_stopped_even_when_ranked_last():
 def test_too_few_trials_at_the_rung_stop_nothing():
     decision = decide(row("bad", 40, first=100), [row("a", 340)], no_trunk, RULES)
     assert not decision.stop and decision.rows == 2 and "min_trials" in decision.why
+
+
+def test_the_first_trial_at_a_rung_is_judged_against_the_trunk():
+    trunk = {10: hits(340)}
+    first = EarlyStopping()  # min_trials 1: the trunk is the reference from the first trial on
+    bad = row("bad", 200, 0.95, first=7)  # far behind full training at the same epoch, and no faster
+    decision = decide(bad, [], trunk.get, first)
+    assert decision.stop and decision.dominated_by == TRUNK and decision.rows == 2
+    fast = row("fast", 200, 1.5, first=7)  # as far behind, but surely faster than full training: a trade-off
+    assert not decide(fast, [], trunk.get, first).stop
+    close = row("close", 336, 0.95, first=2)  # a few images behind full training: noise
+    assert not decide(close, [], trunk.get, first).stop
+    assert not decide(bad, [], no_trunk, first).stop  # no trunk record at its epoch: no reference, no stop
 
 
 def test_only_the_worst_fraction_by_rank_can_be_stopped():

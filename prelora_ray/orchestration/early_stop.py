@@ -159,7 +159,7 @@ class ParetoRungScheduler(FIFOScheduler):
             log.warning("trial %s: could not end its MLflow run as early-stopped (%s)", run_name, exc)
         log.info(
             "trial %s stopped at epoch %d (rung %d, %d epochs trained): val_acc %.4f, speed-up %.2f; "
-            "dominated by %s (%d trials at the rung)",
+            "dominated by %s (%d rows at the rung, the trunk included where recorded)",
             run_name,
             row.epoch,
             self.rules.rungs[rung],
