@@ -222,6 +222,17 @@ def test_rows_at_different_epochs_are_compared_through_their_gaps_to_the_trunk()
     assert not decision.stop
 
 
+def test_a_few_images_either_side_of_the_trunk_at_other_epochs_decide_nothing():
+    # each trunk record 340 right; `ahead` gets 3 more than the trunk at its epoch, `behind` 3 fewer at its own: their
+    # gaps' intervals (conditional on 3 discordant images each) are disjoint, but 6 images between two classifiers
+    # on the same 360 is noise
+    trunk = {10: hits(340), 12: hits(340)}
+    ahead = row("ahead", 343, epoch=12)
+    behind = row("behind", 337, epoch=10)
+    other = row("other", 341, epoch=12, first=1)
+    assert not decide(behind, [ahead, other], trunk.get, RULES).stop
+
+
 def test_the_trunk_dominates_a_trial_no_faster_than_full_training_and_worse():
     trunk = {10: hits(345)}
     rows = [row("a", 340, 1.0), row("b", 341, 1.0, first=2)]
