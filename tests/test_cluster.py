@@ -44,6 +44,7 @@ def test_the_docs_one_machine_walkthrough_runs_the_quickstart_as_a_ray_job(tmp_p
         "SHARED": str(tmp_path / "shared"),
         "RAY_PORT": str(free_port()),
         "DASHBOARD_PORT": str(free_port()),
+        "AGENT_PORT": str(free_port()),  # the job agent's: another local Ray's agent holds the default 52365
         "RAY_TMPDIR": str(ray_tmp),  # this head's files (and its ray_current_cluster) apart from any other local Ray
     }
     env.pop("RAY_ADDRESS", None)
