@@ -3,27 +3,26 @@
     python benchmarks/sweep_cost.py [--num-samples 16] [--sampler random] [--seed 0] [--epochs 30]
                                     [--trial-executor tune] [--arms fork,naive,es] [--bad-lora-lr 0.5]
 
-The "es" arm is the fork sweep with `early_stopping: {type: mo-asha}` at its defaults (rungs 1, 2, 4, 8 epochs after
-the fork, reduction factor 3, grace 0, min_trials 3, speed margin 5%). Reported for it: epochs trained against the fork sweep's
-(acceptance, issue 27: <= 0.6x), each trial's stop (epoch, or "-"), and whether its plausible rows hold the fork
-sweep's best accuracy within noise (the best plausible es trial is not `worse`, exact McNemar on the images, than
-the fork sweep's most accurate trial); also, matching trials on their sampled parameters, how many stopped trials
-ended (in the fork sweep) indistinguishable from that best. `--bad-lora-lr X` adds `optim.lora_lr: categorical
-[0.001, X]` to the space of every arm (a space with hopeless trials: X diverges).
+The "es" arm is the fork sweep with `early_stopping: {type: mo-asha}` at its defaults (rungs 1, 2, 4, 8 epochs
+after the fork, reduction factor 3, grace 0, min_trials 1, speed margin 5%). Reported for it: epochs trained
+against the fork sweep's (acceptance, issue 27: <= 0.6x), each trial's stop (epoch, or "-"), and whether its
+plausible rows hold the fork sweep's best accuracy within noise (the best plausible es trial is not `worse`, exact
+McNemar on the images, than the fork sweep's most accurate trial); also, matching trials on their sampled
+parameters, how many stopped trials ended (in the fork sweep) indistinguishable from that best. `--bad-lora-lr X`
+adds `optim.lora_lr: categorical [0.001, X]` to the space of every arm (a space with hopeless trials: X diverges).
 
-Both sweeps use search_spaces/quickstart.yaml's space on digits with `--model` (default vit-digits, as
-measured; the quickstart itself now uses vit-digits-wide, which switches earlier) and `deterministic: true`,
-max_concurrent 1, the same trial executor (`--trial-executor`, default tune as the quickstart: each
-trial trains in its Tune trial process; ray_train: a TorchTrainer per trial, ~15-25 s of start-up
-each on 2 CPUs) and the same sampler and seed; only `fork` differs. Each runs through
-make_sweep/run_sweep in its own temp folder (its own sqlite MLflow store, Optuna db and storage),
-on one Ray instance with 2 CPUs; fork first, then naive. Reported: epochs trained (the parent
-run's `epochs_trained_total`), wall time (perf_counter around run_sweep), and per trial, matched on
-its sampled parameters (the `sampled` tag), the switch epoch and final val_acc of both sweeps.
+Both sweeps use search_spaces/quickstart.yaml's space on digits with `--model` (default vit-digits, as measured;
+the quickstart itself now uses vit-digits-wide, which switches earlier) and `deterministic: true`, max_concurrent
+1, the same trial executor (`--trial-executor`, default tune as the quickstart: each trial trains in its Tune trial
+process; ray_train: a TorchTrainer per trial, ~15-25 s of start-up each on 2 CPUs) and the same sampler and seed;
+only `fork` differs. Each runs through make_sweep/run_sweep in its own temp folder (its own sqlite MLflow store,
+Optuna db and storage), on one Ray instance with 2 CPUs; fork first, then naive. Reported: epochs trained (the
+parent run's `epochs_trained_total`), wall time (perf_counter around run_sweep), and per trial, matched on its
+sampled parameters (the `sampled` tag), the switch epoch and final val_acc of both sweeps.
 
-The default sampler is `random`: its draws do not depend on the results, so both sweeps sample the
-same parameter sets. With `tpe`, trials after Optuna's start-up trials depend on the observed
-objectives, and mean_epoch_time_s is a timing, so the two sweeps' later trials would differ.
+The default sampler is `random`: its draws do not depend on the results, so both sweeps sample the same parameter
+sets. With `tpe`, trials after Optuna's start-up trials depend on the observed objectives, and mean_epoch_time_s is
+a timing, so the two sweeps' later trials would differ.
 """
 
 from __future__ import annotations
