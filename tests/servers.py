@@ -39,6 +39,19 @@ def kill_session(sid: int) -> None:
             pass
 
 
+def kill_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line mentions `text` (a `ray start` head's daemons leave the session of the
+    shell that started them: their command lines name the head's temp folder)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if any(text in part for part in p.cmdline()):
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now."""
     with socket.socket() as s:

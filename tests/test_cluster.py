@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from prelora_ray import metrics as M
-from tests.servers import bucket_keys, create_bucket, free_port, kill_session, local_s3_folders
+from tests.servers import bucket_keys, create_bucket, free_port, kill_mentioning, kill_session, local_s3_folders
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +63,7 @@ def test_the_docs_one_machine_walkthrough_runs_the_quickstart_as_a_ray_job(tmp_p
         out, _ = proc.communicate(timeout=1200)
     finally:
         kill_session(proc.pid)
+        kill_mentioning(str(ray_tmp))  # the head's daemons (gcs, raylet, dashboard), outside the shell's session
         proc.wait()
     assert proc.returncode == 0, out[-5000:]
 
