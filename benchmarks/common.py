@@ -8,8 +8,11 @@ AdamW over the trainable parameters.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +123,21 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(), **payload}, indent=2))
     return path
+
+
+def run_cli(args: list[str], root: Path) -> tuple[float, str]:
+    """Run `prelora-ray ARGS` in `root` with its MLflow store there; its wall time and output (fails loudly)."""
+    cmd = [sys.executable, "-m", "prelora_ray.cli", *args, "--tracking-uri", f"sqlite:///{root}/mlflow.db"]
+    started = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
+    return wall, proc.stdout

@@ -14,14 +14,11 @@ the scan's table (scan.csv).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import write_json
+from common import run_cli, write_json
 from mlflow.tracking import MlflowClient
 
 from prelora_ray import metrics as M
@@ -30,24 +27,6 @@ from prelora_ray import metrics as M
 def uptime() -> str:
     """The load averages now."""
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def run_cli(args: list[str], root: Path) -> tuple[float, str]:
-    """Run `prelora-ray ARGS` in `root`; its wall time and output (fails loudly)."""
-    cmd = [sys.executable, "-m", "prelora_ray.cli", *args, "--tracking-uri", f"sqlite:///{root}/mlflow.db"]
-    started = time.perf_counter()
-    proc = subprocess.run(
-        cmd,
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
-    return wall, proc.stdout
 
 
 def main() -> None:

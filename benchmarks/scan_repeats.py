@@ -21,13 +21,11 @@ import argparse
 import io
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
-from common import write_json
+from common import run_cli, write_json
 from mlflow.tracking import MlflowClient
 
 from prelora_ray import metrics as M
@@ -50,21 +48,7 @@ def uptime() -> str:
 
 def run_scan(root: Path, sets: list[str], repeats: int) -> tuple[float, str]:
     """`prelora-ray scan` in `root`; its wall time and output (fails loudly)."""
-    cmd = [sys.executable, "-m", "prelora_ray.cli", "scan", *sets, "--name", "reps", "--repeats", str(repeats)]
-    cmd += ["--tracking-uri", f"sqlite:///{root}/mlflow.db", "--storage", str(root / "ray")]
-    started = time.perf_counter()
-    proc = subprocess.run(
-        cmd,
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}")
-    return wall, proc.stdout
+    return run_cli(["scan", *sets, "--name", "reps", "--repeats", str(repeats), "--storage", str(root / "ray")], root)
 
 
 def scan_record(root: Path) -> tuple[pd.DataFrame, dict[str, float], dict[str, float]]:

@@ -63,6 +63,18 @@ def synthetic_run(epochs: int) -> list[str]:
     ]
 
 
+def short_scan(epochs: int) -> list[str]:
+    """A short deterministic scan's --set values on digits: vit-digits, windows of k=2 x m=1 epoch, warmup 1."""
+    return [
+        f"epochs={epochs}",
+        "deterministic=true",
+        "model.preset=vit-digits",
+        "prelora.k=2",
+        "prelora.m=1",
+        "prelora.warmup=1",
+    ]
+
+
 # The loop's own tests' run: synthetic 3x8x8 data, 8 steps per epoch, a switch at the first boundary that passes.
 LOOP_EPOCHS = 12
 LOOP_BASE = [

@@ -25,6 +25,7 @@ from prelora_ray.cli import main
 from prelora_ray.front import ACC_HI, ACC_LO, P_VS_BASELINE, VERDICT, sweep_table
 from prelora_ray.search_space import load_search_space
 from prelora_ray.significance import check_repeats, compare_repeated, repeat_seed, repeated_accuracy
+from tests.builders import short_scan
 from tests.sweeps import sweep_space
 
 BAD = [0, -1, 1.5, "3", True]
@@ -193,14 +194,7 @@ def test_a_table_with_repeats_has_their_mean_interval_and_paired_p_and_one_witho
 
 EPOCHS, POINT = 6, 3
 SEED1 = str(repeat_seed(0, 1))  # repeat 1 of the default seed 0
-BASE = [
-    f"epochs={EPOCHS}",
-    "deterministic=true",
-    "model.preset=vit-digits",
-    "prelora.k=2",
-    "prelora.m=1",
-    "prelora.warmup=1",
-]
+BASE = short_scan(EPOCHS)
 
 
 def _scan(root) -> subprocess.CompletedProcess:

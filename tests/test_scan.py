@@ -20,16 +20,10 @@ from prelora_ray import scan as S
 from prelora_ray.algorithms import assign_ranks, last_window_changes, replay_switch, window_values
 from prelora_ray.cli import main
 from prelora_ray.config import TrainSettings
+from tests.builders import short_scan
 
 EPOCHS = 6
-BASE = [
-    f"epochs={EPOCHS}",
-    "deterministic=true",
-    "model.preset=vit-digits",
-    "prelora.k=2",
-    "prelora.m=1",
-    "prelora.warmup=1",
-]
+BASE = short_scan(EPOCHS)
 POINTS = (2, 3)
 # "open" passes on the trunk's first boundaries; "shut" never does
 GRID = [{"name": "open", "tau": 50.0, "zeta": 50.0, "k": 2, "m": 1}, {"name": "shut", "tau": 1e-6, "zeta": 50.0}]
